@@ -1,0 +1,89 @@
+"""Encoding of message bodies: msgpack or JSON, chosen per request.
+
+A request names its encoding in ``Content-Type``; without the header a body whose first
+non-blank byte is ``{`` or ``[`` is JSON and anything else is msgpack, so that ``nats req``
+with a JSON literal just works. An empty body means "no parameters". Replies use the
+request's encoding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from ._errors import BadRequest
+
+__all__ = [
+    "CONTENT_TYPE",
+    "JSON",
+    "MSGPACK",
+    "decode",
+    "detect",
+    "encode",
+]
+
+CONTENT_TYPE = "Content-Type"
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+_JSON_STARTS = frozenset(b"{[")
+_BLANK = b" \t\r\n"
+
+
+def detect(data: bytes, headers: Mapping[str, str] | None = None) -> str:
+    """The content type of a body: the header when present, else sniffed from the first byte."""
+    if headers:
+        declared = headers.get(CONTENT_TYPE) or headers.get("content-type")
+        if declared:
+            base = declared.split(";", 1)[0].strip().lower()
+            if base in (JSON, "text/json"):
+                return JSON
+            if base in (MSGPACK, "application/x-msgpack", "application/vnd.msgpack"):
+                return MSGPACK
+            raise BadRequest(
+                f"Content-Type {declared!r} is not supported: use {JSON!r} or {MSGPACK!r}"
+            )
+    stripped = data.lstrip(_BLANK)
+    if stripped and stripped[0] in _JSON_STARTS:
+        return JSON
+    return MSGPACK
+
+
+def decode(data: bytes, content_type: str) -> Any:
+    """Decode a body; an empty or blank body is ``{}``. Garbage is a BadRequest saying why."""
+    if not data.strip(_BLANK):
+        return {}
+    if content_type == JSON:
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"malformed JSON body: {exc}") from exc
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise BadRequest(
+            f"malformed msgpack body ({type(exc).__name__}: {exc}); "
+            "send JSON (starting with '{') or set Content-Type"
+        ) from exc
+
+
+def _default(obj: Any) -> Any:
+    # pydantic models and numpy/torch scalars reach the codec from services.
+    dump = getattr(obj, "model_dump", None)
+    if dump is not None:
+        return dump(mode="json")
+    item = getattr(obj, "item", None)
+    if item is not None:
+        return item()
+    tolist = getattr(obj, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def encode(obj: Any, content_type: str) -> bytes:
+    if content_type == JSON:
+        return json.dumps(obj, default=_default, ensure_ascii=False, separators=(",", ":")).encode()
+    return msgpack.packb(obj, default=_default, use_bin_type=True)

@@ -1,0 +1,229 @@
+"""The custom model definition (Xinference's custom-model JSON) and its validation.
+
+Shared by the client (to fail early) and the registry (the authority). Errors name the
+field and the rule: ``model_specs[0]: give model_id (a Hugging Face repo id) or model_uri``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ._errors import BadRequest
+from ._subjects import NAME_PATTERN
+
+__all__ = [
+    "ABILITIES",
+    "MODEL_TYPES",
+    "QUANTIZATIONS",
+    "EmbeddingDefinition",
+    "LLMDefinition",
+    "ModelDefinition",
+    "ModelSpec",
+    "PromptStyle",
+    "format_validation_error",
+    "parse_definition",
+]
+
+MODEL_TYPES = ("LLM", "embedding")
+QUANTIZATIONS = ("none", "8-bit", "4-bit")
+ABILITIES = {"LLM": ("generate", "chat"), "embedding": ("embed",)}
+
+Quantization = Literal["none", "8-bit", "4-bit"]
+ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def format_validation_error(exc: ValidationError, root: str = "") -> str:
+    """One line per problem, each naming the field path: ``model_specs[0].quantizations[1]: ...``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        path = root
+        for loc in err["loc"]:
+            if isinstance(loc, int):
+                path += f"[{loc}]"
+            else:
+                path += f".{loc}" if path else str(loc)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "string_pattern_mismatch":
+            msg = (
+                f"{err.get('input')!r} is invalid: it must start with a letter or digit and "
+                "hold only letters, digits, '_' and '-'"
+            )
+        elif err["type"] == "literal_error":
+            msg = f"{err.get('input')!r} is not allowed: {msg.removeprefix('Input should be ')}"
+        parts.append(f"{path or '(body)'}: {msg}")
+    return "; ".join(parts)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSpec(_Strict):
+    model_format: Literal["pytorch"] = "pytorch"
+    model_size_in_billions: float = Field(gt=0)
+    quantizations: list[Quantization] = Field(default_factory=lambda: ["none"], min_length=1)
+    model_id: str | None = None
+    model_uri: str | None = None
+    model_revision: str | None = None
+    model_hub: Literal["huggingface"] = "huggingface"
+
+    @field_validator("model_size_in_billions", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        # Xinference writes sizes such as "1_8" for 1.8.
+        if isinstance(value, str):
+            try:
+                return float(value.replace("_", "."))
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number of billions") from None
+        return value
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_id(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or " " in value or value.count("/") > 1):
+            raise ValueError(f"{value!r} is not a Hugging Face repo id (like 'Org/Name')")
+        return value
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelSpec:
+        if not self.model_id and not self.model_uri:
+            raise ValueError("give model_id (a Hugging Face repo id) or model_uri (a local path)")
+        return self
+
+
+class PromptStyle(_Strict):
+    style_name: str
+    system_prompt: str = ""
+    roles: list[str] = Field(default_factory=lambda: ["user", "assistant"], min_length=2)
+    intra_message_sep: str = ""
+    inter_message_sep: str = ""
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+
+
+class _Definition(_Strict):
+    version: Literal[1, 2] = 1
+    model_name: ModelName
+    model_description: str | None = None
+    # Fields Xinference writes that natserve keeps but does not interpret.
+    model_family: str | None = None
+    model_hub: str | None = None
+    architectures: list[str] | None = None
+    trust_remote_code: bool = False
+
+
+class LLMDefinition(_Definition):
+    context_length: int = Field(default=2048, gt=0)
+    model_lang: list[str] = Field(default_factory=lambda: ["en"])
+    model_ability: list[Literal["generate", "chat"]] = Field(min_length=1)
+    model_specs: list[ModelSpec] = Field(min_length=1)
+    prompt_style: PromptStyle | None = None
+    chat_template: str | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+
+    def spec_for(
+        self,
+        model_format: str | None = None,
+        model_size_in_billions: float | None = None,
+        quantization: str | None = None,
+    ) -> tuple[ModelSpec, str]:
+        """The first spec matching the launch options, with the quantization to use."""
+        for spec in self.model_specs:
+            if model_format and spec.model_format != model_format:
+                continue
+            if model_size_in_billions is not None and spec.model_size_in_billions != float(
+                model_size_in_billions
+            ):
+                continue
+            if quantization and quantization not in spec.quantizations:
+                continue
+            return spec, quantization or spec.quantizations[0]
+        raise BadRequest(
+            f"model {self.model_name!r} has no spec with model_format={model_format!r}, "
+            f"model_size_in_billions={model_size_in_billions!r}, quantization={quantization!r}; "
+            "specs: "
+            + ", ".join(
+                f"{s.model_format}/{s.model_size_in_billions:g}B/{'|'.join(s.quantizations)}"
+                for s in self.model_specs
+            )
+        )
+
+
+class EmbeddingDefinition(_Definition):
+    """An embedding model: Xinference's flat form (``model_id``/``model_uri`` at the top) or specs."""
+
+    model_ability: list[Literal["embed"]] = Field(default_factory=lambda: ["embed"], min_length=1)
+    dimensions: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    language: list[str] = Field(default_factory=lambda: ["en"])
+    model_lang: list[str] | None = None
+    model_id: str | None = None
+    model_uri: str | None = None
+    model_revision: str | None = None
+    model_specs: list[ModelSpec] | None = None
+
+    @model_validator(mode="after")
+    def _flat_or_specs(self) -> EmbeddingDefinition:
+        if not self.model_specs:
+            if not self.model_id and not self.model_uri:
+                raise ValueError(
+                    "give model_id (a Hugging Face repo id) or model_uri (a local path), "
+                    "or model_specs"
+                )
+            self.model_specs = [
+                ModelSpec(
+                    model_size_in_billions=0.1,
+                    model_id=self.model_id,
+                    model_uri=self.model_uri,
+                    model_revision=self.model_revision,
+                )
+            ]
+        return self
+
+    def spec_for(
+        self,
+        model_format: str | None = None,
+        model_size_in_billions: float | None = None,
+        quantization: str | None = None,
+    ) -> tuple[ModelSpec, str]:
+        assert self.model_specs
+        return self.model_specs[0], quantization or "none"
+
+
+ModelDefinition = LLMDefinition | EmbeddingDefinition
+
+
+def parse_definition(model_type: str, model: str | dict[str, Any]) -> ModelDefinition:
+    """Validate a definition given as a JSON string or an object; BadRequest names the field."""
+    if model_type not in MODEL_TYPES:
+        raise BadRequest(f"model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+    if isinstance(model, str):
+        try:
+            model = json.loads(model)
+        except ValueError as exc:
+            raise BadRequest(f"model: malformed JSON: {exc}") from exc
+    if not isinstance(model, dict):
+        raise BadRequest(f"model: expected a JSON object, got {type(model).__name__}")
+    ability = model.get("model_ability")
+    if isinstance(ability, list):
+        allowed = ABILITIES[model_type]
+        unknown = [a for a in ability if a not in allowed]
+        if unknown:
+            raise BadRequest(
+                f"model.model_ability: {', '.join(map(repr, unknown))} is not an ability of "
+                f"model_type {model_type!r} (allowed: {', '.join(allowed)})"
+            )
+    cls: type[LLMDefinition] | type[EmbeddingDefinition] = (
+        LLMDefinition if model_type == "LLM" else EmbeddingDefinition
+    )
+    try:
+        return cls.model_validate(model)
+    except ValidationError as exc:
+        raise BadRequest(f"invalid model definition: {format_validation_error(exc)}") from exc

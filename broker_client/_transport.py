@@ -1,0 +1,526 @@
+"""The one module that talks to ``nats``: connections, requests, streams, service replies.
+
+Client side: ``Transport`` multiplexes every request of a connection over one wildcard inbox
+subscription, so a reply may be one message, several parts of a large payload, or a stream
+of chunks ended by an empty message, and every wait is bounded by the call's timeout.
+
+Service side: ``Responder`` wraps one incoming request: it decodes the body into a wire
+model (a 400 naming the fields when it does not fit), answers in the request's encoding,
+splits replies above the server's max payload into parts, streams chunks with
+``Natserve-Seq`` and turns exceptions into the error headers and body.
+
+Wire headers:
+    Content-Type            application/json | application/msgpack
+    Natserve-Seq            1, 2, ... on stream chunks; the end is an empty message
+    Natserve-Parts          N on every part of a reply split into N parts
+    Natserve-Part           the part's index, 0 .. N-1
+    Natserve-Request-Id     passed from client to worker to follow one request
+    Nats-Service-Error-Code / Nats-Service-Error   on errors (with an {"error": ...} body)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATSConnection
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ValidationError
+
+from . import _codec
+from ._definition import format_validation_error
+from ._errors import (
+    BadRequest,
+    InternalError,
+    NatserveError,
+    NoResponders,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    TransportError,
+    error_from_wire,
+)
+
+__all__ = [
+    "ERROR_CODE_HEADER",
+    "ERROR_HEADER",
+    "PARTS_HEADER",
+    "PART_HEADER",
+    "REQUEST_ID_HEADER",
+    "SEQ_HEADER",
+    "NATSConnection",
+    "Responder",
+    "ServiceHost",
+    "Transport",
+    "connect",
+]
+
+logger = logging.getLogger(__name__)
+
+SEQ_HEADER = "Natserve-Seq"
+PARTS_HEADER = "Natserve-Parts"
+PART_HEADER = "Natserve-Part"
+REQUEST_ID_HEADER = "Natserve-Request-Id"
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+STATUS_HEADER = "Status"
+# Room left in a message for headers and protocol framing when splitting large replies.
+_HEADER_ROOM = 1024
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def connect(
+    url: str | list[str],
+    *,
+    name: str,
+    connect_timeout: float = 5.0,
+    reconnect: bool = True,
+    **options: Any,
+) -> NATSConnection:
+    """Connect with natserve's defaults: keep reconnecting, never give up silently."""
+    servers = [url] if isinstance(url, str) else list(url)
+
+    async def _error_cb(exc: Exception) -> None:
+        logger.debug("nats connection error on %s: %r", servers, exc)
+
+    async def _disconnected_cb() -> None:
+        logger.info("disconnected from NATS %s", servers)
+
+    async def _reconnected_cb() -> None:
+        logger.info("reconnected to NATS %s", servers)
+
+    options.setdefault("error_cb", _error_cb)
+    options.setdefault("disconnected_cb", _disconnected_cb)
+    options.setdefault("reconnected_cb", _reconnected_cb)
+    try:
+        return await nats.connect(
+            servers=servers,
+            name=name,
+            connect_timeout=connect_timeout,
+            allow_reconnect=reconnect,
+            max_reconnect_attempts=-1 if reconnect else 0,
+            reconnect_time_wait=0.5,
+            # Without this the client gives up on a first connect that fails once.
+            **options,
+        )
+    except Exception as exc:
+        raise TransportError(f"cannot connect to NATS at {', '.join(servers)}: {exc}") from exc
+
+
+def _raise_for_error(headers: Mapping[str, str] | None, data: bytes, subject: str) -> None:
+    if not headers:
+        return
+    if headers.get(STATUS_HEADER) == "503" and not data:
+        raise NoResponders(f"no service answers on {subject!r}", subject=subject)
+    code = headers.get(ERROR_CODE_HEADER)
+    if code is None:
+        return
+    message = headers.get(ERROR_HEADER, "")
+    type_name = None
+    try:
+        body = _codec.decode(data, _codec.detect(data, headers))
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            type_name = err.get("type")
+    except BadRequest:
+        pass
+    try:
+        numeric = int(code)
+    except ValueError:
+        numeric = 500
+    raise error_from_wire(numeric, message or f"error {code} from {subject!r}", type_name)
+
+
+class _Pending:
+    """The messages of one in-flight request, fed by the shared inbox subscription."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+
+class Transport:
+    """Requests and streams over one connection, answered on one wildcard inbox."""
+
+    def __init__(self, nc: NATSConnection, *, encoding: str = _codec.MSGPACK) -> None:
+        self.nc = nc
+        self.encoding = encoding
+        self._prefix = nc.new_inbox()
+        self._pending: dict[str, _Pending] = {}
+        self._sub: Any = None
+        self._counter = 0
+
+    async def start(self) -> None:
+        if self._sub is None:
+            self._sub = await self.nc.subscribe(
+                f"{self._prefix}.*", cb=self._on_reply, pending_msgs_limit=-1,
+                pending_bytes_limit=-1,
+            )
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        pending = self._pending.get(token)
+        if pending is not None:
+            pending.queue.put_nowait(msg)
+
+    def _open(self) -> tuple[str, _Pending]:
+        self._counter += 1
+        token = format(self._counter, "x")
+        pending = _Pending()
+        self._pending[token] = pending
+        return token, pending
+
+    def _encode(self, payload: Any, headers: Mapping[str, str] | None) -> tuple[bytes, dict[str, str]]:
+        data = payload if isinstance(payload, bytes) else _codec.encode(payload, self.encoding)
+        hdrs = {_codec.CONTENT_TYPE: self.encoding}
+        if headers:
+            hdrs.update(headers)
+        if len(data) > self.nc.max_payload:
+            raise PayloadTooLarge(
+                f"request of {len(data)} bytes is above the NATS server's max_payload of "
+                f"{self.nc.max_payload} bytes"
+            )
+        return data, hdrs
+
+    async def _publish(self, subject: str, token: str, data: bytes, hdrs: dict[str, str]) -> None:
+        if self._sub is None:
+            await self.start()
+        try:
+            await self.nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=hdrs)
+        except nats.errors.ConnectionClosedError as exc:
+            raise TransportError(f"NATS connection is closed; cannot send to {subject!r}") from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise PayloadTooLarge(f"request to {subject!r} is above max_payload: {exc}") from exc
+
+    async def request(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """One request, one decoded reply (reassembled when sent in parts)."""
+        data, hdrs = self._encode({} if payload is None else payload, headers)
+        token, pending = self._open()
+        deadline = time.monotonic() + timeout
+        try:
+            await self._publish(subject, token, data, hdrs)
+            first = await self._next(pending, deadline, subject, timeout)
+            _raise_for_error(first.headers, first.data, subject)
+            body = first.data
+            if first.headers and PARTS_HEADER in first.headers:
+                body = await self._gather_parts(first, pending, deadline, subject, timeout)
+            return _codec.decode(body, _codec.detect(body, first.headers))
+        finally:
+            self._pending.pop(token, None)
+
+    async def _gather_parts(
+        self, first: Msg, pending: _Pending, deadline: float, subject: str, timeout: float
+    ) -> bytes:
+        assert first.headers is not None
+        total = int(first.headers[PARTS_HEADER])
+        parts: dict[int, bytes] = {int(first.headers.get(PART_HEADER, 0)): first.data}
+        while len(parts) < total:
+            msg = await self._next(pending, deadline, subject, timeout)
+            _raise_for_error(msg.headers, msg.data, subject)
+            parts[int((msg.headers or {}).get(PART_HEADER, len(parts)))] = msg.data
+        return b"".join(parts[i] for i in range(total))
+
+    async def _next(self, pending: _Pending, deadline: float, subject: str, timeout: float) -> Msg:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestTimeout(
+                f"no reply on {subject!r} within {timeout:g} s", subject=subject, timeout=timeout
+            )
+        try:
+            return await asyncio.wait_for(pending.queue.get(), remaining)
+        except TimeoutError:
+            if self.nc.is_closed:
+                raise TransportError(f"NATS connection closed while waiting on {subject!r}") from None
+            raise RequestTimeout(
+                f"no reply on {subject!r} within {timeout:g} s", subject=subject, timeout=timeout
+            ) from None
+
+    async def stream(
+        self,
+        subject: str,
+        payload: Any,
+        *,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+        on_abandon: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Yield decoded chunks until the empty end message.
+
+        ``timeout`` bounds the whole stream. When the consumer stops early, the stream times
+        out or the connection fails, ``on_abandon`` runs (it sends the cancel request).
+        """
+        data, hdrs = self._encode(payload, headers)
+        token, pending = self._open()
+        deadline = time.monotonic() + timeout
+        expected = 1
+        finished = False
+        try:
+            await self._publish(subject, token, data, hdrs)
+            while True:
+                msg = await self._next(pending, deadline, subject, timeout)
+                if not msg.data and not (msg.headers and ERROR_CODE_HEADER in msg.headers):
+                    if msg.headers and msg.headers.get(STATUS_HEADER) == "503":
+                        finished = True
+                        raise NoResponders(f"no service answers on {subject!r}", subject=subject)
+                    finished = True
+                    return
+                _raise_for_error(msg.headers, msg.data, subject)
+                seq = (msg.headers or {}).get(SEQ_HEADER)
+                if seq is not None and int(seq) != expected:
+                    raise TransportError(
+                        f"stream from {subject!r} lost chunks: got {seq}, expected {expected}"
+                    )
+                expected += 1
+                yield _codec.decode(msg.data, _codec.detect(msg.data, msg.headers))
+        except ServiceError:
+            # The server ends an errored stream itself; nothing to cancel.
+            finished = True
+            raise
+        finally:
+            self._pending.pop(token, None)
+            if not finished and on_abandon is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(on_abandon())
+
+    async def publish(self, subject: str, payload: Any, headers: Mapping[str, str] | None = None) -> None:
+        data, hdrs = self._encode(payload, headers)
+        await self.nc.publish(subject, data, headers=hdrs)
+
+
+class Responder:
+    """One incoming service request: decode it, answer it, stream to it, fail it cleanly."""
+
+    __slots__ = ("_seq", "content_type", "msg", "request_id", "subject")
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+        self.subject = msg.subject
+        self._seq = 0
+        headers = msg.headers or {}
+        self.request_id = headers.get(REQUEST_ID_HEADER)
+        try:
+            self.content_type = _codec.detect(msg.data, headers)
+        except BadRequest:
+            # Answer the bad Content-Type itself in JSON, which every tool can read.
+            self.content_type = _codec.JSON
+
+    @property
+    def nc(self) -> NATSConnection:
+        return self.msg._client
+
+    def body(self) -> Any:
+        return _codec.decode(self.msg.data, _codec.detect(self.msg.data, self.msg.headers))
+
+    def parse(self, model: type[M]) -> M:
+        """The body as ``model``; a 400 naming each offending field when it does not fit."""
+        body = self.body()
+        if not isinstance(body, dict):
+            raise BadRequest(
+                f"request body on {self.subject!r} must be an object, got {type(body).__name__}"
+            )
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            raise BadRequest(f"invalid request: {format_validation_error(exc)}") from exc
+
+    async def _send(self, data: bytes, headers: dict[str, str]) -> None:
+        if not self.msg.reply:
+            return
+        await self.nc.publish(self.msg.reply, data, headers=headers)
+
+    async def respond(self, obj: Any) -> None:
+        data = _codec.encode(obj, self.content_type)
+        limit = self.nc.max_payload - _HEADER_ROOM
+        if len(data) <= limit:
+            await self._send(data, {_codec.CONTENT_TYPE: self.content_type})
+            return
+        total = -(-len(data) // limit)
+        for i in range(total):
+            await self._send(
+                data[i * limit : (i + 1) * limit],
+                {
+                    _codec.CONTENT_TYPE: self.content_type,
+                    PARTS_HEADER: str(total),
+                    PART_HEADER: str(i),
+                },
+            )
+
+    async def chunk(self, obj: Any) -> None:
+        self._seq += 1
+        await self._send(
+            _codec.encode(obj, self.content_type),
+            {_codec.CONTENT_TYPE: self.content_type, SEQ_HEADER: str(self._seq)},
+        )
+
+    async def end_stream(self) -> None:
+        await self._send(b"", {})
+
+    async def respond_error(self, exc: BaseException) -> None:
+        err = exc if isinstance(exc, ServiceError) else _as_service_error(exc, self.subject)
+        line = " ".join(err.message.split())[:1000]
+        headers = {
+            _codec.CONTENT_TYPE: self.content_type,
+            ERROR_CODE_HEADER: str(err.code),
+            ERROR_HEADER: line,
+        }
+        if self._seq:
+            headers[SEQ_HEADER] = str(self._seq + 1)
+        await self._send(_codec.encode(err.to_wire(), self.content_type), headers)
+
+
+def _as_service_error(exc: BaseException, subject: str) -> ServiceError:
+    if isinstance(exc, NatserveError):
+        return error_from_wire(exc.code, exc.message)
+    if isinstance(exc, ValidationError):
+        return BadRequest(f"invalid value: {format_validation_error(exc)}")
+    # The traceback stays in the server log; the wire gets one line.
+    logger.error("internal error on %s", subject, exc_info=exc)
+    return InternalError(f"internal error on {subject!r}: {type(exc).__name__}: {exc}")
+
+
+Handler = Callable[[Responder], Awaitable[None]]
+
+
+async def handle(responder: Responder, handler: Handler) -> bool:
+    """Run ``handler``; any exception becomes an error reply. Returns False when it failed."""
+    try:
+        await handler(responder)
+        return True
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await responder.respond_error(
+                ServiceError(f"request on {responder.subject!r} was cancelled", code=503)
+            )
+        raise
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await responder.respond_error(exc)
+            if responder._seq:
+                await responder.end_stream()
+        return False
+
+
+class ServiceHost:
+    """A ``nats.micro`` service whose endpoints answer concurrently.
+
+    nats-py runs one subscription's callbacks one at a time, so each request gets its own
+    task (bounded by ``max_concurrency``); errors still count in ``nats micro stats``.
+    """
+
+    def __init__(
+        self,
+        nc: NATSConnection,
+        *,
+        name: str,
+        version: str,
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        max_concurrency: int = 4096,
+    ) -> None:
+        from nats.micro import ServiceConfig
+        from nats.micro.service import Service
+
+        self.nc = nc
+        self._service = Service(
+            nc,
+            ServiceConfig(
+                name=name, version=version, description=description, metadata=dict(metadata or {})
+            ),
+        )
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def id(self) -> str:
+        return self._service.id
+
+    async def start(self) -> None:
+        await self._service.start()
+
+    async def add_endpoint(
+        self,
+        name: str,
+        subject: str,
+        handler: Handler,
+        *,
+        queue_group: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        from nats.micro.service import EndpointConfig
+
+        endpoint_box: list[Any] = []
+
+        async def _run(msg: Msg) -> None:
+            try:
+                ok = await handle(Responder(msg), handler)
+            finally:
+                self._slots.release()
+            if not ok and endpoint_box:
+                endpoint_box[0]._num_errors += 1
+
+        async def _dispatch(request: Any) -> None:
+            await self._slots.acquire()
+            task = asyncio.create_task(_run(request._msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        await self._service.add_endpoint(
+            EndpointConfig(
+                name=name,
+                subject=subject,
+                handler=_dispatch,
+                queue_group=queue_group,
+                metadata=dict(metadata or {}),
+            )
+        )
+        endpoint_box.append(self._service._endpoints[-1])
+
+    async def remove_endpoints(self, subjects: set[str]) -> None:
+        """Stop answering on these subjects (nats.micro has no public call for it)."""
+        keep = []
+        for endpoint in self._service._endpoints:
+            if endpoint._subject in subjects:
+                with contextlib.suppress(Exception):
+                    await endpoint._stop()
+            else:
+                keep.append(endpoint)
+        self._service._endpoints = keep
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait for in-flight requests to finish; False if some were still running at the end."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not pending
+
+    async def stop(self, *, grace: float = 0.0) -> None:
+        with contextlib.suppress(Exception):
+            await self._service.stop()
+        if grace > 0:
+            await self.wait_idle(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
