@@ -313,6 +313,7 @@ class ModelEvent(_Reply):
     """Published on ``natserve.events.models.<uid>``: launch progress and status changes."""
 
     model_uid: str
+    model_name: str | None = None
     stage: str  # "placing", "download", "loading", "ready", "failed", "terminated"
     status: str | None = None
     fraction: float | None = None
