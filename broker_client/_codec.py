@@ -63,9 +63,10 @@ def decode(data: bytes, content_type: str) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
+        detail = str(exc) or "not valid msgpack"
         raise BadRequest(
-            f"malformed msgpack body ({type(exc).__name__}: {exc}); "
-            "send JSON (starting with '{') or set Content-Type"
+            f"malformed msgpack body ({type(exc).__name__}: {detail}); "
+            "send a JSON object (starting with '{') or set Content-Type"
         ) from exc
 
 

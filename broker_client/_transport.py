@@ -331,7 +331,14 @@ class Responder:
         return self.msg._client
 
     def body(self) -> Any:
-        return _codec.decode(self.msg.data, _codec.detect(self.msg.data, self.msg.headers))
+        try:
+            return _codec.decode(self.msg.data, _codec.detect(self.msg.data, self.msg.headers))
+        except BadRequest:
+            if not (self.msg.headers or {}).get(_codec.CONTENT_TYPE):
+                # Undeclared bytes that are not msgpack most likely came from a person with
+                # `nats req`: tell them in JSON, which they can read.
+                self.content_type = _codec.JSON
+            raise
 
     def parse(self, model: type[M]) -> M:
         """The body as ``model``; a 400 naming each offending field when it does not fit."""

@@ -57,10 +57,17 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeou
 class NatsServer:
     """One nats-server process; ``restart`` keeps the port so clients can reconnect."""
 
-    def __init__(self, port: int | None = None, *, args: list[str] | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, args: list[str] | None = None, config: str | None = None
+    ) -> None:
         self.port = port or free_port()
-        self.args = args or []
+        self.args = list(args or [])
         self.store = tempfile.mkdtemp(prefix="natserve-js-")
+        if config is not None:
+            # Options such as max_payload exist only in the config file, not as flags.
+            conf = Path(self.store) / "nats.conf"
+            conf.write_text(config)
+            self.args += ["-c", str(conf)]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
