@@ -2,7 +2,8 @@
 
 A request names its encoding in ``Content-Type``; without the header a body whose first
 non-blank byte is ``{`` or ``[`` is JSON and anything else is msgpack, so that ``nats req``
-with a JSON literal just works. An empty body means "no parameters". Replies use the
+with a JSON literal just works. An empty body means "no parameters"; without a header it
+counts as JSON, so that ``nats req subject ""`` gets a readable reply. Replies use the
 request's encoding.
 """
 
@@ -46,7 +47,7 @@ def detect(data: bytes, headers: Mapping[str, str] | None = None) -> str:
                 f"Content-Type {declared!r} is not supported: use {JSON!r} or {MSGPACK!r}"
             )
     stripped = data.lstrip(_BLANK)
-    if stripped and stripped[0] in _JSON_STARTS:
+    if not stripped or stripped[0] in _JSON_STARTS:
         return JSON
     return MSGPACK
 

@@ -504,6 +504,22 @@ class ServiceHost:
         )
         endpoint_box.append(self._service._endpoints[-1])
 
+    async def until_subscribed(self, timeout: float = 10.0) -> None:
+        """Return once the server has every subscription this connection made so far.
+
+        ``nc.flush()`` is not enough: nats-py writes its PING straight to the socket while
+        SUBs may still wait in its pending buffer, so the PONG can come back before the server
+        saw them, and a request sent right after would get "no responders". A request to our
+        own ``$SRV.PING`` goes through that buffer behind the SUBs, so its answer proves them.
+        """
+        subject = f"$SRV.PING.{self._service._name}.{self.id}"
+        try:
+            await self.nc.request(subject, b"", timeout=timeout)
+        except Exception as exc:
+            raise TransportError(
+                f"service {self._service._name!r} does not answer its own ping on {subject!r}"
+            ) from exc
+
     async def remove_endpoints(self, subjects: set[str]) -> None:
         """Stop answering on these subjects (nats.micro has no public call for it)."""
         keep = []
