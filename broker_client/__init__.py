@@ -1,0 +1,127 @@
+"""natserve's client library: ``Client``/``AsyncClient``, model handles, wire models, errors.
+
+    from broker_client import Client
+    client = Client("nats://127.0.0.1:4222")
+    uid = client.launch_model(model_name="nsql-2B")
+    client.get_model(uid).generate("SELECT")
+
+Workers and the registry import the protocol (subjects, wire models, codec, errors) from here;
+this package imports neither of them.
+"""
+
+from ._client import AsyncClient, Client, ProgressCallback
+from ._definition import (
+    EmbeddingDefinition,
+    LLMDefinition,
+    ModelDefinition,
+    ModelSpec,
+    PromptStyle,
+    parse_definition,
+)
+from ._errors import (
+    BadRequest,
+    Conflict,
+    InternalError,
+    NatserveError,
+    NoResponders,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerTimeout,
+    ServiceError,
+    TransportError,
+    Unavailable,
+)
+from ._handles import (
+    AsyncChatModelHandle,
+    AsyncEmbeddingModelHandle,
+    AsyncGenerateModelHandle,
+    AsyncModelHandle,
+    AsyncStream,
+    ChatModelHandle,
+    EmbeddingModelHandle,
+    GenerateModelHandle,
+    ModelHandle,
+    Stream,
+)
+from ._messages import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    DeviceInfo,
+    Embedding,
+    EmbeddingList,
+    EmbedRequest,
+    GenerateConfig,
+    GenerateRequest,
+    LaunchReply,
+    LaunchRequest,
+    ModelEvent,
+    RegisterReply,
+    RegisterRequest,
+    ReplicaInfo,
+    Usage,
+    WorkerInfo,
+)
+from ._subjects import DEFAULT_PREFIX, Subjects
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "AsyncChatModelHandle",
+    "AsyncClient",
+    "AsyncEmbeddingModelHandle",
+    "AsyncGenerateModelHandle",
+    "AsyncModelHandle",
+    "AsyncStream",
+    "BadRequest",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatMessage",
+    "ChatModelHandle",
+    "ChatRequest",
+    "Client",
+    "Completion",
+    "CompletionChunk",
+    "Conflict",
+    "DeviceInfo",
+    "EmbedRequest",
+    "Embedding",
+    "EmbeddingDefinition",
+    "EmbeddingList",
+    "EmbeddingModelHandle",
+    "GenerateConfig",
+    "GenerateModelHandle",
+    "GenerateRequest",
+    "InternalError",
+    "LLMDefinition",
+    "LaunchReply",
+    "LaunchRequest",
+    "ModelDefinition",
+    "ModelEvent",
+    "ModelHandle",
+    "ModelSpec",
+    "NatserveError",
+    "NoResponders",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ProgressCallback",
+    "PromptStyle",
+    "RegisterReply",
+    "RegisterRequest",
+    "ReplicaInfo",
+    "RequestTimeout",
+    "ServerTimeout",
+    "ServiceError",
+    "Stream",
+    "Subjects",
+    "TransportError",
+    "Unavailable",
+    "Usage",
+    "WorkerInfo",
+    "parse_definition",
+]

@@ -66,7 +66,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     model_format: Literal["pytorch"] = "pytorch"
     model_size_in_billions: float = Field(gt=0)
-    quantizations: list[Quantization] = Field(default_factory=lambda: ["none"], min_length=1)
+    quantizations: list[Quantization] = Field(default_factory=lambda: ["none"], min_length=1)  # type: ignore[arg-type]
     model_id: str | None = None
     model_uri: str | None = None
     model_revision: str | None = None
@@ -159,7 +159,7 @@ class LLMDefinition(_Definition):
 class EmbeddingDefinition(_Definition):
     """An embedding model: Xinference's flat form (``model_id``/``model_uri`` at the top) or specs."""
 
-    model_ability: list[Literal["embed"]] = Field(default_factory=lambda: ["embed"], min_length=1)
+    model_ability: list[Literal["embed"]] = Field(default_factory=lambda: ["embed"], min_length=1)  # type: ignore[arg-type]
     dimensions: int | None = Field(default=None, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)
     language: list[str] = Field(default_factory=lambda: ["en"])
