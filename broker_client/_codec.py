@@ -61,6 +61,9 @@ def decode(data: bytes, content_type: str) -> Any:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from exc
+        except RecursionError:
+            # Python's decoder recurses per level: thousands of '[' would otherwise be a 500.
+            raise BadRequest("malformed JSON body: nested too deeply") from None
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types for garbage

@@ -209,6 +209,8 @@ def parse_definition(model_type: str, model: str | dict[str, Any]) -> ModelDefin
             model = json.loads(model)
         except ValueError as exc:
             raise BadRequest(f"model: malformed JSON: {exc}") from exc
+        except RecursionError:
+            raise BadRequest("model: malformed JSON: nested too deeply") from None
     if not isinstance(model, dict):
         raise BadRequest(f"model: expected a JSON object, got {type(model).__name__}")
     ability = model.get("model_ability")

@@ -207,7 +207,9 @@ class RegisterReply(_Reply):
 
 class UnregisterRequest(Request):
     model_type: ModelType = "LLM"
-    model_name: str
+    # Names are subject tokens: one that breaks the pattern is a 400 before it reaches SQL
+    # (PostgreSQL rejects a NUL in a text parameter with an error, which was a 500).
+    model_name: str = Field(pattern=NAME_PATTERN)
 
 
 class ListRegistrationsRequest(Request):
@@ -216,7 +218,7 @@ class ListRegistrationsRequest(Request):
 
 class GetRegistrationRequest(Request):
     model_type: ModelType = "LLM"
-    model_name: str
+    model_name: str = Field(pattern=NAME_PATTERN)
 
 
 class LaunchRequest(Request):
@@ -240,11 +242,11 @@ class LaunchReply(_Reply):
 
 
 class DescribeRequest(Request):
-    model_uid: str
+    model_uid: str = Field(pattern=NAME_PATTERN)
 
 
 class TerminateRequest(Request):
-    model_uid: str
+    model_uid: str = Field(pattern=NAME_PATTERN)
 
 
 # ---------------------------------------------------------------------------- workers

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -76,6 +77,29 @@ _HEADER_ROOM = 1024
 M = TypeVar("M", bound=BaseModel)
 
 
+# Answers to a first connect that no retry can change: wrong credentials, a TLS mismatch.
+_REFUSED_MARKERS = ("authorization violation", "authentication", "tls required", "secure connection")
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    if isinstance(exc, ssl.SSLError):
+        return True  # certificate not trusted, hostname mismatch, client certificate refused
+    return isinstance(exc, nats.errors.Error) and any(m in str(exc).lower() for m in _REFUSED_MARKERS)
+
+
+async def _discard(nc: NATSConnection) -> None:
+    """Close a connection that never came up; bounded, as the close of a failed TLS
+    handshake waits for a socket that nobody will close."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), 1.0)
+
+
+class _Refused(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 async def connect(
     url: str | list[str],
     *,
@@ -84,11 +108,26 @@ async def connect(
     reconnect: bool = True,
     **options: Any,
 ) -> NATSConnection:
-    """Connect with natserve's defaults: keep reconnecting, never give up silently."""
+    """Connect with natserve's defaults: keep reconnecting, never give up silently.
+
+    A first connect that the server refuses (bad credentials, TLS) fails at once with a
+    TransportError; one that finds no server keeps trying (bound it with ``asyncio.wait_for``).
+    """
     servers = [url] if isinstance(url, str) else list(url)
+    first_connect = True
+
+    async def _log_error(exc: Exception) -> None:
+        logger.debug("nats connection error on %s: %r", servers, exc)
+
+    user_error_cb = options.pop("error_cb", None) or _log_error
 
     async def _error_cb(exc: Exception) -> None:
-        logger.debug("nats connection error on %s: %r", servers, exc)
+        await user_error_cb(exc)
+        if first_connect and _is_refusal(exc):
+            # nats-py retries a refused first connect forever when reconnecting is on: it
+            # cannot tell a wrong password from a server still starting. Raising from its
+            # error callback is the one way out of that loop.
+            raise _Refused(exc)
 
     async def _disconnected_cb() -> None:
         logger.info("disconnected from NATS %s", servers)
@@ -96,22 +135,33 @@ async def connect(
     async def _reconnected_cb() -> None:
         logger.info("reconnected to NATS %s", servers)
 
-    options.setdefault("error_cb", _error_cb)
     options.setdefault("disconnected_cb", _disconnected_cb)
     options.setdefault("reconnected_cb", _reconnected_cb)
+    settings: dict[str, Any] = {
+        "servers": servers,
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "allow_reconnect": reconnect,
+        # -1: keep trying while the server is away instead of giving up after 60 tries.
+        "max_reconnect_attempts": -1 if reconnect else 0,
+        "reconnect_time_wait": 0.5,
+        "error_cb": _error_cb,
+    }
+    nc = NATSConnection()
     try:
-        return await nats.connect(
-            servers=servers,
-            name=name,
-            connect_timeout=connect_timeout,
-            allow_reconnect=reconnect,
-            max_reconnect_attempts=-1 if reconnect else 0,
-            reconnect_time_wait=0.5,
-            # Without this the client gives up on a first connect that fails once.
-            **options,
-        )
-    except Exception as exc:
+        await nc.connect(**settings, **options)
+    except _Refused as refused:
+        await _discard(nc)
+        raise TransportError(
+            f"NATS at {', '.join(servers)} refused the connection of {name!r}: {refused.cause}"
+        ) from refused.cause
+    except BaseException as exc:
+        await _discard(nc)
+        if not isinstance(exc, Exception):
+            raise  # cancellation (a caller's wait_for) stays a cancellation
         raise TransportError(f"cannot connect to NATS at {', '.join(servers)}: {exc}") from exc
+    first_connect = False
+    return nc
 
 
 def _raise_for_error(headers: Mapping[str, str] | None, data: bytes, subject: str) -> None:

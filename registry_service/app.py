@@ -13,6 +13,7 @@ from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker_client._auth import NatsAuth, connect_options
 from broker_client._subjects import DEFAULT_PREFIX
 from broker_client._transport import NATSConnection, connect
 
@@ -39,8 +40,10 @@ class Registry:
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
         migrate: bool = True,
         name: str = "natserve-registry",
+        auth: NatsAuth | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.auth = auth
         self.db_url = db_url
         self.prefix = prefix
         self.heartbeat_dead_after = heartbeat_dead_after
@@ -58,7 +61,7 @@ class Registry:
         try:
             if self.migrate:
                 await db.upgrade(engine)
-            nc = await connect(self.nats_url, name=self.name)
+            nc = await connect(self.nats_url, name=self.name, **connect_options(self.auth))
             service = RegistryService(
                 nc,
                 RegistryRepository(engine),
@@ -112,6 +115,7 @@ async def run_registry(
     ready: asyncio.Event | None = None,
     heartbeat_dead_after: float | None = None,
     migrate: bool = True,
+    auth: NatsAuth | None = None,
 ) -> None:
     """Serve the registry until ``stop`` is set; ``ready`` is set once it answers requests."""
     registry = Registry(
@@ -120,6 +124,7 @@ async def run_registry(
         prefix=prefix,
         heartbeat_dead_after=heartbeat_dead_after,
         migrate=migrate,
+        auth=auth,
     )
     await registry.start()
     try:
