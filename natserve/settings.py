@@ -1,0 +1,57 @@
+"""Settings of the natserve processes: flags first, then ``NATSERVE_*`` environment variables.
+
+Built once in ``natserve.cli.main()`` and passed down; nothing reads them at import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NATSERVE_", extra="ignore")
+
+    home: Path = Field(default=Path("~/.natserve"), description="state: SQLite registry, NATS store")
+    nats_url: str = "nats://127.0.0.1:4222"
+    db_url: str | None = Field(default=None, description="SQLAlchemy async URL; SQLite in home if unset")
+    prefix: str = "natserve"
+    device: str | None = Field(default=None, description="cuda:N or cpu; the best local one if unset")
+    worker_id: str | None = None
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    drain_timeout: float = Field(default=30.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"{value!r} is not a log level (DEBUG, INFO, WARNING, ERROR)")
+        return level
+
+    @model_validator(mode="after")
+    def _default_db(self) -> Settings:
+        if not self.db_url:
+            self.db_url = f"sqlite+aiosqlite:///{self.home / 'registry.db'}"
+        return self
+
+    @classmethod
+    def build(cls, **overrides: Any) -> Settings:
+        """Settings from the environment, with the flags that were given (not None) on top."""
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def database_url(self) -> str:
+        assert self.db_url is not None
+        return self.db_url
