@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -679,6 +680,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Spinning OpenMP threads starve the event loop that feeds the engine between steps;
+    # passive waiting measured about 30% more tokens/s on the CPU. It must be set before
+    # torch is imported, and an operator's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -554,9 +554,26 @@ class Worker:
             # The definition may narrow the model's window (memory), never widen it.
             context = min(context, definition.context_length)
         max_batch_size = launch.max_batch_size or 32
-        engine = BatchingEngine(
-            loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, context_length=context
-        )
+        engine: BatchingEngine
+        if loaded.device.type == "cuda":
+            # On a GPU kernel launches dominate an ungraphed decode step, so the engine with
+            # static KV slots and one CUDA graph per batch-size bucket wins there; on the CPU
+            # the left-padded dynamic cache measured as fast and needs no per-slot memory.
+            from .engines.static import StaticBatchingEngine
+
+            engine = StaticBatchingEngine(
+                loaded.model,
+                loaded.tokenizer,
+                max_batch_size=max_batch_size,
+                context_length=context,
+                max_seq_len=context,
+                capture_at_start=True,
+            )
+            context = engine.context_length
+        else:
+            engine = BatchingEngine(
+                loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, context_length=context
+            )
         return LLMReplica(
             engine=engine,
             tokenizer=loaded.tokenizer,

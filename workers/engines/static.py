@@ -90,6 +90,11 @@ class SlotLayer(StaticLayer):
     of a step are slots ``0..b-1``) and returns the static K/V of those slots, as views.
     """
 
+    # Allocated in __init__ and never released, unlike the base class's lazily made tensors.
+    keys: torch.Tensor  # type: ignore[assignment]
+    values: torch.Tensor  # type: ignore[assignment]
+
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__(max_cache_len=keys.shape[2])
         self.keys = keys
