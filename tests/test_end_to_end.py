@@ -7,6 +7,7 @@ the problem while the system keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -234,3 +235,58 @@ def test_launch_timeout_is_the_callers(tmp_path: Path) -> None:
         with Client(f"nats://127.0.0.1:{port}", timeout=2, request_timeout=2) as client:
             client.list_models()
     assert time.monotonic() - started < 15
+
+
+async def _replica_info(client: AsyncClient, uid: str) -> dict[str, Any]:
+    for worker in await client.list_workers():
+        for replica in worker["replicas"]:
+            if replica["model_uid"] == uid:
+                return dict(replica)
+    raise AssertionError(f"no worker reports {uid}")
+
+
+async def _until(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s")
+        # Heartbeats refresh the registry's view; this polls it under a deadline.
+        await asyncio.sleep(0.05)
+
+
+async def test_a_client_that_walks_away_frees_the_slot(
+    system: AsyncClient,  # noqa: F811
+    tiny_llama_dir: Path,
+    unique: str,
+) -> None:
+    """Breaking out of a stream, or a call's timeout, cancels the request on the worker."""
+    name = f"walk-{unique}"
+    await system.register_model(
+        model_type="LLM", model=llm_definition(name, f"file://{tiny_llama_dir}"), persist=False
+    )
+    uid = await system.launch_model(model_name=name, progress=False)
+    model = await system.get_model(model_uid=uid)
+    long = {"max_tokens": 1500, "temperature": 0}
+
+    stream = await model.generate(prompt="SELECT", generate_config={**long, "stream": True})
+    async for _chunk in stream:
+        break
+    await stream.aclose()
+
+    async def cancelled_once() -> bool:
+        info = await _replica_info(system, uid)
+        return bool(info.get("cancelled") == 1 and info["active"] == 0)
+
+    await _until(cancelled_once, "the abandoned stream is cancelled and its slot freed")
+
+    with pytest.raises(NatserveError):
+        await model.generate(prompt="SELECT", generate_config=long, timeout=0.5)
+
+    async def cancelled_twice() -> bool:
+        info = await _replica_info(system, uid)
+        return bool(info.get("cancelled") == 2 and info["active"] == 0)
+
+    await _until(cancelled_twice, "the timed-out request is cancelled and its slot freed")
+    # Others are served at once afterwards.
+    reply = await within(model.generate(prompt="x", generate_config={"max_tokens": 2}), "generate", 30)
+    assert reply["usage"]["completion_tokens"] >= 1
