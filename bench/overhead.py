@@ -37,8 +37,12 @@ ECHO_MODEL = {
     "model_ability": ["generate"],
     "context_length": 4096,
     "model_specs": [
-        {"model_format": "pytorch", "model_size_in_billions": 0.001, "quantizations": ["none"],
-         "model_uri": "echo:"}
+        {
+            "model_format": "pytorch",
+            "model_size_in_billions": 0.001,
+            "quantizations": ["none"],
+            "model_uri": "echo:",
+        }
     ],
 }
 
@@ -52,10 +56,14 @@ def _run_pool(url: str, home: str, ready: mp.Event, stop: mp.Event) -> None:  # 
         stop_ev = asyncio.Event()
         reg_ready, wrk_ready = asyncio.Event(), asyncio.Event()
         tasks = [
-            asyncio.create_task(run_registry(nats_url=url, db_url=f"sqlite+aiosqlite:///{home}/r.db",
-                                             stop=stop_ev, ready=reg_ready)),
-            asyncio.create_task(run_worker(nats_url=url, device="cpu", stop=stop_ev, ready=wrk_ready,
-                                           heartbeat_interval=0.5)),
+            asyncio.create_task(
+                run_registry(
+                    nats_url=url, db_url=f"sqlite+aiosqlite:///{home}/r.db", stop=stop_ev, ready=reg_ready
+                )
+            ),
+            asyncio.create_task(
+                run_worker(nats_url=url, device="cpu", stop=stop_ev, ready=wrk_ready, heartbeat_interval=0.5)
+            ),
         ]
         await asyncio.wait_for(asyncio.gather(reg_ready.wait(), wrk_ready.wait()), 60)
         ready.set()
@@ -85,7 +93,9 @@ def _run_raw_responder(url: str, subject: str, reply_size: int, ready: mp.Event,
     asyncio.run(main())
 
 
-async def _measure(call: Callable[[], Awaitable[object]], concurrency: int, seconds: float) -> dict[str, float]:
+async def _measure(
+    call: Callable[[], Awaitable[object]], concurrency: int, seconds: float
+) -> dict[str, float]:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
@@ -163,7 +173,9 @@ async def _bench(url: str, seconds: float) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per point")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
@@ -189,7 +201,9 @@ def main() -> int:
     print(f"{'':14}{'natserve':>12}{'raw nats-py':>14}{'ratio':>8}")
     for c in (1, 256):
         ratio = results[f"natserve_rps_c{c}"] / results[f"raw_rps_c{c}"]
-        print(f"req/s c={c:<5}{results[f'natserve_rps_c{c}']:12.0f}{results[f'raw_rps_c{c}']:14.0f}{ratio:8.2f}")
+        print(
+            f"req/s c={c:<5}{results[f'natserve_rps_c{c}']:12.0f}{results[f'raw_rps_c{c}']:14.0f}{ratio:8.2f}"
+        )
         for p in ("p50", "p99"):
             ns, raw = results[f"natserve_{p}_us_c{c}"], results[f"raw_{p}_us_c{c}"]
             print(f"{p} us c={c:<5}{ns:12.0f}{raw:14.0f}{ns / raw:8.2f}")

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from . import _codec
 from ._definition import format_validation_error, parse_definition
-from ._errors import BadRequest, NatserveError, NoResponders, TransportError
+from ._errors import BadRequest, NatserveError, NoResponders, TransportError, Unavailable
 from ._handles import (
     AsyncChatModelHandle,
     AsyncEmbeddingModelHandle,
@@ -138,8 +138,32 @@ class AsyncClient:
                 nc = await self._connect()
                 transport = Transport(nc, encoding=self.encoding)
                 await transport.start()
+                # Worker deaths, announced by the registry, end the requests that worker had
+                # accepted at once instead of at their timeout.
+                await nc.subscribe(self.subjects.workers_events, cb=self._on_worker_event)
                 self._nc, self._transport = nc, transport
         return self._transport
+
+    async def _on_worker_event(self, msg: Any) -> None:
+        try:
+            event = _codec.decode(msg.data, _codec.detect(msg.data, msg.headers))
+        except NatserveError:
+            return
+        if not isinstance(event, dict) or event.get("state") not in ("dead", "stopped"):
+            return
+        worker_id, transport = str(event.get("worker_id")), self._transport
+        if transport is None:
+            return
+        if event["state"] == "dead":
+            why = f"died (no heartbeat for {event.get('dead_after', '?')} s)"
+        else:
+            why = "stopped"
+        failed = transport.fail_worker(
+            worker_id,
+            lambda: Unavailable(f"worker {worker_id!r} {why} while handling this request"),
+        )
+        if failed:
+            logger.warning("worker %s %s: %d request(s) in flight on it failed", worker_id, why, failed)
 
     async def _connect(self) -> NATSConnection:
         options = dict(self._nats_options)
@@ -155,6 +179,25 @@ class AsyncClient:
 
         options["error_cb"] = error_cb
         servers = self.url if isinstance(self.url, str) else ", ".join(self.url)
+        user_disconnected_cb = options.get("disconnected_cb")
+
+        async def disconnected_cb() -> None:
+            logger.info("disconnected from NATS %s; reconnecting", servers)
+            transport = self._transport
+            if transport is not None:
+                # What the services sent while we were away is lost: a stream would have a gap
+                # and a reply might never come, so every call in flight ends now.
+                failed = transport.fail_all(
+                    lambda: TransportError(
+                        f"lost the connection to NATS ({servers}) while waiting for a reply"
+                    )
+                )
+                if failed:
+                    logger.warning("%d call(s) in flight failed: the NATS connection dropped", failed)
+            if user_disconnected_cb is not None:
+                await user_disconnected_cb()
+
+        options["disconnected_cb"] = disconnected_cb
         # nats-py retries a first connect forever when reconnecting is on; a client should
         # rather say that nothing is there.
         try:
@@ -362,7 +405,9 @@ class AsyncClient:
         await self._request(self.subjects.models_terminate, {"model_uid": model_uid})
 
     async def list_workers(self) -> list[dict[str, Any]]:
-        """``[{"worker_id", "host", "devices", "replicas", "last_seen", ...}]``."""
+        """``[{"worker_id", "host", "version", "devices", "replicas", "last_seen", "alive",
+        "state", "dead_after", ...}]``; ``state`` is ``alive``, ``stopping``, ``stopped`` or
+        ``dead`` (no heartbeat for ``dead_after`` seconds)."""
         reply = await self._request(self.subjects.workers_list, {})
         if isinstance(reply, dict):
             return list(reply.get("workers", []))

@@ -13,6 +13,13 @@ gives up on a request (a stream it stops reading or closes, a timeout, a cancell
 handle publishes ``{"request_id": ...}`` on ``<prefix>.model.<uid>.cancel`` so the replica stops
 generating for nobody.
 
+Requests carry ``Natserve-Ack: 1``: the replica that takes one first tells the client its
+worker id, so when the registry announces that worker dead the request fails at once with a 503
+(:class:`Unavailable`) instead of waiting for its timeout. A non-streaming request that fails
+with a 503 (its worker died or is stopping) or because the NATS connection dropped is sent once
+more, under a new request id, and so most likely reaches another replica; a stream is never
+resent (its first chunks are already out), it raises.
+
 A model uid nobody serves (never launched, terminated, every replica gone) makes NATS answer
 "no responders"; the handles raise that as :class:`NotFound` ("model 'x' is not running"),
 chained to the :class:`NoResponders` it came from, because for a caller an unknown uid is a
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ._definition import format_validation_error
-from ._errors import BadRequest, NoResponders, NotFound, RequestTimeout
+from ._errors import BadRequest, NoResponders, NotFound, RequestTimeout, TransportError, Unavailable
 from ._messages import GenerateConfig
-from ._transport import REQUEST_ID_HEADER, Transport
+from ._transport import ACK_HEADER, REQUEST_ID_HEADER, Transport
 
 if TYPE_CHECKING:
     from ._client import AsyncClient, _LoopThread
@@ -92,10 +100,18 @@ class AsyncStream:
     Dropping it unfinished does the same once it is garbage-collected.
     """
 
-    def __init__(self, chunks: AsyncIterator[Any], first: Any, request_id: str) -> None:
+    def __init__(
+        self, chunks: AsyncIterator[Any], first: Any, request_id: str, accepted: list[str] | None = None
+    ) -> None:
         self._chunks = chunks
         self._first = first
         self.request_id = request_id
+        self._accepted = accepted if accepted is not None else []
+
+    @property
+    def worker_id(self) -> str | None:
+        """The worker generating this stream (from its ``Natserve-Accepted``), when known."""
+        return self._accepted[-1] if self._accepted else None
 
     def __aiter__(self) -> AsyncStream:
         return self
@@ -147,22 +163,34 @@ class AsyncModelHandle:
         self, operation: str, body: dict[str, Any], timeout: float | None, request_id: str | None
     ) -> Any:
         request_id = request_id or uuid.uuid4().hex
-        body["request_id"] = request_id
-        transport = await self._client._get_transport()
         subject = self._subject(operation)
-        try:
-            return await transport.request(
-                subject,
-                body,
-                timeout=self._client.timeout if timeout is None else timeout,
-                headers={REQUEST_ID_HEADER: request_id},
-            )
-        except NoResponders as exc:
-            raise self._not_running(exc) from exc
-        except (RequestTimeout, asyncio.CancelledError):
-            # The replica would otherwise finish a generation nobody reads.
-            await asyncio.shield(self._cancel(transport, request_id))
-            raise
+        budget = self._client.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        for attempt in (1, 2):
+            body["request_id"] = request_id
+            transport = await self._client._get_transport()
+            try:
+                return await transport.request(
+                    subject,
+                    body,
+                    timeout=max(deadline - time.monotonic(), 0.001) if attempt > 1 else budget,
+                    headers={REQUEST_ID_HEADER: request_id, ACK_HEADER: "1"},
+                )
+            except NoResponders as exc:
+                raise self._not_running(exc) from exc
+            except (RequestTimeout, asyncio.CancelledError):
+                # The replica would otherwise finish a generation nobody reads.
+                await asyncio.shield(self._cancel(transport, request_id))
+                raise
+            except (Unavailable, TransportError) as exc:
+                if attempt > 1 or transport.nc.is_closed or deadline - time.monotonic() <= 0:
+                    raise
+                if isinstance(exc, TransportError):
+                    # The replica may still be generating: stop it (sent once reconnected).
+                    await asyncio.shield(self._cancel(transport, request_id))
+                logger.info("%s on %r failed (%s); sending it once more", request_id, subject, exc)
+                request_id = f"{request_id[:120]}-retry"
+        raise AssertionError("unreachable")
 
     async def _stream(
         self, operation: str, body: dict[str, Any], timeout: float | None, request_id: str | None
@@ -174,12 +202,14 @@ class AsyncModelHandle:
         async def on_abandon() -> None:
             await self._cancel(transport, request_id)
 
+        accepted: list[str] = []
         chunks = transport.stream(
             self._subject(operation),
             body,
             timeout=self._client.timeout if timeout is None else timeout,
-            headers={REQUEST_ID_HEADER: request_id},
+            headers={REQUEST_ID_HEADER: request_id, ACK_HEADER: "1"},
             on_abandon=on_abandon,
+            on_accept=accepted.append,
         )
         # Wait for the first chunk here, so that an unknown uid or a bad request raises from
         # the call itself rather than from the first iteration.
@@ -192,7 +222,7 @@ class AsyncModelHandle:
         except BaseException:
             await chunks.aclose()  # type: ignore[attr-defined]
             raise
-        return AsyncStream(chunks, first, request_id)
+        return AsyncStream(chunks, first, request_id, accepted)
 
 
 class AsyncGenerateModelHandle(AsyncModelHandle):
@@ -292,6 +322,12 @@ class Stream:
         self._owner = owner
         self._stream: AsyncStream | None = stream
         self.request_id = stream.request_id
+        self._accepted = stream._accepted
+
+    @property
+    def worker_id(self) -> str | None:
+        """The worker generating this stream, when known."""
+        return self._accepted[-1] if self._accepted else None
 
     def __iter__(self) -> Stream:
         return self

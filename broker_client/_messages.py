@@ -233,6 +233,10 @@ class LaunchRequest(Request):
     worker_id: str | None = None
     request_limits: int | None = Field(default=None, ge=1)
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    # Per replica: the largest max_tokens a request may ask for, and requests per second
+    # (a token bucket); a worker's own settings cap both.
+    max_tokens_limit: int | None = Field(default=None, ge=1)
+    rate_limit: float | None = Field(default=None, gt=0, le=1e6)
     wait: bool = True
     timeout: float | None = Field(default=None, gt=0)
 
@@ -282,6 +286,9 @@ class WorkerInfo(_Reply):
     started_at: float
     last_seen: float
     heartbeat_interval: float
+    # The worker's last errors (5xx replies, failed launches), newest last:
+    # {"ts", "model_uid", "endpoint", "code", "message", "request_id"}.
+    recent_errors: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class WorkerLaunch(Request):
@@ -297,6 +304,8 @@ class WorkerLaunch(Request):
     device: str | None = None
     request_limits: int | None = None
     max_batch_size: int | None = None
+    max_tokens_limit: int | None = Field(default=None, ge=1)
+    rate_limit: float | None = Field(default=None, gt=0, le=1e6)
 
 
 class WorkerLaunchReply(_Reply):

@@ -83,6 +83,12 @@ class Subjects:
         return f"{self.prefix}.workers.heartbeat"
 
     @property
+    def workers_events(self) -> str:
+        """The registry publishes ``{worker_id, host, state, ts}`` here when a worker turns
+        ``alive``, ``dead`` (no heartbeat for the dead window) or ``stopped`` (it said so)."""
+        return f"{self.prefix}.workers.events"
+
+    @property
     def workers_resync(self) -> str:
         """The registry asks every worker for an immediate heartbeat (after it starts)."""
         return f"{self.prefix}.workers.resync"
@@ -97,6 +103,14 @@ class Subjects:
         if operation not in MODEL_OPERATIONS:
             raise ValueError(f"unknown model operation {operation!r}")
         return f"{self.prefix}.model.{model_uid}.{operation}"
+
+    def model_overflow(self, model_uid: str, operation: str) -> str:
+        """Where a saturated replica passes a request on to the uid's other replicas
+        (``workers/balancing.py``): a subject of its own, so that workers never need the right
+        to publish on the public request subjects."""
+        if operation not in MODEL_OPERATIONS or operation == "cancel":
+            raise ValueError(f"unknown model operation {operation!r}")
+        return f"{self.prefix}.model.{model_uid}.overflow.{operation}"
 
     def model_queue_group(self, model_uid: str) -> str:
         return f"{self.prefix}.model.{model_uid}"

@@ -15,6 +15,12 @@ Wire headers:
     Natserve-Parts          N on every part of a reply split into N parts
     Natserve-Part           the part's index, 0 .. N-1
     Natserve-Request-Id     passed from client to worker to follow one request
+    Natserve-Ack            1 on a request: tell me which worker takes it (opt-in, so that
+                            `nats req` still sees the answer as the first message)
+    Natserve-Accepted       <worker_id>, on an empty message a worker sends first when asked:
+                            it admitted the request. The Transport records it (a request whose
+                            worker dies is failed with ``fail_worker``) and never yields it.
+    Natserve-Hops           n on a request a saturated replica passed on (workers/balancing.py)
     Nats-Service-Error-Code / Nats-Service-Error   on errors (with an {"error": ...} body)
 """
 
@@ -26,6 +32,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats
@@ -34,7 +41,7 @@ from nats.aio.client import Client as NATSConnection
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
-from . import _codec
+from . import _codec, _logcontext
 from ._definition import format_validation_error
 from ._errors import (
     BadRequest,
@@ -49,13 +56,17 @@ from ._errors import (
 )
 
 __all__ = [
+    "ACCEPTED_HEADER",
+    "ACK_HEADER",
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
+    "HOPS_HEADER",
     "PARTS_HEADER",
     "PART_HEADER",
     "REQUEST_ID_HEADER",
     "SEQ_HEADER",
     "NATSConnection",
+    "RequestOutcome",
     "Responder",
     "ServiceHost",
     "Transport",
@@ -68,6 +79,9 @@ SEQ_HEADER = "Natserve-Seq"
 PARTS_HEADER = "Natserve-Parts"
 PART_HEADER = "Natserve-Part"
 REQUEST_ID_HEADER = "Natserve-Request-Id"
+ACK_HEADER = "Natserve-Ack"
+ACCEPTED_HEADER = "Natserve-Accepted"
+HOPS_HEADER = "Natserve-Hops"
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 STATUS_HEADER = "Status"
@@ -113,7 +127,9 @@ async def connect(
     A first connect that the server refuses (bad credentials, TLS) fails at once with a
     TransportError; one that finds no server keeps trying (bound it with ``asyncio.wait_for``).
     """
-    servers = [url] if isinstance(url, str) else list(url)
+    # "nats://a:4222,nats://b:4222" (one NATSERVE_NATS_URL for a cluster) is a list of servers.
+    given = [url] if isinstance(url, str) else list(url)
+    servers = [s.strip() for u in given for s in u.split(",") if s.strip()]
     first_connect = True
 
     async def _log_error(exc: Exception) -> None:
@@ -189,13 +205,26 @@ def _raise_for_error(headers: Mapping[str, str] | None, data: bytes, subject: st
     raise error_from_wire(numeric, message or f"error {code} from {subject!r}", type_name)
 
 
+class _Failure:
+    """Put in a request's queue to end it with an error (its worker died, the connection
+    dropped): the waiting call raises ``make()``, a fresh exception per request."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], NatserveError]) -> None:
+        self.make = make
+
+
 class _Pending:
     """The messages of one in-flight request, fed by the shared inbox subscription."""
 
-    __slots__ = ("queue",)
+    __slots__ = ("on_accept", "queue", "worker_id")
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+    def __init__(self, worker_id: str | None = None) -> None:
+        self.queue: asyncio.Queue[Msg | _Failure] = asyncio.Queue()
+        # The worker that accepted it (Natserve-Accepted), or the one it was sent to.
+        self.worker_id = worker_id
+        self.on_accept: Callable[[str], None] | None = None
 
 
 class Transport:
@@ -225,15 +254,42 @@ class Transport:
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
         pending = self._pending.get(token)
-        if pending is not None:
-            pending.queue.put_nowait(msg)
+        if pending is None:
+            return
+        headers = msg.headers
+        if headers and not msg.data and ACCEPTED_HEADER in headers:
+            pending.worker_id = headers[ACCEPTED_HEADER]
+            if pending.on_accept is not None:
+                try:
+                    pending.on_accept(pending.worker_id)
+                except Exception:
+                    logger.exception("on_accept callback failed")
+            return
+        pending.queue.put_nowait(msg)
 
-    def _open(self) -> tuple[str, _Pending]:
+    def _open(self, worker_id: str | None = None) -> tuple[str, _Pending]:
         self._counter += 1
         token = format(self._counter, "x")
-        pending = _Pending()
+        pending = _Pending(worker_id)
         self._pending[token] = pending
         return token, pending
+
+    def fail_worker(self, worker_id: str, make: Callable[[], NatserveError]) -> int:
+        """End every request ``worker_id`` accepted (or was sent) with ``make()``: it died,
+        so no reply will come. Returns how many there were."""
+        failed = 0
+        for pending in self._pending.values():
+            if pending.worker_id == worker_id:
+                pending.queue.put_nowait(_Failure(make))
+                failed += 1
+        return failed
+
+    def fail_all(self, make: Callable[[], NatserveError]) -> int:
+        """End every request in flight with ``make()`` (the connection dropped: replies and
+        stream chunks sent meanwhile are lost, so waiting on would hang or leave a gap)."""
+        for pending in self._pending.values():
+            pending.queue.put_nowait(_Failure(make))
+        return len(self._pending)
 
     def _encode(self, payload: Any, headers: Mapping[str, str] | None) -> tuple[bytes, dict[str, str]]:
         data = payload if isinstance(payload, bytes) else _codec.encode(payload, self.encoding)
@@ -264,10 +320,15 @@ class Transport:
         *,
         timeout: float,
         headers: Mapping[str, str] | None = None,
+        worker_id: str | None = None,
     ) -> Any:
-        """One request, one decoded reply (reassembled when sent in parts)."""
+        """One request, one decoded reply (reassembled when sent in parts).
+
+        ``worker_id``: the worker the request goes to, so that ``fail_worker`` ends it when
+        that worker dies (requests sent with ``Natserve-Ack`` learn it from the worker).
+        """
         data, hdrs = self._encode({} if payload is None else payload, headers)
-        token, pending = self._open()
+        token, pending = self._open(worker_id)
         deadline = time.monotonic() + timeout
         try:
             await self._publish(subject, token, data, hdrs)
@@ -299,7 +360,10 @@ class Transport:
                 f"no reply on {subject!r} within {timeout:g} s", subject=subject, timeout=timeout
             )
         try:
-            return await asyncio.wait_for(pending.queue.get(), remaining)
+            item = await asyncio.wait_for(pending.queue.get(), remaining)
+            if isinstance(item, _Failure):
+                raise item.make()
+            return item
         except TimeoutError:
             if self.nc.is_closed:
                 raise TransportError(f"NATS connection closed while waiting on {subject!r}") from None
@@ -315,14 +379,17 @@ class Transport:
         timeout: float,
         headers: Mapping[str, str] | None = None,
         on_abandon: Callable[[], Awaitable[None]] | None = None,
+        on_accept: Callable[[str], None] | None = None,
     ) -> AsyncIterator[Any]:
         """Yield decoded chunks until the empty end message.
 
         ``timeout`` bounds the whole stream. When the consumer stops early, the stream times
         out or the connection fails, ``on_abandon`` runs (it sends the cancel request).
+        ``on_accept`` gets the worker id of a ``Natserve-Accepted`` message.
         """
         data, hdrs = self._encode(payload, headers)
         token, pending = self._open()
+        pending.on_accept = on_accept
         deadline = time.monotonic() + timeout
         expected = 1
         finished = False
@@ -362,12 +429,15 @@ class Transport:
 class Responder:
     """One incoming service request: decode it, answer it, stream to it, fail it cleanly."""
 
-    __slots__ = ("_seq", "content_type", "msg", "request_id", "subject")
+    __slots__ = ("_seq", "content_type", "error", "msg", "replied", "request_id", "subject")
 
     def __init__(self, msg: Msg) -> None:
         self.msg = msg
         self.subject = msg.subject
         self._seq = 0
+        # The error this request was answered with, for stats, metrics and logs.
+        self.error: ServiceError | None = None
+        self.replied = False
         headers = msg.headers or {}
         self.request_id = headers.get(REQUEST_ID_HEADER)
         try:
@@ -405,6 +475,7 @@ class Responder:
     async def _send(self, data: bytes, headers: dict[str, str]) -> None:
         if not self.msg.reply:
             return
+        self.replied = True
         await self.nc.publish(self.msg.reply, data, headers=headers)
 
     async def respond(self, obj: Any) -> None:
@@ -434,8 +505,19 @@ class Responder:
     async def end_stream(self) -> None:
         await self._send(b"", {})
 
+    @property
+    def wants_ack(self) -> bool:
+        headers = self.msg.headers
+        return bool(headers and headers.get(ACK_HEADER) and self.msg.reply)
+
+    async def accept(self, worker_id: str) -> None:
+        """Tell a client that asked (``Natserve-Ack``) which worker admitted its request."""
+        if self.wants_ack:
+            await self._send(b"", {ACCEPTED_HEADER: worker_id})
+
     async def respond_error(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, ServiceError) else _as_service_error(exc, self.subject)
+        self.error = err
         line = " ".join(err.message.split())[:1000]
         headers = {
             _codec.CONTENT_TYPE: self.content_type,
@@ -479,11 +561,33 @@ async def handle(responder: Responder, handler: Handler) -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How one request on a ``ServiceHost`` endpoint ended, for metrics and recent errors."""
+
+    endpoint: str
+    subject: str
+    metadata: Mapping[str, str]
+    # 200 when answered without an error, the wire error code after an error, 0 when nothing
+    # was sent (passed on to another worker, a cancel held elsewhere, no reply subject).
+    code: int
+    message: str  # the error's message; "" on success
+    seconds: float  # from the start of its task to its last reply
+    request_id: str | None
+
+
+RequestObserver = Callable[[RequestOutcome], None]
+
+
 class ServiceHost:
     """A ``nats.micro`` service whose endpoints answer concurrently.
 
     nats-py runs one subscription's callbacks one at a time, so each request gets its own
-    task (bounded by ``max_concurrency``); errors still count in ``nats micro stats``.
+    task (bounded by ``max_concurrency``); errors still count in ``nats micro stats``, with
+    the last error and the time the tasks took. Each request's task runs with the log context
+    (``_logcontext``) of its endpoint: ``worker_id`` and ``model_uid`` from the service's and
+    the endpoint's metadata, ``request_id`` from the ``Natserve-Request-Id`` header.
+    ``observer``, when set, is told how every request ended.
     """
 
     def __init__(
@@ -508,6 +612,8 @@ class ServiceHost:
         )
         self._slots = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._log_context = {k: v for k, v in (metadata or {}).items() if k in _logcontext.FIELDS}
+        self.observer: RequestObserver | None = None
 
     @property
     def id(self) -> str:
@@ -528,14 +634,22 @@ class ServiceHost:
         from nats.micro.service import EndpointConfig
 
         endpoint_box: list[Any] = []
+        endpoint_meta = dict(metadata or {})
+        log_context = {
+            **self._log_context,
+            **{k: v for k, v in endpoint_meta.items() if k in _logcontext.FIELDS},
+        }
 
         async def _run(msg: Msg) -> None:
+            started = time.perf_counter()
+            responder = Responder(msg)
+            # This task's own context: the values end with the request.
+            _logcontext.bind(**log_context, request_id=responder.request_id)
             try:
-                ok = await handle(Responder(msg), handler)
+                ok = await handle(responder, handler)
             finally:
                 self._slots.release()
-            if not ok and endpoint_box:
-                endpoint_box[0]._num_errors += 1
+            self._done(name, endpoint_box, responder, ok, endpoint_meta, time.perf_counter() - started)
 
         async def _dispatch(request: Any) -> None:
             await self._slots.acquire()
@@ -553,6 +667,55 @@ class ServiceHost:
             )
         )
         endpoint_box.append(self._service._endpoints[-1])
+
+    def _done(
+        self,
+        name: str,
+        endpoint_box: list[Any],
+        responder: Responder,
+        ok: bool,
+        metadata: Mapping[str, str],
+        seconds: float,
+    ) -> None:
+        error = responder.error
+        if endpoint_box:
+            # nats.micro timed only the dispatch and saw no error: the task did the work.
+            endpoint = endpoint_box[0]
+            endpoint._processing_time += int(seconds * 1e9)
+            endpoint._average_processing_time = endpoint._processing_time // max(1, endpoint._num_requests)
+            if not ok:
+                endpoint._num_errors += 1
+                endpoint._last_error = error.message[:1000] if error is not None else "error"
+        if ok:
+            code = 200 if responder.replied else 0
+        else:
+            code = error.code if error is not None else 500
+        request_id = _logcontext.current().get("request_id")
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s -> %d in %.1f ms%s",
+                name,
+                responder.subject,
+                code,
+                seconds * 1000,
+                f": {error.message}" if error is not None else "",
+            )
+        observer = self.observer
+        if observer is not None:
+            try:
+                observer(
+                    RequestOutcome(
+                        endpoint=name,
+                        subject=responder.subject,
+                        metadata=metadata,
+                        code=code,
+                        message=error.message if error is not None else "",
+                        seconds=seconds,
+                        request_id=request_id,
+                    )
+                )
+            except Exception:
+                logger.exception("request observer failed")
 
     async def until_subscribed(self, timeout: float = 10.0) -> None:
         """Return once the server has every subscription this connection made so far.

@@ -61,6 +61,49 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     return parser
 
 
+def _service_options(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that run a service (up, registry, worker)."""
+    p.add_argument(
+        "--log-format", choices=["text", "json"], help="log lines: text or JSON (env NATSERVE_LOG_FORMAT)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port, /metrics (env NATSERVE_METRICS_PORT; default off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        help="address of the metrics endpoint (env NATSERVE_METRICS_HOST; default 127.0.0.1)",
+    )
+
+
+def _worker_options(p: argparse.ArgumentParser) -> None:
+    """A worker's policy (workers/limits.py); flags win over the NATSERVE_* variables."""
+    p.add_argument(
+        "--allow-remote-code",
+        action="store_true",
+        default=None,
+        help="let definitions with trust_remote_code: true run their model's own code "
+        "(env NATSERVE_ALLOW_REMOTE_CODE)",
+    )
+    p.add_argument(
+        "--model-roots",
+        help=f"directories model_uri paths must be in, separated by {os.pathsep!r} "
+        "(env NATSERVE_MODEL_ROOTS; default $NATSERVE_HOME/models and the Hugging Face cache)",
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=int, help="largest max_tokens of a request (env NATSERVE_MAX_TOKENS_LIMIT)"
+    )
+    p.add_argument(
+        "--rate-limit", type=float, help="requests per second per replica (env NATSERVE_RATE_LIMIT)"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        help="largest inference request body (env NATSERVE_MAX_REQUEST_BYTES)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="natserve",
@@ -83,16 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="worker device, cuda:N or cpu (default: the best local one)")
     p.add_argument("--worker-id", help="worker id (default: host name and pid)")
     p.add_argument("--db-url", help="registry database URL (default: SQLite in the home)")
+    _service_options(p)
+    _worker_options(p)
     p.set_defaults(func=cmd_up)
 
     p = add("registry", "run the registry on an existing NATS server")
     p.add_argument("--home", help="state folder, for the default SQLite database")
     p.add_argument("--db-url", help="SQLAlchemy async URL (env NATSERVE_DB_URL)")
+    _service_options(p)
     p.set_defaults(func=cmd_registry)
 
     p = add("worker", "run one worker on an existing NATS server")
     p.add_argument("--device", help="cuda:N or cpu (env NATSERVE_DEVICE; default: the best local one)")
     p.add_argument("--worker-id", help="worker id (env NATSERVE_WORKER_ID; default: host name and pid)")
+    _service_options(p)
+    _worker_options(p)
     p.set_defaults(func=cmd_worker)
 
     p = add("register", "register a custom model definition (Xinference JSON)")
@@ -120,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica", type=int, default=1)
     p.add_argument("--n-gpu", default="auto", help="'auto' or a number")
     p.add_argument("--request-limits", type=int, help="concurrent requests per replica")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
+    p.add_argument("--rate-limit", type=float, help="requests per second per replica (429 past it)")
     p.add_argument("--worker-id", help="place it on this worker")
     p.add_argument("--no-wait", action="store_true", help="return once placed, not when ready")
     p.add_argument("--timeout", type=float, help="seconds to wait for ready (default 600)")
@@ -138,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("workers", "list workers, their devices and replicas")
     p.set_defaults(func=cmd_workers)
+
+    p = add("status", "the pool at a glance: workers, devices, replicas and load, recent errors")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.set_defaults(func=cmd_status)
 
     def generation_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-tokens", type=int)
@@ -182,7 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Any:
     from .settings import Settings
 
-    fields = ("home", "nats_url", "db_url", "prefix", "device", "worker_id")
+    fields = (
+        "home",
+        "nats_url",
+        "db_url",
+        "prefix",
+        "device",
+        "worker_id",
+        "log_format",
+        "metrics_port",
+        "metrics_host",
+        "allow_remote_code",
+        "model_roots",
+        "max_tokens_limit",
+        "rate_limit",
+        "max_request_bytes",
+    )
     return Settings.build(**{f: getattr(args, f, None) for f in fields})
 
 
@@ -244,12 +314,11 @@ def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) ->
         console.print(f"no {title.lower()}")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, fmt: str = "text") -> None:
+    from .observability import configure_logging
+
+    # The one handler, with model_uid / request_id / worker_id on the records (JSON or text).
+    configure_logging(level, fmt)
     if level == "INFO":
         # Alembic narrates every plugin it loads at INFO; that is debugging detail for natserve.
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -341,7 +410,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .embedded import EmbeddedNats, port_in_use
 
     settings = args.settings
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     started = time.monotonic()
     embedded: EmbeddedNats | None = None
     if args.nats_url:
@@ -384,7 +453,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_registry(args: argparse.Namespace) -> int:
     settings = args.settings
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     url = settings.nats_url
     return _run_services(
         args,
@@ -398,7 +467,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = args.settings
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     url = settings.nats_url
     return _run_services(
         args,
@@ -490,7 +559,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     n_gpu: int | str = args.n_gpu
     if isinstance(n_gpu, str) and n_gpu.isdigit():
         n_gpu = int(n_gpu)
-    extra = {"worker_id": args.worker_id} if args.worker_id else {}
+    extra: dict[str, Any] = {"worker_id": args.worker_id} if args.worker_id else {}
+    if args.max_tokens_limit is not None:
+        extra["max_tokens_limit"] = args.max_tokens_limit
+    if args.rate_limit is not None:
+        extra["rate_limit"] = args.rate_limit
     with _client(args) as client:
         uid = client.launch_model(
             model_name=args.name,
@@ -600,8 +673,25 @@ def cmd_workers(args: argparse.Namespace) -> int:
         )
         last_seen = w.get("last_seen")
         age = f"{max(0.0, now - float(last_seen)):.1f} s ago" if last_seen else ""
-        rows.append([w.get("worker_id"), w.get("host"), devices, replicas, age])
-    _table("Workers", ["WORKER", "HOST", "DEVICES", "REPLICAS", "LAST SEEN"], rows)
+        # alive / stopping / stopped / dead (dead: no heartbeat for the registry's dead window).
+        state = w.get("state") or ("alive" if w.get("alive", True) else "dead")
+        rows.append([w.get("worker_id"), w.get("host"), state, w.get("version"), devices, replicas, age])
+    _table("Workers", ["WORKER", "HOST", "STATE", "VERSION", "DEVICES", "REPLICAS", "LAST SEEN"], rows)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import collect_status, print_status, watch_status
+
+    if args.interval <= 0:
+        raise CommandError(f"--interval must be positive, got {args.interval:g}", EXIT_USAGE)
+    with _client(args) as client:
+        if args.json and not args.watch:
+            _print_json(collect_status(client))
+        elif args.watch:
+            watch_status(client, interval=args.interval, as_json=args.json)
+        else:
+            print_status(collect_status(client), _console())
     return EXIT_OK
 
 

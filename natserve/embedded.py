@@ -34,6 +34,7 @@ __all__ = [
     "nats_server_binary",
     "port_in_use",
     "run_services",
+    "worker_limits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -230,10 +231,24 @@ async def run_services(
 ) -> None:
     """Run the registry and/or a worker until ``stop``; raise ServiceFailed if one dies.
 
-    Stopping goes worker first (it drains in-flight requests), then the registry.
+    Stopping goes worker first (it drains in-flight requests), then the registry. With
+    ``settings.metrics_port`` set, both share one ``/metrics`` endpoint on that port.
     """
     force = force or asyncio.Event()
     services: list[_Service] = []
+    metrics_registry: Any = None
+    metrics_server: Any = None
+    if settings.metrics_port is not None:
+        from .observability import MetricsServer, new_metrics_registry
+
+        metrics_registry = new_metrics_registry()
+        try:
+            metrics_server = MetricsServer(
+                metrics_registry, settings.metrics_port, settings.metrics_host
+            ).start()
+        except OSError as exc:
+            raise ServiceFailed(str(exc)) from exc
+        logger.info("metrics on %s", metrics_server.url)
     if registry:
         from registry_service.app import run_registry
 
@@ -241,7 +256,14 @@ async def run_services(
 
         def registry_factory(s: asyncio.Event, r: asyncio.Event) -> Coroutine[Any, Any, None]:
             return run_registry(
-                nats_url=nats_url, db_url=db_url, prefix=settings.prefix, stop=s, ready=r, auth=auth
+                nats_url=nats_url,
+                db_url=db_url,
+                prefix=settings.prefix,
+                stop=s,
+                ready=r,
+                auth=auth,
+                metrics_registry=metrics_registry,
+                heartbeat_dead_after=settings.dead_after,
             )
 
         if db_url.startswith("sqlite") and settings.home:
@@ -250,6 +272,8 @@ async def run_services(
     if worker:
         # Imported here: it pulls in torch, which only worker processes need.
         from workers.app import run_worker
+
+        limits = worker_limits(settings)
 
         def worker_factory(s: asyncio.Event, r: asyncio.Event) -> Coroutine[Any, Any, None]:
             return run_worker(
@@ -262,6 +286,8 @@ async def run_services(
                 heartbeat_interval=settings.heartbeat_interval,
                 drain_timeout=settings.drain_timeout,
                 auth=auth,
+                limits=limits,
+                metrics_registry=metrics_registry,
             )
 
         services.append(_Service("worker", worker_factory))
@@ -287,8 +313,32 @@ async def run_services(
                     break
     finally:
         await _stop_all(services, settings.drain_timeout + _STOP_GRACE, force)
+        if metrics_server is not None:
+            metrics_server.stop()
     if failure is not None:
         raise failure
+
+
+def worker_limits(settings: Settings) -> Any:
+    """The worker policy of ``settings``; model paths are always confined here, by default to
+    ``$NATSERVE_HOME/models`` and the Hugging Face cache."""
+    from workers.limits import WorkerLimits, default_model_roots, parse_model_roots
+
+    try:
+        roots = (
+            parse_model_roots(settings.model_roots)
+            if settings.model_roots and settings.model_roots.strip()
+            else default_model_roots(settings.home)
+        )
+    except ValueError as exc:
+        raise ServiceFailed(f"NATSERVE_MODEL_ROOTS: {exc}") from exc
+    return WorkerLimits(
+        allow_remote_code=settings.allow_remote_code,
+        model_roots=roots,
+        max_tokens_limit=settings.max_tokens_limit,
+        rate_limit=settings.rate_limit,
+        max_request_bytes=settings.max_request_bytes,
+    )
 
 
 async def _stop_all(services: list[_Service], grace: float, force: asyncio.Event) -> None:

@@ -6,7 +6,7 @@ Built once in ``natserve.cli.main()`` and passed down; nothing reads them at imp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,12 +25,34 @@ class Settings(BaseSettings):
     worker_id: str | None = None
     heartbeat_interval: float = Field(default=2.0, gt=0)
     drain_timeout: float = Field(default=30.0, ge=0)
+    # The registry's dead window: a worker unheard of this long is dead (registry_service/
+    # liveness.py); default max(6 s, 3 x the worker's heartbeat interval).
+    dead_after: float | None = Field(default=None, gt=0)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    # Prometheus /metrics of the registry and/or worker of this process; off when unset.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Worker policy (workers/limits.py).
+    allow_remote_code: bool = False
+    model_roots: str | None = Field(
+        default=None,
+        description="directories model_uri paths must be in, os.pathsep-separated; "
+        "default $NATSERVE_HOME/models and the Hugging Face cache",
+    )
+    max_tokens_limit: int | None = Field(default=None, ge=1)
+    rate_limit: float | None = Field(default=None, gt=0, le=1e6)
+    max_request_bytes: int | None = Field(default=None, ge=1)
 
     @field_validator("home", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="after")
     @classmethod

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -41,9 +42,11 @@ class Registry:
         migrate: bool = True,
         name: str = "natserve-registry",
         auth: NatsAuth | None = None,
+        metrics_registry: Any = None,
     ) -> None:
         self.nats_url = nats_url
         self.auth = auth
+        self.metrics_registry = metrics_registry
         self.db_url = db_url
         self.prefix = prefix
         self.heartbeat_dead_after = heartbeat_dead_after
@@ -69,6 +72,7 @@ class Registry:
                 dead_after=self.heartbeat_dead_after,
                 resync_window=self.resync_window,
                 launch_timeout=self.launch_timeout,
+                metrics_registry=self.metrics_registry,
             )
             await service.start()
         except BaseException:
@@ -116,8 +120,11 @@ async def run_registry(
     heartbeat_dead_after: float | None = None,
     migrate: bool = True,
     auth: NatsAuth | None = None,
+    metrics_registry: Any = None,
 ) -> None:
-    """Serve the registry until ``stop`` is set; ``ready`` is set once it answers requests."""
+    """Serve the registry until ``stop`` is set; ``ready`` is set once it answers requests.
+
+    ``metrics_registry``: the prometheus_client ``CollectorRegistry`` its metrics go to."""
     registry = Registry(
         nats_url=nats_url,
         db_url=db_url,
@@ -125,6 +132,7 @@ async def run_registry(
         heartbeat_dead_after=heartbeat_dead_after,
         migrate=migrate,
         auth=auth,
+        metrics_registry=metrics_registry,
     )
     await registry.start()
     try:

@@ -154,6 +154,46 @@ class RegistryRepository:
             await session.commit()
             return bool(getattr(result, "rowcount", 0))
 
+    async def move_replica(
+        self,
+        model_uid: str,
+        replica_index: int,
+        *,
+        from_worker: str,
+        to_worker: str,
+        device: str | None,
+    ) -> bool:
+        """Re-place a lost replica: one compare-and-set, so that when several registries see
+        the same worker die exactly one of them (True) launches its replicas again."""
+        async with self.session() as session:
+            result = await session.execute(
+                update(ReplicaRow)
+                .where(
+                    ReplicaRow.model_uid == model_uid,
+                    ReplicaRow.replica_index == replica_index,
+                    ReplicaRow.worker_id == from_worker,
+                )
+                .values(worker_id=to_worker, device=device, status="placing", memory_bytes=0, error=None)
+            )
+            await session.commit()
+            return bool(getattr(result, "rowcount", 0))
+
+    async def fail_replica(self, model_uid: str, replica_index: int, *, worker_id: str, error: str) -> bool:
+        """Mark a replica failed, if it is still recorded on ``worker_id`` and not failed yet."""
+        async with self.session() as session:
+            result = await session.execute(
+                update(ReplicaRow)
+                .where(
+                    ReplicaRow.model_uid == model_uid,
+                    ReplicaRow.replica_index == replica_index,
+                    ReplicaRow.worker_id == worker_id,
+                    ReplicaRow.status != "failed",
+                )
+                .values(status="failed", error=error)
+            )
+            await session.commit()
+            return bool(getattr(result, "rowcount", 0))
+
     async def delete_model(self, model_uid: str) -> bool:
         """Delete a model; its replicas go with it (ON DELETE CASCADE)."""
         async with self.session() as session:

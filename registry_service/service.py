@@ -10,24 +10,31 @@ Behaviours worth knowing:
 
 * Registrations made with ``persist=False`` do not survive a restart: when the registry
   starts it deletes them (Xinference's semantics; ``persist=True`` ones stay). A registry
-  restarted alone counts as a restart too. Several registries sharing one database is not
-  supported yet for that reason.
+  restarted alone counts as a restart too; one that starts while another instance already
+  serves the prefix (``$SRV.PING``) is joining it, and deletes nothing.
+* Several instances may serve one prefix over one database: their endpoints share the default
+  nats.micro queue group, each hears every heartbeat, and a uid is claimed by its primary key
+  before anything is launched, so concurrent launches of one uid load it once.
 * Workers publish ``WorkerInfo`` on ``workers.heartbeat``; a worker unseen for ``dead_after``
-  seconds (default 3 heartbeat intervals, at least 6 s) is dead: listed with ``alive: false``
-  and never chosen for a launch. On start the registry publishes on ``workers.resync`` so that
-  workers beat at once instead of at their next interval.
-* A launch places its replicas (``placement.py``), records them as ``launching``, asks each
+  seconds (default 3 heartbeat intervals, at least 6 s; the *dead window*) is dead: listed with
+  ``alive: false`` and never chosen for a launch. On start the registry publishes on
+  ``workers.resync`` so that workers beat at once instead of at their next interval. What
+  follows from a death (notices on ``workers.events``, lost replicas re-placed or marked failed,
+  orphans terminated) is ``liveness.py``.
+* A launch estimates what one replica needs (``memory.py``) and places its replicas on devices
+  with room (``placement.py``); when none has room it fails at once with a 503 naming the need
+  and the most free memory seen. It records them as ``launching``, asks each
   worker over ``worker.<id>.launch`` in parallel and waits for all of them. If any fails the
   others are told to terminate, the rows are deleted and the worker's error goes back to the
   caller with its class and message: nothing is left half-launched. Progress goes out as
   ``ModelEvent``s on ``events.models.<uid>``; events about one replica carry
   ``replica_index``, the model-wide ones (``ready``, ``failed``, ``terminated``) do not and
   carry ``status``.
-* Reconcile on start: after the resync window, models left in the database by a previous run
-  are checked against what live workers report. One still launching, or with no replica
-  reported, is removed (its stray replicas told to terminate); one with only some replicas
-  reported keeps running with the missing replicas marked failed. A heartbeat reporting a
-  replica the registry does not know is logged.
+* Reconcile on start: after the resync window, a model a previous run left ``launching`` or
+  ``terminating`` is removed (its stray replicas told to terminate) unless another registry
+  instance is serving. Running models are left to ``liveness.py``: replicas their workers still
+  report are kept as they are (no second load), lost ones are re-placed, and replicas workers
+  report that the database does not know are terminated.
 """
 
 from __future__ import annotations
@@ -77,8 +84,10 @@ from broker_client._messages import (
 from broker_client._subjects import Subjects
 from broker_client._transport import NATSConnection, Responder, ServiceHost, Transport
 
+from .liveness import Liveness, other_registries, replica_need
+from .metrics import RegistryMetrics
 from .models import ModelRow, Registration, ReplicaRow
-from .placement import Placement, place_replicas
+from .placement import Placement, place_replicas, worker_state
 from .repository import NewReplica, RegistryRepository
 
 __all__ = [
@@ -106,6 +115,11 @@ def _version() -> str:
         return "0.1.0"
 
 
+def _size(spec: dict[str, Any]) -> str:
+    size = spec.get("model_size_in_billions")
+    return f"{size:g}B parameters" if isinstance(size, int | float) else "size unknown"
+
+
 def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
@@ -129,6 +143,8 @@ class _Launch:
     request_limits: int | None
     max_batch_size: int | None
     timeout: float
+    max_tokens_limit: int | None = None
+    rate_limit: float | None = None
 
 
 @dataclass
@@ -139,7 +155,6 @@ class _State:
     launches: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     failures: OrderedDict[str, str] = field(default_factory=OrderedDict)
     known_uids: set[str] = field(default_factory=set)
-    warned_unknown: set[tuple[str, str, int]] = field(default_factory=set)
 
 
 class RegistryService:
@@ -155,12 +170,18 @@ class RegistryService:
         resync_window: float | None = None,
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
         terminate_timeout: float = 30.0,
+        metrics_registry: Any = None,
     ) -> None:
         self.nc = nc
         self.repo = repository
+        # Prometheus metrics on metrics_registry (a private CollectorRegistry by default).
+        self.metrics = RegistryMetrics(metrics_registry)
         self.subjects = Subjects(prefix)
         self.dead_after = dead_after
-        self.resync_window = resync_window if resync_window is not None else 2 * DEFAULT_HEARTBEAT_INTERVAL
+        if resync_window is None:
+            # Workers answer the resync at once; a configured dead window is a fine bound.
+            resync_window = dead_after if dead_after is not None else 2 * DEFAULT_HEARTBEAT_INTERVAL
+        self.resync_window = resync_window
         self.launch_timeout = launch_timeout
         self.terminate_timeout = terminate_timeout
         self._workers: dict[str, _Worker] = {}
@@ -171,6 +192,9 @@ class RegistryService:
         self._reconcile_task: asyncio.Task[None] | None = None
         self._pending_writes: dict[str, _Worker] = {}
         self._writer: asyncio.Task[None] | None = None
+        # Dead workers, lost replicas, orphans; and the memory promised to loading replicas.
+        self.liveness = Liveness(self)
+        self.metrics.attach(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,11 +203,21 @@ class RegistryService:
         return self._host.id if self._host is not None else None
 
     async def start(self) -> None:
-        dropped = await self.repo.delete_transient_registrations()
-        if dropped:
-            logger.info("dropped %d registration(s) made with persist=False", dropped)
+        others = await other_registries(self.nc, self.subjects.prefix, window=0.25)
+        if others:
+            # Joining a running pool, not restarting it: its transient registrations and its
+            # launches in flight belong to the instances already serving.
+            logger.info(
+                "joining %d registry instance(s) already serving %r", len(others), self.subjects.prefix
+            )
+        else:
+            dropped = await self.repo.delete_transient_registrations()
+            if dropped:
+                logger.info("dropped %d registration(s) made with persist=False", dropped)
         previous = {row.model_uid for row in await self.repo.list_models()}
         self._state.known_uids = set(previous)
+        if others:
+            previous = set()
 
         await self._transport.start()
         self._heartbeat_sub = await self.nc.subscribe(self.subjects.workers_heartbeat, cb=self._on_heartbeat)
@@ -194,6 +228,7 @@ class RegistryService:
             description="natserve registry: model registrations, launches and workers",
             metadata={"prefix": self.subjects.prefix},
         )
+        host.observer = self.metrics.observe_request
         await host.start()
         s = self.subjects
         endpoints: list[tuple[str, str, Callable[[Responder], Awaitable[None]]]] = [
@@ -217,9 +252,11 @@ class RegistryService:
         self._reconcile_task = asyncio.create_task(
             self._reconcile_later(previous), name="natserve-registry reconcile"
         )
+        self.liveness.start(judge_after=self.resync_window)
         logger.info("registry serving on %s.* (service id %s)", s.prefix, host.id)
 
     async def stop(self, *, grace: float = 1.0) -> None:
+        await self.liveness.stop()
         if self._reconcile_task is not None:
             self._reconcile_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -278,7 +315,8 @@ class RegistryService:
                 ", ".join(d.name for d in info.devices) or "no devices",
             )
         self._workers[info.worker_id] = worker
-        self._note_unknown_replicas(info)
+        if previous is None or worker_state(previous.info) != worker_state(info):
+            self.liveness.wake()  # a worker joined, or says it is stopping or stopped
         self._pending_writes[info.worker_id] = worker
         # The database write is off the heartbeat path: a slow database must not delay
         # heartbeats and make live workers look dead.
@@ -298,32 +336,20 @@ class RegistryService:
             except Exception:
                 logger.warning("cannot record worker %s in the database", worker_id, exc_info=True)
 
-    def _note_unknown_replicas(self, info: WorkerInfo) -> None:
-        for replica in info.replicas:
-            if replica.model_uid in self._state.known_uids or replica.model_uid in self._state.reserved:
-                continue
-            key = (info.worker_id, replica.model_uid, replica.replica_index)
-            if key not in self._state.warned_unknown:
-                self._state.warned_unknown.add(key)
-                logger.warning(
-                    "worker %s reports replica %d of model %r, which the registry does not know",
-                    info.worker_id,
-                    replica.replica_index,
-                    replica.model_uid,
-                )
-
     def _worker_view(self, worker: _Worker, now: float) -> dict[str, Any]:
         view = worker.info.model_dump(mode="json")
         view["last_seen"] = worker.seen_at
         view["alive"] = self._is_alive(worker, now)
         view["dead_after"] = self._dead_after(worker.info)
+        view["state"] = self.liveness.state_of(worker.info.worker_id)
         return view
 
     async def _list_workers(self, resp: Responder) -> None:
         resp.body()  # a malformed body is still a 400, even with nothing to read from it
         now = time.monotonic()
         workers = [self._worker_view(self._workers[k], now) for k in sorted(self._workers)]
-        await resp.respond({"workers": workers})
+        # The registry's last launch failures ride along for `natserve status`.
+        await resp.respond({"workers": workers, "recent_failures": self.metrics.recent_failures()})
 
     # ------------------------------------------------------------------ registrations
 
@@ -417,12 +443,23 @@ class RegistryService:
                 raise Conflict(
                     f"model_uid {uid!r} is already running; terminate it first or give another model_uid"
                 )
+            spec_json = spec.model_dump(mode="json", exclude_none=True)
+            sizing = ModelRow(
+                model_type=registration.model_type,
+                definition=registration.definition,
+                spec=spec_json,
+                quantization=quantization,
+                max_batch_size=req.max_batch_size,
+            )
             placements = place_replicas(
                 self.alive_workers(),
                 req.replica,
                 worker_id=req.worker_id,
                 n_gpu=req.n_gpu,
                 known=list(self._workers),
+                need=lambda kind: replica_need(sizing, kind),
+                reserved=self.liveness.memory.snapshot(),
+                what=f"{uid!r} ({_size(spec_json)}, {quantization})",
             )
             plan = _Launch(
                 model_uid=uid,
@@ -435,6 +472,8 @@ class RegistryService:
                 request_limits=req.request_limits,
                 max_batch_size=req.max_batch_size,
                 timeout=req.timeout or self.launch_timeout,
+                max_tokens_limit=req.max_tokens_limit,
+                rate_limit=req.rate_limit,
             )
             await self.repo.create_model(
                 ModelRow(
@@ -467,6 +506,10 @@ class RegistryService:
         task = asyncio.create_task(self._run_launch(plan), name=f"natserve-registry launch {uid}")
         state.launches[uid] = task
         task.add_done_callback(lambda t: self._launch_done(uid, t))
+        # Until it is loaded, the heartbeats do not show the memory it takes.
+        self.liveness.memory.reserve(placements)
+        task.add_done_callback(lambda t: self.liveness.memory.release(placements))
+        self.metrics.track_launch(task)
         if not req.wait:
             await resp.respond({"model_uid": uid})
             return
@@ -551,11 +594,13 @@ class RegistryService:
             device=placement.device,
             request_limits=plan.request_limits,
             max_batch_size=plan.max_batch_size,
+            max_tokens_limit=plan.max_tokens_limit,
+            rate_limit=plan.rate_limit,
         )
         subject = self.subjects.worker(worker_id, "launch")
         try:
             raw = await self._transport.request(
-                subject, command.model_dump(mode="json"), timeout=plan.timeout
+                subject, command.model_dump(mode="json"), timeout=plan.timeout, worker_id=worker_id
             )
         except RequestTimeout as exc:
             raise ServerTimeout(
@@ -604,6 +649,7 @@ class RegistryService:
         await self._event(uid, "failed", model_name=plan.model_name, status="failed", message=message)
 
     def _remember_failure(self, uid: str, message: str) -> None:
+        self.metrics.note_failure(uid, message)
         failures = self._state.failures
         failures[uid] = message
         failures.move_to_end(uid)
@@ -748,23 +794,9 @@ class RegistryService:
             row = await self.repo.get_model(uid)
             if row is None:
                 continue
-            live = [r for r in row.replicas if (uid, r.replica_index) in reported]
-            if row.status == "ready" and live:
-                for r in row.replicas:
-                    if r not in live and r.status != "failed":
-                        await self.repo.update_replica(
-                            uid,
-                            r.replica_index,
-                            status="failed",
-                            error=f"worker {r.worker_id!r} no longer reports this replica",
-                        )
-                        logger.warning("replica %d of %r is lost", r.replica_index, uid)
-                continue
-            reason = (
-                f"model {uid!r} was {row.status} when the registry stopped"
-                if row.status != "ready"
-                else f"no live worker reports a replica of model {uid!r} after the registry restarted"
-            )
+            if row.status in ("ready", "failed"):
+                continue  # liveness.py keeps what workers report and re-places the rest
+            reason = f"model {uid!r} was {row.status} when the registry stopped"
             logger.warning("removing %r: %s", uid, reason)
             await self._terminate_on_workers(uid, {w for (u, _), w in reported.items() if u == uid})
             await self.repo.delete_model(uid)

@@ -13,9 +13,11 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from broker_client._auth import NatsAuth
 
+from .limits import WorkerLimits
 from .service import Worker
 
 logger = logging.getLogger(__name__)
@@ -35,12 +37,16 @@ async def run_worker(
     drain_timeout: float = 30.0,
     cache_dir: str | Path | None = None,
     auth: NatsAuth | None = None,
+    limits: WorkerLimits | None = None,
+    metrics_registry: Any = None,
 ) -> None:
     """Serve as one worker until ``stop`` is set; then drain (at most ``drain_timeout``) and close.
 
     ``ready`` is set once the worker answers on its subjects and has sent its first heartbeat.
     ``cache_dir`` is the Hugging Face cache (default: ``HF_HUB_CACHE`` at launch time, else the
-    hub's default); ``auth`` the NATS identity and TLS settings.
+    hub's default); ``auth`` the NATS identity and TLS settings; ``limits`` the operator's policy
+    (:mod:`workers.limits`); ``metrics_registry`` the prometheus_client ``CollectorRegistry`` its
+    metrics go to.
     """
     worker = Worker(
         nats_url,
@@ -51,6 +57,8 @@ async def run_worker(
         drain_timeout=drain_timeout,
         cache_dir=cache_dir,
         auth=auth,
+        limits=limits,
+        metrics_registry=metrics_registry,
     )
     await worker.start()
     try:

@@ -377,7 +377,8 @@ def _load_config(path: Path, trust_remote_code: bool) -> Any:
         if "trust_remote_code" in str(exc):
             raise BadRequest(
                 f"the model in {path} (model_type {model_type!r}) ships its own code; it loads "
-                "only with trust_remote_code enabled"
+                "only with trust_remote_code enabled: `trust_remote_code: true` in the definition "
+                "and, on the worker, NATSERVE_ALLOW_REMOTE_CODE=1 (`natserve worker --allow-remote-code`)"
             ) from exc
         raise BadRequest(
             f"the model in {path} has an architecture this transformers version does not "

@@ -28,10 +28,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from broker_client import _logcontext
 from broker_client._definition import EmbeddingDefinition, LLMDefinition
 from broker_client._errors import BadRequest, Conflict, Overloaded, Unavailable
 from broker_client._messages import (
@@ -44,8 +45,10 @@ from broker_client._messages import (
 from broker_client._subjects import Subjects
 from broker_client._transport import Responder, ServiceHost
 
+from . import balancing
 from .chat import build_chat_prompt
 from .engines.batching import Delta, EngineClosedError, RequestCancelledError, SamplingParams
+from .limits import ReplicaLimits, WorkerLimits
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class _Flight:
     task: asyncio.Task[Any] | None
     # Set when someone else ends the request; becomes the 503's message.
     cancel_reason: str | None = None
+    started: float = field(default_factory=time.perf_counter)
 
 
 class Replica:
@@ -93,6 +97,8 @@ class Replica:
         memory_bytes: int = 0,
         request_limits: int | None = None,
         loaded: Any = None,
+        limits: ReplicaLimits | None = None,
+        on_first_token: Callable[[str, float], None] | None = None,
     ) -> None:
         self.model_uid = model_uid
         self.replica_index = replica_index
@@ -102,6 +108,9 @@ class Replica:
         self.device = device
         self.memory_bytes = memory_bytes
         self.request_limits = request_limits or DEFAULT_REQUEST_LIMITS
+        # max_tokens cap and rate limit (workers/limits.py); the time-to-first-token metric.
+        self.limits = limits or ReplicaLimits()
+        self.on_first_token = on_first_token
         self.status = "ready"
         self._loaded = loaded
         self._flights: dict[str, _Flight] = {}
@@ -123,6 +132,12 @@ class Replica:
     def label(self) -> str:
         return f"model {self.model_uid!r} replica {self.replica_index}"
 
+    @property
+    def capacity(self) -> int:
+        """Requests it runs at once; beyond that they queue, and the worker passes new ones on
+        to other replicas (``workers/balancing.py``). ``request_limits`` is the hard cap."""
+        return self.request_limits
+
     def check_capacity(self) -> None:
         if len(self._flights) >= self.request_limits:
             raise Overloaded(
@@ -142,6 +157,9 @@ class Replica:
         self.check_capacity()
         if request_id in self._flights:
             raise Conflict(f"request_id {request_id!r} is already in flight on {self.label}")
+        self.limits.admit(self.label)  # the rate limit: 429 past it
+        # This request's own task: its logs carry the id it runs under from here on.
+        _logcontext.bind(request_id=request_id)
         task = asyncio.current_task()
         flight = _Flight(request_id, task)
         self._flights[request_id] = flight
@@ -306,6 +324,13 @@ class LLMReplica(Replica):
 
     # -- engine plumbing
 
+    @property
+    def capacity(self) -> int:
+        # The engine's batch: requests beyond it wait for a slot, so that is saturation.
+        if self.max_batch_size:
+            return min(self.max_batch_size, self.request_limits)
+        return self.request_limits
+
     def _engine_cancel(self, request_id: str) -> bool:
         return self.engine is not None and bool(self.engine.cancel(request_id))
 
@@ -388,6 +413,7 @@ class LLMReplica(Replica):
         context = self.context_length
         uid = self.model_uid
         max_tokens = config.max_tokens
+        self.limits.check_max_tokens(max_tokens, self.label)
         if max_tokens is not None and max_tokens > context:
             raise BadRequest(
                 f"max_tokens {max_tokens} is above the context length of model {uid!r} ({context} tokens)"
@@ -398,7 +424,7 @@ class LLMReplica(Replica):
                 "tokens, which leaves no room for a completion"
             )
         if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, context - prompt_tokens)
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.limits.max_tokens or context, context - prompt_tokens)
         elif prompt_tokens + max_tokens > context:
             raise BadRequest(
                 f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
@@ -427,9 +453,13 @@ class LLMReplica(Replica):
             raise BadRequest(f"request to model {self.model_uid!r} rejected: {exc}") from exc
         except EngineClosedError as exc:
             raise Unavailable(f"{self.label} is shutting down") from exc
+        first_token = self.on_first_token
         async with contextlib.aclosing(stream):
             try:
                 async for delta in stream:
+                    if first_token is not None:
+                        first_token(self.model_uid, time.perf_counter() - flight.started)
+                        first_token = None
                     yield delta
             except EngineClosedError as exc:
                 raise Unavailable(f"{self.label} is shutting down") from exc
@@ -633,13 +663,25 @@ _OPERATIONS = ("generate", "chat", "embed")
 class ServedModel:
     """The replicas of one model uid on this worker, and the uid's endpoints."""
 
-    def __init__(self, host: ServiceHost, subjects: Subjects, model_uid: str, worker_id: str) -> None:
+    def __init__(
+        self,
+        host: ServiceHost,
+        subjects: Subjects,
+        model_uid: str,
+        worker_id: str,
+        *,
+        limits: WorkerLimits | None = None,
+    ) -> None:
         self.host = host
         self.subjects = subjects
         self.model_uid = model_uid
         self.worker_id = worker_id
+        # The worker's policy; here for its request body limit.
+        self.limits = limits or WorkerLimits()
         self.replicas: dict[int, Replica] = {}
         self._endpoints: set[str] = set()
+        # Requests passed on to other replicas because these were saturated.
+        self.passed_on = 0
 
     @property
     def subjects_served(self) -> set[str]:
@@ -662,6 +704,13 @@ class ServedModel:
                 subject = self.subjects.model(uid, op)
                 await self.host.add_endpoint(
                     f"{uid}-{op}", subject, handlers[op], queue_group=group, metadata=meta
+                )
+                self._endpoints.add(subject)
+            for op in _OPERATIONS:
+                # Requests a saturated replica passed on (workers/balancing.py).
+                subject = self.subjects.model_overflow(uid, op)
+                await self.host.add_endpoint(
+                    f"{uid}-{op}-overflow", subject, handlers[op], queue_group=group, metadata=meta
                 )
                 self._endpoints.add(subject)
             subject = self.subjects.model(uid, "cancel")
@@ -730,28 +779,49 @@ class ServedModel:
     async def _generate(self, resp: Responder) -> None:
         if not resp.msg.reply:
             return  # nobody to answer: do not spend a replica on it
+        self.limits.check_body(len(resp.msg.data), resp.subject)
+        if await self._pass_on(resp, "generate"):
+            return
         req = resp.parse(GenerateRequest)
         replica = self._pick("generate")
         with replica.track(self._request_id(resp, req.request_id)) as flight:
+            await resp.accept(self.worker_id)
             await replica.generate(resp, req, flight)
 
     async def _chat(self, resp: Responder) -> None:
         if not resp.msg.reply:
             return  # nobody to answer: do not spend a replica on it
+        self.limits.check_body(len(resp.msg.data), resp.subject)
+        if await self._pass_on(resp, "chat"):
+            return
         req = resp.parse(ChatRequest)
         replica = self._pick("chat")
         with replica.track(self._request_id(resp, req.request_id)) as flight:
+            await resp.accept(self.worker_id)
             await replica.chat(resp, req, flight)
 
     async def _embed(self, resp: Responder) -> None:
         if not resp.msg.reply:
             return  # nobody to answer: do not spend a replica on it
+        self.limits.check_body(len(resp.msg.data), resp.subject)
+        if await self._pass_on(resp, "embed"):
+            return
         req = resp.parse(EmbedRequest)
         replica = self._pick("embed")
         with replica.track(self._request_id(resp, req.request_id)) as flight:
+            await resp.accept(self.worker_id)
             await replica.embed(resp, req, flight)
 
+    async def _pass_on(self, resp: Responder, operation: str) -> bool:
+        """Saturated here: hand the request to another replica of the uid (balancing.py)."""
+        subject = self.subjects.model_overflow(self.model_uid, operation)
+        if await balancing.pass_on(resp.msg, subject, self.replicas.values()):
+            self.passed_on += 1
+            return True
+        return False
+
     async def _cancel(self, resp: Responder) -> None:
+        self.limits.check_body(len(resp.msg.data), resp.subject)
         body = resp.body()
         rid = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(rid, str) or not rid:

@@ -57,7 +57,9 @@ from broker_client._subjects import DEFAULT_PREFIX, Subjects, check_name
 from broker_client._transport import NATSConnection, Responder, ServiceHost, connect
 
 from .devices import best_device, list_devices
-from .engines.echo import EchoEngine, is_echo_uri
+from .engines.echo import is_echo_uri
+from .limits import WorkerLimits
+from .metrics import WorkerMetrics
 from .replica import EmbeddingReplica, LLMReplica, Replica, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -125,7 +127,12 @@ class Worker:
         drain_timeout: float = 30.0,
         cache_dir: str | Path | None = None,
         auth: NatsAuth | None = None,
+        limits: WorkerLimits | None = None,
+        metrics_registry: Any = None,
     ) -> None:
+        """``limits``: the operator's policy (remote code, model roots, request limits; none by
+        default, see :mod:`workers.limits`); ``metrics_registry``: the prometheus_client
+        ``CollectorRegistry`` for this worker's metrics (a private one by default)."""
         if heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval}")
         self.nats_url = nats_url
@@ -137,6 +144,9 @@ class Worker:
         self.drain_timeout = drain_timeout
         self.cache_dir = cache_dir
         self.auth = auth
+        self.limits = limits or WorkerLimits()
+        self.metrics = WorkerMetrics(metrics_registry)
+        self.metrics.attach(self)
         self.started_at = time.time()
         self.nc: NATSConnection | None = None
         self.service: ServiceHost | None = None
@@ -184,6 +194,7 @@ class Worker:
                 description="natserve inference worker",
                 metadata={"worker_id": self.worker_id, "host": self.host},
             )
+            self.service.observer = self.metrics.observe_request
             await self.service.start()
             meta = {"worker_id": self.worker_id}
             for verb, handler in (
@@ -305,6 +316,7 @@ class Worker:
                 # Extra keys WorkerInfo keeps: "stopping" tells the registry to place elsewhere.
                 "status": status or self._status,
                 "default_device": self.device,
+                "recent_errors": self.metrics.recent_errors(),
             }
         )
 
@@ -378,7 +390,19 @@ class Worker:
 
     async def _on_launch(self, resp: Responder) -> None:
         launch = resp.parse(WorkerLaunch)
-        reply = await self.launch(launch)
+        started = time.monotonic()
+        try:
+            reply = await self.launch(launch)
+        except BaseException as exc:
+            self.metrics.observe_launch(time.monotonic() - started, exc)
+            self.metrics.note_error(
+                code=getattr(exc, "code", 500) if isinstance(exc, Exception) else 503,
+                message=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}",
+                model_uid=launch.model_uid,
+                endpoint="launch",
+            )
+            raise
+        self.metrics.observe_launch(time.monotonic() - started, None)
         await resp.respond(reply.model_dump(mode="json"))
 
     async def _on_terminate(self, resp: Responder) -> None:
@@ -408,6 +432,12 @@ class Worker:
             spec = ModelSpec.model_validate(launch.spec)
         except ValidationError as exc:
             raise BadRequest(f"invalid spec: {format_validation_error(exc, 'spec')}") from exc
+        self.limits.check_launch(
+            model_name=launch.model_name,
+            trust_remote_code=definition.trust_remote_code,
+            model_uri=spec.model_uri,
+            worker_id=self.worker_id,
+        )
         device = launch.device or self.device or "cpu"
         pending = _Pending(launch, device)
         self._pending[key] = pending
@@ -420,7 +450,7 @@ class Worker:
             served = self._models.get(uid)
             if served is None:
                 assert self.service is not None
-                served = ServedModel(self.service, self.subjects, uid, self.worker_id)
+                served = ServedModel(self.service, self.subjects, uid, self.worker_id, limits=self.limits)
                 self._models[uid] = served
             await served.add(replica)
         except BaseException as exc:
@@ -469,14 +499,23 @@ class Worker:
             "definition": definition,
             "device": device,
             "request_limits": launch.request_limits,
+            "limits": self.limits.for_replica(
+                max_tokens_limit=launch.max_tokens_limit, rate_limit=launch.rate_limit
+            ),
+            "on_first_token": self.metrics.observe_first_token,
         }
         if is_echo_uri(spec.model_uri):
             if not isinstance(definition, LLMDefinition):
                 raise BadRequest("model_uri 'echo:' serves LLM models only")
-            await self._event(launch, "loading", message="echo engine")
-            engine = EchoEngine(context_length=definition.context_length)
-            return LLMReplica(
-                engine=engine, tokenizer=None, context_length=definition.context_length, **common
+            from .echo_launch import build_echo_replica
+
+            return await build_echo_replica(
+                launch,
+                definition,
+                spec,
+                common,
+                event=lambda stage, **fields: self._event(launch, stage, **fields),
+                cancelled=lambda: pending.cancelled,
             )
 
         from .loader import load_embedding, load_llm, resolve_source
@@ -521,7 +560,8 @@ class Worker:
                     source,
                     quantization=launch.quantization,
                     device=device,
-                    trust_remote_code=definition.trust_remote_code,
+                    # Both switches: the definition asks, the operator allows (checked at launch).
+                    trust_remote_code=self.limits.trust_remote_code(definition.trust_remote_code),
                 )
                 return self._llm_replica(launch, definition, loaded, common)
             loaded = await asyncio.to_thread(load_embedding, source, device=device)

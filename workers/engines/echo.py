@@ -11,17 +11,29 @@ Words stand in for tokens: the prompt's whitespace-separated words are its token
 completion is the first ``max_tokens`` of them, streamed one word per ``Delta``. Everything else
 (admission, streaming, cancellation, the wire) runs the same code as a real model, so the echo
 model measures natserve's own overhead; that is why the hot path below stays minimal.
+
+Options in the URI's query make it behave like a model with a cost, for tests and drills of the
+pool (load balancing, faults, launch cancel) without a real model:
+
+    echo:?delay=0.05     sleep this many seconds before each word (a slow decode step)
+    echo:?slots=4        at most 4 requests generate at once, the others wait (a batch size);
+                         the replica's max_batch_size, so its balancing capacity, too
+    echo:?load=3         the launch takes 3 seconds (cancellable, with loading progress)
+
+They combine: ``echo:?delay=0.02&slots=4&load=1``. An unknown option is a 400.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from .batching import Delta, EngineClosedError, EngineStats, RequestCancelledError, SamplingParams
 
-__all__ = ["ECHO_SCHEME", "EchoEngine", "is_echo_uri"]
+__all__ = ["ECHO_SCHEME", "EchoEngine", "EchoOptions", "echo_options", "is_echo_uri"]
 
 ECHO_SCHEME = "echo:"
 _YIELD_EVERY = 256
@@ -31,10 +43,48 @@ def is_echo_uri(model_uri: str | None) -> bool:
     return bool(model_uri) and model_uri.strip().lower().startswith(ECHO_SCHEME)  # type: ignore[union-attr]
 
 
+@dataclass(frozen=True)
+class EchoOptions:
+    delay: float = 0.0
+    slots: int | None = None
+    load: float = 0.0
+
+
+def echo_options(model_uri: str) -> EchoOptions:
+    """The options of an ``echo:`` URI; ValueError naming a bad or unknown one."""
+    rest = model_uri.strip()[len(ECHO_SCHEME) :]
+    query = rest.split("?", 1)[1] if "?" in rest else ""
+    values: dict[str, float] = {}
+    for key, raw in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in ("delay", "slots", "load"):
+            raise ValueError(f"unknown echo option {key!r} in {model_uri!r} (delay, slots, load)")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"echo option {key}={raw!r} in {model_uri!r} is not a number") from None
+        if not value >= 0 or (key == "slots" and (value < 1 or value != int(value))):
+            raise ValueError(f"echo option {key}={raw!r} in {model_uri!r} is out of range")
+        values[key] = value
+    slots = values.get("slots")
+    return EchoOptions(
+        delay=values.get("delay", 0.0), slots=int(slots) if slots else None, load=values.get("load", 0.0)
+    )
+
+
 class _EchoStream:
     """Yields one word per step; checks its cancel flag between words."""
 
-    __slots__ = ("_engine", "_i", "_n", "_prompt_tokens", "_stop_at", "_t0", "_words", "request_id")
+    __slots__ = (
+        "_engine",
+        "_i",
+        "_n",
+        "_prompt_tokens",
+        "_slot",
+        "_stop_at",
+        "_t0",
+        "_words",
+        "request_id",
+    )
 
     def __init__(self, engine: EchoEngine, words: Sequence[str], params: SamplingParams, request_id: str):
         self._engine = engine
@@ -48,6 +98,7 @@ class _EchoStream:
         if params.stop:
             self._apply_stop(params.stop)
         self._i = 0
+        self._slot = False
 
     def _apply_stop(self, stops: tuple[str, ...]) -> None:
         text = " ".join(self._words)
@@ -64,6 +115,8 @@ class _EchoStream:
         engine = self._engine
         if self._i > self._n:
             raise StopAsyncIteration
+        if engine._paced and self._n:
+            await self._pace()
         if self.request_id in engine._cancelled:
             self._finish(cancelled=True)
             raise RequestCancelledError(f"request {self.request_id!r} was cancelled")
@@ -88,9 +141,23 @@ class _EchoStream:
         self._finish(cancelled=False)
         return Delta(text, [], self._stop_at, self._prompt_tokens, self._n)
 
+    async def _pace(self) -> None:
+        engine = self._engine
+        if not self._slot and engine._slots is not None:
+            await engine._slots.acquire()
+            self._slot = True
+            engine._running += 1
+        if engine.delay:
+            await asyncio.sleep(engine.delay)
+
     def _finish(self, *, cancelled: bool) -> None:
         engine = self._engine
         self._i = self._n + 1
+        if self._slot:
+            self._slot = False
+            engine._running -= 1
+            assert engine._slots is not None
+            engine._slots.release()
         # A cancel that raced with the end must not hit a later request reusing the id.
         engine._cancelled.discard(self.request_id)
         if engine._active.pop(self.request_id, None) is not None:
@@ -109,10 +176,15 @@ class EchoEngine:
 
     tokenizer = None
 
-    def __init__(self, *, context_length: int = 4096) -> None:
+    def __init__(self, *, context_length: int = 4096, delay: float = 0.0, slots: int | None = None) -> None:
         if context_length <= 0:
             raise ValueError(f"context_length must be positive, got {context_length}")
         self.context_length = context_length
+        self.delay = delay
+        self.slots = slots
+        self._slots = asyncio.Semaphore(slots) if slots else None
+        self._paced = bool(delay or slots)
+        self._running = 0
         self._active: dict[str, _EchoStream] = {}
         self._cancelled: set[str] = set()
         self._finished = 0
@@ -164,10 +236,11 @@ class EchoEngine:
 
     @property
     def stats(self) -> EngineStats:
+        running = self._running if self._slots is not None else len(self._active)
         return EngineStats(
             forward_passes=0,
-            running=len(self._active),
-            waiting=0,
+            running=running,
+            waiting=len(self._active) - running,
             finished=self._finished,
             cancelled=self._cancelled_count,
             ttft_last_s=self._ttft_last,

@@ -1,0 +1,491 @@
+"""Worker liveness and the replicas it affects: dead workers, lost replicas, orphans.
+
+Workers publish a heartbeat every ``heartbeat_interval`` (2 s by default). The registry
+declares a worker **dead** when it has heard nothing from it for the *dead window*:
+
+    dead_after = max(6 s, 3 x the worker's heartbeat interval)     (NATSERVE_DEAD_AFTER sets it)
+
+so three missed beats in a row, and never less than 6 s. A worker that stops cleanly (SIGTERM)
+says so in its last heartbeat and is **stopped** at once, without waiting for the window.
+
+Every ``interval`` (at most 1 s) :class:`Liveness` runs one pass:
+
+* **Worker states.** Each change of a worker's state (``alive``, ``dead``, ``stopped``) is
+  published on ``<prefix>.workers.events`` as ``{worker_id, host, state, ts, last_seen,
+  dead_after}``. Clients end the requests that worker had accepted with a 503 when it turns
+  dead or stopped (``broker_client._handles``); the registry ends its own commands in flight
+  to it (a launch waiting on a dead worker fails at once).
+* **Lost replicas.** A replica recorded on a worker that is dead, stopped, or (after the
+  registry's start-up window) unknown, or on a live worker that has not reported it for one
+  dead window, is lost. It is re-placed: placed again (``placement.py``, never on the worker it
+  was lost on) and launched there, with ``placing``/``loading``/``ready`` events; when nothing
+  has room it is marked ``failed`` with the reason (``describe`` shows it), and a model whose
+  replicas all failed is ``failed`` too. Failed replicas are tried again when a worker joins.
+  The database row moves with one compare-and-set (``RegistryRepository.move_replica``), so
+  when several registries see the same death exactly one re-places each replica.
+* **Adoption.** A replica the database still has as loading (its registry was restarted or
+  died mid-launch) that its worker reports ready is recorded ready.
+* **Orphans.** A replica a live worker reports that the database does not have on that worker
+  (a launch whose registry died, a replica moved elsewhere while its worker was cut off) is
+  terminated on that worker after one dead window, so that nothing keeps memory for nobody.
+
+Models still ``launching`` or ``terminating`` are left to the request that is doing it; those
+left over by a registry that died are removed by the start-up reconcile (``service.py``).
+
+Several registries may run over one database: each hears every heartbeat, and
+:func:`other_registries` tells a starting one whether another is already serving the prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from broker_client._errors import NatserveError, NotFound, Unavailable
+from broker_client._messages import WorkerInfo, WorkerTerminate
+from broker_client._transport import NATSConnection
+
+from .memory import estimate_bytes
+from .models import ModelRow, ReplicaRow
+from .placement import Placement, place_replicas, worker_state
+
+if TYPE_CHECKING:
+    from .service import RegistryService
+
+# The shortest dead window (service.MIN_DEAD_AFTER), the grace before any worker has beaten.
+MIN_DEAD_AFTER = 6.0
+
+__all__ = ["Liveness", "MemoryReservations", "other_registries"]
+
+logger = logging.getLogger(__name__)
+
+
+async def other_registries(nc: NATSConnection, prefix: str, *, window: float = 0.5) -> list[str]:
+    """Ids of the registry instances already serving ``prefix`` (``$SRV.PING`` answers that
+    arrive within ``window`` seconds; a registry of another prefix is not counted)."""
+    from .service import SERVICE_NAME  # the service module imports this one
+
+    inbox = nc.new_inbox()
+    found: list[str] = []
+
+    async def on_reply(msg: Any) -> None:
+        try:
+            info = json.loads(msg.data)
+        except ValueError:
+            return
+        if (info.get("metadata") or {}).get("prefix") == prefix and info.get("id"):
+            found.append(str(info["id"]))
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(f"$SRV.PING.{SERVICE_NAME}", b"", reply=inbox)
+        await nc.flush()
+        # A bounded collection window: every instance answers, and there is no "last" answer.
+        await asyncio.sleep(window)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return found
+
+
+class MemoryReservations:
+    """Bytes promised to replicas still loading, per (worker, device): the heartbeats do not
+    show them yet, and two launches must not both count on the same free memory."""
+
+    def __init__(self) -> None:
+        self._bytes: dict[tuple[str, str], int] = {}
+
+    def reserve(self, placements: Iterable[Placement]) -> None:
+        for p in placements:
+            key = (p.worker_id, p.on)
+            self._bytes[key] = self._bytes.get(key, 0) + p.need
+
+    def release(self, placements: Iterable[Placement]) -> None:
+        for p in placements:
+            key = (p.worker_id, p.on)
+            left = self._bytes.get(key, 0) - p.need
+            if left > 0:
+                self._bytes[key] = left
+            else:
+                self._bytes.pop(key, None)
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        return dict(self._bytes)
+
+
+def replica_need(row: ModelRow, kind: str) -> int:
+    """The estimated bytes of one replica of ``row`` on a ``cuda`` or ``cpu`` device."""
+    return estimate_bytes(
+        row.spec,
+        quantization=row.quantization,
+        device_kind=kind,
+        model_type=row.model_type,
+        context_length=row.definition.get("context_length"),
+        max_batch_size=row.max_batch_size,
+    )
+
+
+class Liveness:
+    """The registry's periodic pass over workers and replicas (see the module docstring)."""
+
+    def __init__(self, service: RegistryService, *, interval: float | None = None) -> None:
+        self.service = service
+        self.interval = interval
+        self.memory = MemoryReservations()
+        self.states: dict[str, str] = {}
+        self._armed_at = float("inf")
+        self._missing: dict[tuple[str, int], float] = {}
+        self._orphans: dict[tuple[str, str, int], float] = {}
+        self._orphan_sent: dict[tuple[str, str, int], float] = {}
+        self._relaunching: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._retry_failed = False
+        self._reconnects = 0
+        self._blind_until = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, *, judge_after: float) -> None:
+        """Start the passes; replicas are judged only ``judge_after`` seconds from now, once
+        the workers have had the time to answer the registry's resync."""
+        self._armed_at = time.monotonic() + judge_after
+        self._task = asyncio.create_task(self._run(), name="natserve-registry liveness")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._relaunching.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        self._task = None
+
+    def wake(self) -> None:
+        """Run a pass now (a heartbeat changed a worker's state)."""
+        self._wake.set()
+
+    def grace(self) -> float:
+        """One dead window: how long a replica may go unreported before it counts as lost."""
+        if self.service.dead_after is not None:
+            return self.service.dead_after
+        windows = [self.service._dead_after(w.info) for w in self.service._workers.values()]
+        return max(windows, default=MIN_DEAD_AFTER)
+
+    def _interval(self) -> float:
+        if self.interval is not None:
+            return self.interval
+        return max(0.05, min(1.0, self.grace() / 4))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("liveness pass failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval()):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def tick(self) -> None:
+        nc = self.service.nc
+        now = time.monotonic()
+        reconnects = nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects:
+            # We were cut off from NATS, so the heartbeats we missed say nothing about the
+            # workers: judge nobody until they have had one dead window to beat again.
+            self._reconnects = reconnects
+            self._blind_until = now + self.grace()
+            logger.info("reconnected to NATS: judging workers again in %.1f s", self.grace())
+        if not nc.is_connected or now < self._blind_until:
+            return
+        await self._workers_pass()
+        if now >= self._armed_at:
+            await self._replicas_pass()
+
+    # ------------------------------------------------------------------ workers
+
+    def state_of(self, worker_id: str, now: float | None = None) -> str:
+        """``alive``, ``stopping``, ``stopped``, ``dead`` or ``unknown`` (never heard of)."""
+        worker = self.service._workers.get(worker_id)
+        if worker is None:
+            return "unknown"
+        said = worker_state(worker.info)
+        if said == "stopped":
+            return "stopped"
+        if not self.service._is_alive(worker, now):
+            return "dead"
+        return "stopping" if said == "stopping" else "alive"
+
+    async def _workers_pass(self) -> None:
+        now = time.monotonic()
+        for worker_id, worker in list(self.service._workers.items()):
+            state = self.state_of(worker_id, now)
+            if state == "stopping":
+                state = "alive"  # still serving what it has; placement already skips it
+            previous = self.states.get(worker_id)
+            if state == previous:
+                continue
+            self.states[worker_id] = state
+            dead_after = self.service._dead_after(worker.info)
+            if state in ("dead", "stopped"):
+                why = f"no heartbeat for {dead_after:g} s" if state == "dead" else "it stopped"
+                logger.warning("worker %s on %s is %s (%s)", worker_id, worker.info.host, state, why)
+                message = f"worker {worker_id!r} is {state} ({why})"
+
+                def gone(message: str = message) -> Unavailable:
+                    return Unavailable(message)
+
+                self.service._transport.fail_worker(worker_id, gone)
+            else:
+                # A worker joined (or came back): failed replicas may fit now.
+                self._retry_failed = True
+            await self._notice(worker.info, state, worker.seen_at, dead_after)
+
+    async def _notice(self, info: WorkerInfo, state: str, seen_at: float, dead_after: float) -> None:
+        notice = {
+            "worker_id": info.worker_id,
+            "host": info.host,
+            "state": state,
+            "ts": time.time(),
+            "last_seen": seen_at,
+            "dead_after": dead_after,
+        }
+        try:
+            await self.service._transport.publish(self.service.subjects.workers_events, notice)
+        except Exception as exc:
+            logger.debug("cannot publish the %s notice of worker %s: %s", state, info.worker_id, exc)
+
+    # ------------------------------------------------------------------ replicas
+
+    def _reported(self) -> dict[tuple[str, int, str], str]:
+        """(uid, replica_index, worker_id) -> replica status, from the workers alive now."""
+        reported: dict[tuple[str, int, str], str] = {}
+        for worker_id in list(self.service._workers):
+            if self.state_of(worker_id) not in ("alive", "stopping"):
+                continue
+            for r in self.service._workers[worker_id].info.replicas:
+                reported[(r.model_uid, r.replica_index, worker_id)] = r.status
+        return reported
+
+    async def _replicas_pass(self) -> None:
+        service = self.service
+        rows = await service.repo.list_models()
+        reported = self._reported()
+        now = time.monotonic()
+        retry_failed, self._retry_failed = self._retry_failed, False
+        grace = self.grace()
+        seen_missing: set[tuple[str, int]] = set()
+        for row in rows:
+            if row.status in ("launching", "terminating") or row.model_uid in service._state.launches:
+                continue
+            for r in row.replicas:
+                key = (row.model_uid, r.replica_index)
+                if key in self._relaunching:
+                    continue
+                status = reported.get((row.model_uid, r.replica_index, r.worker_id))
+                if status is not None:
+                    # Its worker has it: a worker that was only cut off for a while (a failed
+                    # replica comes back), or a launch whose registry died (adopted as ready).
+                    if status == "ready" and r.status != "ready":
+                        await self._adopt(row, r)
+                    continue
+                if r.status == "failed":
+                    if retry_failed:
+                        await self._replace(row, r, r.error or "failed")
+                    continue
+                state = self.state_of(r.worker_id, now)
+                if state in ("dead", "stopped", "unknown"):
+                    reason = {
+                        "dead": f"worker {r.worker_id!r} died (no heartbeat for {grace:g} s)",
+                        "stopped": f"worker {r.worker_id!r} stopped",
+                        "unknown": f"worker {r.worker_id!r} has not been heard from",
+                    }[state]
+                    await self._replace(row, r, reason)
+                    continue
+                seen_missing.add(key)
+                first = self._missing.setdefault(key, now)
+                if now - first >= grace:
+                    await self._replace(row, r, f"worker {r.worker_id!r} no longer reports it")
+        self._missing = {k: v for k, v in self._missing.items() if k in seen_missing}
+        await self._orphans_pass(rows, reported, now, grace)
+
+    async def _adopt(self, row: ModelRow, r: ReplicaRow) -> None:
+        await self.service.repo.update_replica(row.model_uid, r.replica_index, status="ready", error=None)
+        await self._refresh_model_status(row.model_uid)
+        logger.info("replica %d of %r on %s is ready (adopted)", r.replica_index, row.model_uid, r.worker_id)
+
+    async def _replace(self, row: ModelRow, r: ReplicaRow, reason: str) -> None:
+        """Place a lost replica elsewhere and launch it there, or mark it failed."""
+        service = self.service
+        uid, index = row.model_uid, r.replica_index
+        self._missing.pop((uid, index), None)
+        try:
+            [placement] = place_replicas(
+                service.alive_workers(),
+                1,
+                n_gpu=0 if r.device == "cpu" else "auto",
+                known=list(service._workers),
+                need=lambda kind: replica_need(row, kind),
+                reserved=self.memory.snapshot(),
+                # A dead or stopped worker is not a candidate anyway; a live one that lost the
+                # replica (restarted under the same id) may take it again.
+                what=repr(uid),
+                first_index=index,
+            )
+        except (Unavailable, NotFound) as exc:
+            if r.status == "failed":
+                return  # still nowhere to go; it stays failed with its first reason
+            error = f"{reason}; {exc.message}"
+            if await service.repo.fail_replica(uid, index, worker_id=r.worker_id, error=error):
+                logger.warning("replica %d of %r is lost: %s", index, uid, error)
+                await service._event(
+                    uid,
+                    "failed",
+                    model_name=row.model_name,
+                    replica_index=index,
+                    worker_id=r.worker_id,
+                    status="failed",
+                    message=error,
+                )
+                await self._refresh_model_status(uid)
+            return
+        moved = await service.repo.move_replica(
+            uid, index, from_worker=r.worker_id, to_worker=placement.worker_id, device=placement.device
+        )
+        if not moved:
+            return  # another registry re-placed it first
+        logger.warning("replica %d of %r: %s; re-placing it on %s", index, uid, reason, placement.worker_id)
+        self.memory.reserve([placement])
+        task = asyncio.create_task(
+            self._relaunch(row, placement, reason), name=f"natserve-registry relaunch {uid}[{index}]"
+        )
+        self._relaunching[(uid, index)] = task
+
+    async def _relaunch(self, row: ModelRow, placement: Placement, reason: str) -> None:
+        from .service import _Launch
+
+        service = self.service
+        uid, index = row.model_uid, placement.replica_index
+        values: dict[str, Any] = {
+            "model_uid": uid,
+            "model_type": row.model_type,
+            "model_name": row.model_name,
+            "definition": row.definition,
+            "spec": row.spec,
+            "quantization": row.quantization,
+            "placements": [placement],
+            "request_limits": row.request_limits,
+            "max_batch_size": row.max_batch_size,
+            "timeout": service.launch_timeout,
+        }
+        # Launch settings kept on the row (limits and the like) go along when _Launch has them.
+        names = {f.name for f in dataclasses.fields(_Launch)}
+        for name in names - values.keys():
+            if hasattr(row, name):
+                values[name] = getattr(row, name)
+        plan = _Launch(**{k: v for k, v in values.items() if k in names})
+        try:
+            await service._event(
+                uid,
+                "placing",
+                model_name=row.model_name,
+                replica_index=index,
+                worker_id=placement.worker_id,
+                status="ready",
+                message=f"{reason}: replica {index} re-placed on worker {placement.worker_id}",
+            )
+            await service._launch_replica(plan, placement)
+            await self._refresh_model_status(uid)
+            logger.info("replica %d of %r is ready again on %s", index, uid, placement.worker_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if await service.repo.get_model(uid) is None:
+                return  # terminated meanwhile: its terminate told the worker already
+            message = exc.message if isinstance(exc, NatserveError) else f"{type(exc).__name__}: {exc}"
+            error = f"{reason}; re-placing it on worker {placement.worker_id!r} failed: {message}"
+            logger.warning("replica %d of %r: %s", index, uid, error)
+            await service.repo.fail_replica(uid, index, worker_id=placement.worker_id, error=error)
+            await self._terminate_replica(placement.worker_id, uid, index)
+            await service._event(
+                uid,
+                "failed",
+                model_name=row.model_name,
+                replica_index=index,
+                worker_id=placement.worker_id,
+                status="failed",
+                message=error,
+            )
+            await self._refresh_model_status(uid)
+        finally:
+            self.memory.release([placement])
+            self._relaunching.pop((uid, index), None)
+
+    async def _refresh_model_status(self, uid: str) -> None:
+        """``ready`` while one replica is, ``failed`` (with the reasons) when none is left."""
+        row = await self.service.repo.get_model(uid)
+        if row is None or row.status in ("launching", "terminating"):
+            return
+        if any(r.status != "failed" for r in row.replicas):
+            if row.status != "ready":
+                await self.service.repo.set_model_status(uid, "ready")
+            return
+        if row.status != "failed":
+            reasons = "; ".join(f"replica {r.replica_index}: {r.error}" for r in row.replicas)
+            await self.service.repo.set_model_status(uid, "failed", error=reasons)
+            await self.service._event(
+                uid, "failed", model_name=row.model_name, status="failed", message=reasons
+            )
+
+    async def _terminate_replica(self, worker_id: str, uid: str, index: int) -> None:
+        subject = self.service.subjects.worker(worker_id, "terminate")
+        command = WorkerTerminate(model_uid=uid, replica_index=index).model_dump(mode="json")
+        try:
+            await self.service._transport.request(subject, command, timeout=5.0, worker_id=worker_id)
+        except NotFound:
+            pass
+        except NatserveError as exc:
+            logger.warning("worker %s did not confirm terminating %r[%d]: %s", worker_id, uid, index, exc)
+
+    # ------------------------------------------------------------------ orphans
+
+    async def _orphans_pass(
+        self,
+        rows: Iterable[ModelRow],
+        reported: dict[tuple[str, int, str], str],
+        now: float,
+        grace: float,
+    ) -> None:
+        state = self.service._state
+        owners = {(row.model_uid, r.replica_index): r.worker_id for row in rows for r in row.replicas}
+        suspects: set[tuple[str, str, int]] = set()
+        for uid, index, worker_id in reported:
+            if owners.get((uid, index)) == worker_id:
+                continue
+            if uid in state.reserved or uid in state.launches or (uid, index) in self._relaunching:
+                continue
+            key = (worker_id, uid, index)
+            suspects.add(key)
+            first = self._orphans.setdefault(key, now)
+            if now - first < grace or now - self._orphan_sent.get(key, -1e9) < 10 * grace:
+                continue
+            self._orphan_sent[key] = now
+            logger.warning(
+                "worker %s reports replica %d of model %r, which the registry does not know "
+                "(not in its database on that worker): terminating it",
+                worker_id,
+                index,
+                uid,
+            )
+            await self._terminate_replica(worker_id, uid, index)
+        self._orphans = {k: v for k, v in self._orphans.items() if k in suspects}
+        self._orphan_sent = {k: v for k, v in self._orphan_sent.items() if k in suspects}
