@@ -35,6 +35,12 @@ Quantization = Literal["none", "8-bit", "4-bit"]
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
+# Rule violations where the offending value helps the reader; type errors already say enough.
+_SHOW_INPUT = frozenset(
+    {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of", "string_too_long"}
+)
+
+
 def format_validation_error(exc: ValidationError, root: str = "") -> str:
     """One line per problem, each naming the field path: ``model_specs[0].quantizations[1]: ...``."""
     parts = []
@@ -55,6 +61,10 @@ def format_validation_error(exc: ValidationError, root: str = "") -> str:
             )
         elif err["type"] == "literal_error":
             msg = f"{err.get('input')!r} is not allowed: {msg.removeprefix('Input should be ')}"
+        elif err["type"] in _SHOW_INPUT and isinstance(err.get("input"), int | float | str | bool):
+            value = err["input"]
+            shown = repr(value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "...")
+            msg = f"{msg.replace('Input should be', 'must be')} (got {shown})"
         parts.append(f"{path or '(body)'}: {msg}")
     return "; ".join(parts)
 
