@@ -777,40 +777,27 @@ class ServedModel:
         return rid
 
     async def _generate(self, resp: Responder) -> None:
-        if not resp.msg.reply:
-            return  # nobody to answer: do not spend a replica on it
-        self.limits.check_body(len(resp.msg.data), resp.subject)
-        if await self._pass_on(resp, "generate"):
-            return
-        req = resp.parse(GenerateRequest)
-        replica = self._pick("generate")
-        with replica.track(self._request_id(resp, req.request_id)) as flight:
-            await resp.accept(self.worker_id)
-            await replica.generate(resp, req, flight)
+        await self._serve(resp, "generate", GenerateRequest)
 
     async def _chat(self, resp: Responder) -> None:
-        if not resp.msg.reply:
-            return  # nobody to answer: do not spend a replica on it
-        self.limits.check_body(len(resp.msg.data), resp.subject)
-        if await self._pass_on(resp, "chat"):
-            return
-        req = resp.parse(ChatRequest)
-        replica = self._pick("chat")
-        with replica.track(self._request_id(resp, req.request_id)) as flight:
-            await resp.accept(self.worker_id)
-            await replica.chat(resp, req, flight)
+        await self._serve(resp, "chat", ChatRequest)
 
     async def _embed(self, resp: Responder) -> None:
+        await self._serve(resp, "embed", EmbedRequest)
+
+    async def _serve(
+        self, resp: Responder, operation: str, model: type[GenerateRequest | ChatRequest | EmbedRequest]
+    ) -> None:
         if not resp.msg.reply:
             return  # nobody to answer: do not spend a replica on it
         self.limits.check_body(len(resp.msg.data), resp.subject)
-        if await self._pass_on(resp, "embed"):
+        if await self._pass_on(resp, operation):
             return
-        req = resp.parse(EmbedRequest)
-        replica = self._pick("embed")
+        req = resp.parse(model)
+        replica = self._pick(operation)
         with replica.track(self._request_id(resp, req.request_id)) as flight:
             await resp.accept(self.worker_id)
-            await replica.embed(resp, req, flight)
+            await getattr(replica, operation)(resp, req, flight)
 
     async def _pass_on(self, resp: Responder, operation: str) -> bool:
         """Saturated here: hand the request to another replica of the uid (balancing.py)."""
