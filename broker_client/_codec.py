@@ -46,9 +46,7 @@ def detect(data: bytes, headers: Mapping[str, str] | None = None) -> str:
                 return JSON
             if base in (MSGPACK, "application/x-msgpack", "application/vnd.msgpack"):
                 return MSGPACK
-            raise BadRequest(
-                f"Content-Type {declared!r} is not supported: use {JSON!r} or {MSGPACK!r}"
-            )
+            raise BadRequest(f"Content-Type {declared!r} is not supported: use {JSON!r} or {MSGPACK!r}")
     stripped = data.lstrip(_BLANK)
     if not stripped or stripped[0] in _JSON_STARTS:
         return JSON
@@ -70,7 +68,7 @@ def decode(data: bytes, content_type: str) -> Any:
         except UnicodeEncodeError as exc:
             raise BadRequest(
                 f"malformed JSON body: a string holds a lone UTF-16 surrogate "
-                f"({exc.object[exc.start:exc.end]!a}), which is not Unicode text"
+                f"({exc.object[exc.start : exc.end]!a}), which is not Unicode text"
             ) from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from exc

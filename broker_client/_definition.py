@@ -184,8 +184,7 @@ class EmbeddingDefinition(_Definition):
         if not self.model_specs:
             if not self.model_id and not self.model_uri:
                 raise ValueError(
-                    "give model_id (a Hugging Face repo id) or model_uri (a local path), "
-                    "or model_specs"
+                    "give model_id (a Hugging Face repo id) or model_uri (a local path), or model_specs"
                 )
             self.model_specs = [
                 ModelSpec(

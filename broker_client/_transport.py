@@ -85,6 +85,8 @@ HOPS_HEADER = "Natserve-Hops"
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 STATUS_HEADER = "Status"
+# How long a request runs before its worker sends the opt-in ack (see Responder.accept).
+ACK_DELAY = 0.05
 # Room left in a message for headers and protocol framing when splitting large replies.
 _HEADER_ROOM = 1024
 
@@ -241,7 +243,9 @@ class Transport:
     async def start(self) -> None:
         if self._sub is None:
             self._sub = await self.nc.subscribe(
-                f"{self._prefix}.*", cb=self._on_reply, pending_msgs_limit=-1,
+                f"{self._prefix}.*",
+                cb=self._on_reply,
+                pending_msgs_limit=-1,
                 pending_bytes_limit=-1,
             )
 
@@ -257,14 +261,16 @@ class Transport:
         if pending is None:
             return
         headers = msg.headers
-        if headers and not msg.data and ACCEPTED_HEADER in headers:
+        if headers and ACCEPTED_HEADER in headers:
+            # On its own empty message, or on a stream's first chunk.
             pending.worker_id = headers[ACCEPTED_HEADER]
             if pending.on_accept is not None:
                 try:
                     pending.on_accept(pending.worker_id)
                 except Exception:
                     logger.exception("on_accept callback failed")
-            return
+            if not msg.data:
+                return
         pending.queue.put_nowait(msg)
 
     def _open(self, worker_id: str | None = None) -> tuple[str, _Pending]:
@@ -360,7 +366,13 @@ class Transport:
                 f"no reply on {subject!r} within {timeout:g} s", subject=subject, timeout=timeout
             )
         try:
-            item = await asyncio.wait_for(pending.queue.get(), remaining)
+            if pending.queue.empty():
+                # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own,
+                # a cost paid on every request.
+                async with asyncio.timeout(remaining):
+                    item = await pending.queue.get()
+            else:
+                item = pending.queue.get_nowait()
             if isinstance(item, _Failure):
                 raise item.make()
             return item
@@ -429,7 +441,17 @@ class Transport:
 class Responder:
     """One incoming service request: decode it, answer it, stream to it, fail it cleanly."""
 
-    __slots__ = ("_seq", "content_type", "error", "msg", "replied", "request_id", "subject")
+    __slots__ = (
+        "_ack",
+        "_ack_timer",
+        "_seq",
+        "content_type",
+        "error",
+        "msg",
+        "replied",
+        "request_id",
+        "subject",
+    )
 
     def __init__(self, msg: Msg) -> None:
         self.msg = msg
@@ -438,6 +460,8 @@ class Responder:
         # The error this request was answered with, for stats, metrics and logs.
         self.error: ServiceError | None = None
         self.replied = False
+        self._ack: str | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
         headers = msg.headers or {}
         self.request_id = headers.get(REQUEST_ID_HEADER)
         try:
@@ -464,9 +488,7 @@ class Responder:
         """The body as ``model``; a 400 naming each offending field when it does not fit."""
         body = self.body()
         if not isinstance(body, dict):
-            raise BadRequest(
-                f"request body on {self.subject!r} must be an object, got {type(body).__name__}"
-            )
+            raise BadRequest(f"request body on {self.subject!r} must be an object, got {type(body).__name__}")
         try:
             return model.model_validate(body)
         except ValidationError as exc:
@@ -476,6 +498,9 @@ class Responder:
         if not self.msg.reply:
             return
         self.replied = True
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         await self.nc.publish(self.msg.reply, data, headers=headers)
 
     async def respond(self, obj: Any) -> None:
@@ -497,10 +522,12 @@ class Responder:
 
     async def chunk(self, obj: Any) -> None:
         self._seq += 1
-        await self._send(
-            _codec.encode(obj, self.content_type),
-            {_codec.CONTENT_TYPE: self.content_type, SEQ_HEADER: str(self._seq)},
-        )
+        headers = {_codec.CONTENT_TYPE: self.content_type, SEQ_HEADER: str(self._seq)}
+        if self._ack is not None:
+            # The stream started before the ack was due: its first chunk carries it.
+            headers[ACCEPTED_HEADER] = self._ack
+            self._ack = None
+        await self._send(_codec.encode(obj, self.content_type), headers)
 
     async def end_stream(self) -> None:
         await self._send(b"", {})
@@ -511,9 +538,25 @@ class Responder:
         return bool(headers and headers.get(ACK_HEADER) and self.msg.reply)
 
     async def accept(self, worker_id: str) -> None:
-        """Tell a client that asked (``Natserve-Ack``) which worker admitted its request."""
+        """Tell a client that asked (``Natserve-Ack``) which worker admitted its request.
+
+        Only requests still unanswered after ``ACK_DELAY`` get the ack message (a stream gets
+        it on its first chunk): the worker's death matters to long requests, and a message
+        more per short request halved the throughput of small requests.
+        """
         if self.wants_ack:
-            await self._send(b"", {ACCEPTED_HEADER: worker_id})
+            self._ack = worker_id
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._late_ack)
+
+    def _late_ack(self) -> None:
+        self._ack_timer = None
+        worker_id, self._ack = self._ack, None
+        if worker_id is None or self.replied or not self.msg.reply:
+            return
+        task = asyncio.ensure_future(
+            self.nc.publish(self.msg.reply, b"", headers={ACCEPTED_HEADER: worker_id})
+        )
+        task.add_done_callback(_log_failed_ack)
 
     async def respond_error(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, ServiceError) else _as_service_error(exc, self.subject)
@@ -527,6 +570,11 @@ class Responder:
         if self._seq:
             headers[SEQ_HEADER] = str(self._seq + 1)
         await self._send(_codec.encode(err.to_wire(), self.content_type), headers)
+
+
+def _log_failed_ack(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("could not send an ack: %r", task.exception())
 
 
 def _as_service_error(exc: BaseException, subject: str) -> ServiceError:
@@ -606,9 +654,7 @@ class ServiceHost:
         self.nc = nc
         self._service = Service(
             nc,
-            ServiceConfig(
-                name=name, version=version, description=description, metadata=dict(metadata or {})
-            ),
+            ServiceConfig(name=name, version=version, description=description, metadata=dict(metadata or {})),
         )
         self._slots = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
