@@ -15,7 +15,7 @@ import logging
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["FIELDS", "ContextFilter", "bind", "current"]
+__all__ = ["FIELDS", "ContextFilter", "bind", "current", "get"]
 
 FIELDS = ("model_uid", "request_id", "worker_id")
 
@@ -29,6 +29,11 @@ def bind(**values: str | None) -> None:
     for name, value in values.items():
         if value is not None:
             _VARS[name].set(value)
+
+
+def get(name: str) -> str | None:
+    """One field's value in this context."""
+    return _VARS[name].get()
 
 
 def current() -> dict[str, str]:

@@ -31,6 +31,8 @@ import contextlib
 import logging
 import ssl
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -217,16 +219,45 @@ class _Failure:
         self.make = make
 
 
-class _Pending:
-    """The messages of one in-flight request, fed by the shared inbox subscription."""
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
-    __slots__ = ("on_accept", "queue", "worker_id")
+
+class _Pending:
+    """The messages of one in-flight request, fed by the shared inbox subscription.
+
+    A deque and at most one waiting future rather than an ``asyncio.Queue`` and
+    ``asyncio.timeout``: both cost more than the rest of a small request's bookkeeping.
+    """
+
+    __slots__ = ("items", "on_accept", "waiter", "worker_id")
 
     def __init__(self, worker_id: str | None = None) -> None:
-        self.queue: asyncio.Queue[Msg | _Failure] = asyncio.Queue()
+        self.items: deque[Msg | _Failure] = deque()
+        self.waiter: asyncio.Future[None] | None = None
         # The worker that accepted it (Natserve-Accepted), or the one it was sent to.
         self.worker_id = worker_id
         self.on_accept: Callable[[str], None] | None = None
+
+    def put(self, item: Msg | _Failure) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, timeout: float) -> Msg | _Failure:
+        """The next item; TimeoutError when none comes within ``timeout`` seconds."""
+        if not self.items:
+            loop = asyncio.get_running_loop()
+            self.waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        return self.items.popleft()
 
 
 class Transport:
@@ -271,7 +302,7 @@ class Transport:
                     logger.exception("on_accept callback failed")
             if not msg.data:
                 return
-        pending.queue.put_nowait(msg)
+        pending.put(msg)
 
     def _open(self, worker_id: str | None = None) -> tuple[str, _Pending]:
         self._counter += 1
@@ -286,7 +317,7 @@ class Transport:
         failed = 0
         for pending in self._pending.values():
             if pending.worker_id == worker_id:
-                pending.queue.put_nowait(_Failure(make))
+                pending.put(_Failure(make))
                 failed += 1
         return failed
 
@@ -294,7 +325,7 @@ class Transport:
         """End every request in flight with ``make()`` (the connection dropped: replies and
         stream chunks sent meanwhile are lost, so waiting on would hang or leave a gap)."""
         for pending in self._pending.values():
-            pending.queue.put_nowait(_Failure(make))
+            pending.put(_Failure(make))
         return len(self._pending)
 
     def _encode(self, payload: Any, headers: Mapping[str, str] | None) -> tuple[bytes, dict[str, str]]:
@@ -366,13 +397,7 @@ class Transport:
                 f"no reply on {subject!r} within {timeout:g} s", subject=subject, timeout=timeout
             )
         try:
-            if pending.queue.empty():
-                # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own,
-                # a cost paid on every request.
-                async with asyncio.timeout(remaining):
-                    item = await pending.queue.get()
-            else:
-                item = pending.queue.get_nowait()
+            item = await pending.get(remaining)
             if isinstance(item, _Failure):
                 raise item.make()
             return item
@@ -442,8 +467,8 @@ class Responder:
     """One incoming service request: decode it, answer it, stream to it, fail it cleanly."""
 
     __slots__ = (
+        "__weakref__",
         "_ack",
-        "_ack_timer",
         "_seq",
         "content_type",
         "error",
@@ -460,8 +485,8 @@ class Responder:
         # The error this request was answered with, for stats, metrics and logs.
         self.error: ServiceError | None = None
         self.replied = False
+        # The worker id an ack would carry, while the ack is due and not yet sent.
         self._ack: str | None = None
-        self._ack_timer: asyncio.TimerHandle | None = None
         headers = msg.headers or {}
         self.request_id = headers.get(REQUEST_ID_HEADER)
         try:
@@ -498,9 +523,9 @@ class Responder:
         if not self.msg.reply:
             return
         self.replied = True
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
+        if self._ack is not None:
+            self._ack = None
+            _ack_clock().discard(self)
         await self.nc.publish(self.msg.reply, data, headers=headers)
 
     async def respond(self, obj: Any) -> None:
@@ -526,7 +551,6 @@ class Responder:
         if self._ack is not None:
             # The stream started before the ack was due: its first chunk carries it.
             headers[ACCEPTED_HEADER] = self._ack
-            self._ack = None
         await self._send(_codec.encode(obj, self.content_type), headers)
 
     async def end_stream(self) -> None:
@@ -537,7 +561,7 @@ class Responder:
         headers = self.msg.headers
         return bool(headers and headers.get(ACK_HEADER) and self.msg.reply)
 
-    async def accept(self, worker_id: str) -> None:
+    def accept(self, worker_id: str) -> None:
         """Tell a client that asked (``Natserve-Ack``) which worker admitted its request.
 
         Only requests still unanswered after ``ACK_DELAY`` get the ack message (a stream gets
@@ -546,10 +570,9 @@ class Responder:
         """
         if self.wants_ack:
             self._ack = worker_id
-            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._late_ack)
+            _ack_clock().add(self)
 
     def _late_ack(self) -> None:
-        self._ack_timer = None
         worker_id, self._ack = self._ack, None
         if worker_id is None or self.replied or not self.msg.reply:
             return
@@ -570,6 +593,57 @@ class Responder:
         if self._seq:
             headers[SEQ_HEADER] = str(self._seq + 1)
         await self._send(_codec.encode(err.to_wire(), self.content_type), headers)
+
+
+class _AckClock:
+    """Sends the acks that fall due, with one timer for all of a loop's requests.
+
+    A timer per request (``call_later``, then its cancel when the request ends first, as nearly
+    all do) cost more than the rest of the ack's bookkeeping; requests are due in the order they
+    arrive, so a dict in insertion order is the queue.
+    """
+
+    __slots__ = ("_due", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: dict[Responder, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, responder: Responder) -> None:
+        due = self._loop.time() + ACK_DELAY
+        self._due[responder] = due
+        if self._timer is None:
+            self._timer = self._loop.call_at(due, self._tick)
+
+    def discard(self, responder: Responder) -> None:
+        self._due.pop(responder, None)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        due = self._due
+        while due:
+            responder, when = next(iter(due.items()))
+            if when > now:
+                self._timer = self._loop.call_at(when, self._tick)
+                return
+            del due[responder]
+            try:
+                responder._late_ack()
+            except Exception:
+                logger.exception("could not send an ack")
+
+
+_ACK_CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AckClock] = weakref.WeakKeyDictionary()
+
+
+def _ack_clock() -> _AckClock:
+    loop = asyncio.get_running_loop()
+    clock = _ACK_CLOCKS.get(loop)
+    if clock is None:
+        clock = _ACK_CLOCKS[loop] = _AckClock(loop)
+    return clock
 
 
 def _log_failed_ack(task: asyncio.Future[None]) -> None:
@@ -609,7 +683,7 @@ async def handle(responder: Responder, handler: Handler) -> bool:
         return False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestOutcome:
     """How one request on a ``ServiceHost`` endpoint ended, for metrics and recent errors."""
 
@@ -689,15 +763,23 @@ class ServiceHost:
         async def _run(msg: Msg) -> None:
             started = time.perf_counter()
             responder = Responder(msg)
-            # This task's own context: the values end with the request.
-            _logcontext.bind(**log_context, request_id=responder.request_id)
+            if responder.request_id is not None:
+                # This task's own context: the value ends with the request.
+                _logcontext.bind(request_id=responder.request_id)
             try:
                 ok = await handle(responder, handler)
             finally:
                 self._slots.release()
             self._done(name, endpoint_box, responder, ok, endpoint_meta, time.perf_counter() - started)
 
+        bound: list[bool] = []
+
         async def _dispatch(request: Any) -> None:
+            if not bound:
+                # This runs in the endpoint's own subscription task, whose context every
+                # request task copies: the endpoint's fields are set once, here.
+                _logcontext.bind(**log_context)
+                bound.append(True)
             await self._slots.acquire()
             task = asyncio.create_task(_run(request._msg))
             self._tasks.add(task)
@@ -736,7 +818,7 @@ class ServiceHost:
             code = 200 if responder.replied else 0
         else:
             code = error.code if error is not None else 500
-        request_id = _logcontext.current().get("request_id")
+        request_id = _logcontext.get("request_id")
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s %s -> %d in %.1f ms%s",

@@ -151,8 +151,7 @@ class ReplicaLimits:
     def check_max_tokens(self, max_tokens: int | None, label: str) -> None:
         if self.max_tokens is not None and max_tokens is not None and max_tokens > self.max_tokens:
             raise BadRequest(
-                f"max_tokens {max_tokens} is above the max_tokens limit of {label} "
-                f"({self.max_tokens})"
+                f"max_tokens {max_tokens} is above the max_tokens limit of {label} ({self.max_tokens})"
             )
 
 

@@ -49,6 +49,8 @@ RECENT_ERRORS = 20
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _LAUNCH_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# Label children kept at most (uids x endpoints x codes); beyond it ``labels()`` is called each time.
+_CHILD_CACHE_MAX = 4096
 
 
 class WorkerMetrics:
@@ -90,6 +92,10 @@ class WorkerMetrics:
         )
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent_errors)
         self._collector: _WorkerCollector | None = None
+        # Label children by their key: ``labels()`` validates and locks on every call, a cost
+        # paid per request on the hot path.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._ttft_children: dict[str, Any] = {}
 
     # -- wiring
 
@@ -108,23 +114,39 @@ class WorkerMetrics:
 
     def observe_request(self, outcome: RequestOutcome) -> None:
         """``ServiceHost.observer``: count the request, time it, remember a server-side error."""
-        model_uid = outcome.metadata.get("model_uid", "")
-        endpoint = outcome.subject.rsplit(".", 1)[-1]
-        # "none": nothing was answered here (passed on to another worker, a cancel held elsewhere).
-        self.requests.labels(model_uid, endpoint, str(outcome.code) if outcome.code else "none").inc()
-        self.request_duration.labels(model_uid, endpoint).observe(outcome.seconds)
+        code = outcome.code
+        key = (outcome.metadata.get("model_uid", ""), outcome.subject, code)
+        children = self._request_children.get(key)
+        if children is None:
+            model_uid, subject, _ = key
+            endpoint = subject.rsplit(".", 1)[-1]
+            # "none": nothing was answered here (passed on to another worker, a cancel held elsewhere).
+            children = (
+                self.requests.labels(model_uid, endpoint, str(code) if code else "none"),
+                self.request_duration.labels(model_uid, endpoint),
+            )
+            if len(self._request_children) < _CHILD_CACHE_MAX:
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(outcome.seconds)
         # Client mistakes (4xx) are the client's to see; 5xx are the operator's.
-        if outcome.code >= 500:
+        if code >= 500:
+            model_uid = key[0]
             self.note_error(
-                code=outcome.code,
+                code=code,
                 message=outcome.message,
                 model_uid=model_uid or None,
-                endpoint=endpoint,
+                endpoint=outcome.subject.rsplit(".", 1)[-1],
                 request_id=outcome.request_id,
             )
 
     def observe_first_token(self, model_uid: str, seconds: float) -> None:
-        self.ttft.labels(model_uid).observe(seconds)
+        child = self._ttft_children.get(model_uid)
+        if child is None:
+            child = self.ttft.labels(model_uid)
+            if len(self._ttft_children) < _CHILD_CACHE_MAX:
+                self._ttft_children[model_uid] = child
+        child.observe(seconds)
 
     def observe_launch(self, seconds: float, error: BaseException | None) -> None:
         outcome = "ok" if error is None else type(error).__name__

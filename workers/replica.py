@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from broker_client import _logcontext
@@ -70,15 +70,60 @@ _INLINE_TOKENIZE_CHARS = 16_384
 _REQUEST_ID_MAX = 128
 
 
-@dataclass
 class _Flight:
     """One admitted request."""
 
-    request_id: str
-    task: asyncio.Task[Any] | None
-    # Set when someone else ends the request; becomes the 503's message.
-    cancel_reason: str | None = None
-    started: float = field(default_factory=time.perf_counter)
+    __slots__ = ("cancel_reason", "request_id", "started", "task")
+
+    def __init__(self, request_id: str, task: asyncio.Task[Any] | None) -> None:
+        self.request_id = request_id
+        self.task = task
+        # Set when someone else ends the request; becomes the 503's message.
+        self.cancel_reason: str | None = None
+        self.started = time.perf_counter()
+
+
+class _Tracked:
+    """``Replica.track``'s context manager (a class: a generator-based one costs several
+    times more, on every request)."""
+
+    __slots__ = ("flight", "replica")
+
+    def __init__(self, replica: Replica, flight: _Flight) -> None:
+        self.replica = replica
+        self.flight = flight
+
+    def __enter__(self) -> _Flight:
+        return self.flight
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        replica, flight = self.replica, self.flight
+        del replica._flights[flight.request_id]
+        if exc_type is None:
+            return False
+        if issubclass(exc_type, asyncio.CancelledError):
+            if flight.cancel_reason is None:
+                return False  # the worker's own shutdown: stays a cancellation
+            if flight.task is not None:
+                flight.task.uncancel()
+            replica.errors += 1
+            raise Unavailable(flight.cancel_reason) from None
+        replica.errors += 1
+        if issubclass(exc_type, RequestCancelledError):
+            raise Unavailable(
+                flight.cancel_reason or f"request {flight.request_id!r} was cancelled"
+            ) from None
+        return False
+
+
+# Completion ids: a random prefix per process and a counter (a uuid4 per request reads
+# os.urandom every time).
+_CID_PREFIX = uuid.uuid4().hex[:20]
+_CID_COUNTER = itertools.count(1)
+
+
+def _completion_id(kind: str) -> str:
+    return f"{kind}-{_CID_PREFIX}{next(_CID_COUNTER):012x}"
 
 
 class Replica:
@@ -145,8 +190,7 @@ class Replica:
                 f"requests ({len(self._flights)} in flight); retry later"
             )
 
-    @contextlib.contextmanager
-    def track(self, request_id: str) -> Iterator[_Flight]:
+    def track(self, request_id: str) -> _Tracked:
         """Admit one request (429 at the limit, 409 for a request_id in flight) for its lifetime.
 
         A cancellation that came from :meth:`cancel` turns into a 503 carrying its reason; any
@@ -160,27 +204,10 @@ class Replica:
         self.limits.admit(self.label)  # the rate limit: 429 past it
         # This request's own task: its logs carry the id it runs under from here on.
         _logcontext.bind(request_id=request_id)
-        task = asyncio.current_task()
-        flight = _Flight(request_id, task)
+        flight = _Flight(request_id, asyncio.current_task())
         self._flights[request_id] = flight
         self.requests += 1
-        try:
-            yield flight
-        except asyncio.CancelledError:
-            if flight.cancel_reason is None:
-                raise
-            if task is not None:
-                task.uncancel()
-            self.errors += 1
-            raise Unavailable(flight.cancel_reason) from None
-        except RequestCancelledError:
-            self.errors += 1
-            raise Unavailable(flight.cancel_reason or f"request {request_id!r} was cancelled") from None
-        except BaseException:
-            self.errors += 1
-            raise
-        finally:
-            del self._flights[request_id]
+        return _Tracked(self, flight)
 
     def cancel(self, request_id: str, reason: str) -> bool:
         """End one in-flight request; False when it is not here."""
@@ -444,15 +471,40 @@ class LLMReplica(Replica):
         except ValueError as exc:
             raise BadRequest(f"generate_config: {exc}") from exc
 
-    async def _deltas(
-        self, tokens: Sequence[Any], params: SamplingParams, flight: _Flight
+    def _open(
+        self, tokens: Sequence[Any], params: SamplingParams, flight: _Flight, *, stream: bool = True
     ) -> AsyncIterator[Delta]:
         try:
-            stream = self.engine.generate(tokens, params, request_id=flight.request_id)
+            return self.engine.generate(tokens, params, request_id=flight.request_id, stream=stream)  # type: ignore[no-any-return]
         except ValueError as exc:
             raise BadRequest(f"request to model {self.model_uid!r} rejected: {exc}") from exc
         except EngineClosedError as exc:
             raise Unavailable(f"{self.label} is shutting down") from exc
+
+    async def _complete(
+        self, tokens: Sequence[Any], params: SamplingParams, flight: _Flight
+    ) -> tuple[str, Delta | None]:
+        """A whole completion: its text and last Delta (the streaming path is ``_deltas``)."""
+        stream = self._open(tokens, params, flight, stream=False)
+        first_token = self.on_first_token
+        parts: list[str] = []
+        last: Delta | None = None
+        try:
+            async for last in stream:
+                if first_token is not None:
+                    first_token(self.model_uid, time.perf_counter() - flight.started)
+                    first_token = None
+                parts.append(last.text)
+        except EngineClosedError as exc:
+            raise Unavailable(f"{self.label} is shutting down") from exc
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return "".join(parts), last
+
+    async def _deltas(
+        self, tokens: Sequence[Any], params: SamplingParams, flight: _Flight
+    ) -> AsyncIterator[Delta]:
+        stream = self._open(tokens, params, flight)
         first_token = self.on_first_token
         async with contextlib.aclosing(stream):
             try:
@@ -490,7 +542,7 @@ class LLMReplica(Replica):
 
     async def generate(self, resp: Responder, req: GenerateRequest, flight: _Flight) -> None:
         tokens, params, config = await self._prepare(req.prompt, req.generate_config, add_special_tokens=True)
-        cid = f"cmpl-{uuid.uuid4().hex}"
+        cid = _completion_id("cmpl")
         created = int(time.time())
         uid = self.model_uid
         n_prompt = len(tokens)
@@ -505,13 +557,9 @@ class LLMReplica(Replica):
             }
 
         if not config.stream:
-            parts: list[str] = []
-            last: Delta | None = None
-            async for delta in self._deltas(tokens, params, flight):
-                parts.append(delta.text)
-                last = delta
+            text, last = await self._complete(tokens, params, flight)
             completion = last.completion_tokens if last else 0
-            reply = body("".join(parts), _finish(last))
+            reply = body(text, _finish(last))
             reply["usage"] = self._usage(n_prompt, completion)
             await resp.respond(reply)
             return
@@ -549,17 +597,13 @@ class LLMReplica(Replica):
             stop=stop,
             stop_token_ids=stop_ids,
         )
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        cid = _completion_id("chatcmpl")
         created = int(time.time())
         uid = self.model_uid
         n_prompt = len(tokens)
 
         if not config.stream:
-            parts: list[str] = []
-            last: Delta | None = None
-            async for delta in self._deltas(tokens, params, flight):
-                parts.append(delta.text)
-                last = delta
+            text, last = await self._complete(tokens, params, flight)
             await resp.respond(
                 {
                     "id": cid,
@@ -569,7 +613,7 @@ class LLMReplica(Replica):
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": "".join(parts)},
+                            "message": {"role": "assistant", "content": text},
                             "finish_reason": _finish(last),
                         }
                     ],
@@ -755,6 +799,11 @@ class ServedModel:
     # -- dispatch
 
     def _pick(self, ability: str) -> Replica:
+        if len(self.replicas) == 1:
+            (only,) = self.replicas.values()
+            if only.accepting and ability in only.abilities:
+                only.check_capacity()
+                return only
         replicas = list(self.replicas.values())
         if not replicas:
             raise Unavailable(f"model {self.model_uid!r} has no replica on worker {self.worker_id!r}")
@@ -791,12 +840,12 @@ class ServedModel:
         if not resp.msg.reply:
             return  # nobody to answer: do not spend a replica on it
         self.limits.check_body(len(resp.msg.data), resp.subject)
-        if await self._pass_on(resp, operation):
+        if balancing.saturated(self.replicas.values()) and await self._pass_on(resp, operation):
             return
         req = resp.parse(model)
         replica = self._pick(operation)
         with replica.track(self._request_id(resp, req.request_id)) as flight:
-            await resp.accept(self.worker_id)
+            resp.accept(self.worker_id)
             await getattr(replica, operation)(resp, req, flight)
 
     async def _pass_on(self, resp: Responder, operation: str) -> bool:

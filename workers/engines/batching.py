@@ -402,11 +402,19 @@ class BatchingEngine:
             self._fail_pending(EngineClosedError("the engine was closed"))
 
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        stream: bool = True,
     ) -> GenerationStream:
         """Streams the completion of ``prompt_ids`` as ``Delta``s; the last one has a
         ``finish_reason``. Iterate it inside a running asyncio loop. Stopping the iteration
         (``break``, ``aclose()``, task cancelled) cancels the request.
+
+        ``stream=False``: the caller wants only the whole text, so an engine may hand it over in
+        fewer, larger Deltas. This one already merges whatever a reader has not read yet.
 
         Raises ``ValueError`` right away for values the engine cannot serve.
         """

@@ -8,7 +8,8 @@ being loaded (the worker dispatches on it; the loader never sees the URI)::
                       "model_uri": "echo:"}]}
 
 Words stand in for tokens: the prompt's whitespace-separated words are its tokens and the
-completion is the first ``max_tokens`` of them, streamed one word per ``Delta``. Everything else
+completion is the first ``max_tokens`` of them, streamed one word per ``Delta`` (a request that is
+not streamed gets them at once when unpaced). Everything else
 (admission, streaming, cancellation, the wire) runs the same code as a real model, so the echo
 model measures natserve's own overhead; that is why the hot path below stays minimal.
 
@@ -36,7 +37,8 @@ from .batching import Delta, EngineClosedError, EngineStats, RequestCancelledErr
 __all__ = ["ECHO_SCHEME", "EchoEngine", "EchoOptions", "echo_options", "is_echo_uri"]
 
 ECHO_SCHEME = "echo:"
-_YIELD_EVERY = 256
+# Words an unpaced echo hands over per Delta.
+_BLOCK = 256
 
 
 def is_echo_uri(model_uri: str | None) -> bool:
@@ -75,6 +77,7 @@ class _EchoStream:
     """Yields one word per step; checks its cancel flag between words."""
 
     __slots__ = (
+        "_block",
         "_engine",
         "_i",
         "_n",
@@ -86,8 +89,12 @@ class _EchoStream:
         "request_id",
     )
 
-    def __init__(self, engine: EchoEngine, words: Sequence[str], params: SamplingParams, request_id: str):
+    def __init__(
+        self, engine: EchoEngine, words: Sequence[str], params: SamplingParams, request_id: str, *, block: int
+    ):
         self._engine = engine
+        # Words per Delta when unpaced (a paced echo makes one word per step).
+        self._block = 1 if engine._paced else block
         self.request_id = request_id
         self._t0 = time.perf_counter()
         self._prompt_tokens = len(words)
@@ -113,33 +120,36 @@ class _EchoStream:
 
     async def __anext__(self) -> Delta:
         engine = self._engine
-        if self._i > self._n:
+        i = self._i
+        n = self._n
+        if i > n:
             raise StopAsyncIteration
-        if engine._paced and self._n:
+        if engine._paced and n:
             await self._pace()
+        elif i and (self._block > 1 or not i % _BLOCK):
+            # A very long echo lets other requests (and cancels) run now and then; yielding on
+            # every word would cost more loop turns than the rest of the request.
+            await asyncio.sleep(0)
         if self.request_id in engine._cancelled:
             self._finish(cancelled=True)
             raise RequestCancelledError(f"request {self.request_id!r} was cancelled")
-        i = self._i
-        self._i += 1
         if i == 0:
             engine._ttft(time.perf_counter() - self._t0)
-        if i < self._n - 1:
-            word = self._words[i]
-            engine._generated += 1
-            if i and not i % _YIELD_EVERY:
-                # A very long echo lets other requests (and cancels) run now and then; yielding
-                # on every word would cost more loop turns than the rest of the request.
-                await asyncio.sleep(0)
-            return Delta(word if i == 0 else " " + word, [], None, self._prompt_tokens, i + 1)
-        # The last word (or nothing, for an empty echo) carries the finish reason.
-        self._i = self._n + 1
-        text = ""
-        if self._n:
-            engine._generated += 1
-            text = self._words[-1] if self._n == 1 else " " + self._words[-1]
+        # A reader of the whole text gets what is there as one Delta (a block at a time), as
+        # the batching engine hands a reader that fell behind its queued pieces merged.
+        end = i + self._block
+        if end >= n:
+            end = n
+        text = " ".join(self._words[i:end])
+        if i and text:
+            text = " " + text
+        engine._generated += end - i
+        if end < n:
+            self._i = end
+            return Delta(text, [], None, self._prompt_tokens, end)
+        # The last block (or nothing, for an empty echo) carries the finish reason.
         self._finish(cancelled=False)
-        return Delta(text, [], self._stop_at, self._prompt_tokens, self._n)
+        return Delta(text, [], self._stop_at, self._prompt_tokens, n)
 
     async def _pace(self) -> None:
         engine = self._engine
@@ -210,8 +220,14 @@ class EchoEngine:
         return len(text.split())
 
     def generate(
-        self, prompt_ids: Sequence[str], params: SamplingParams, *, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[str],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        stream: bool = True,
     ) -> AsyncIterator[Delta]:
+        """``stream=False``: an unpaced echo hands its words over in one Delta (blocks of 256)."""
         if params.max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {params.max_tokens}")
         if self._closed:
@@ -219,9 +235,9 @@ class EchoEngine:
         rid = request_id or f"echo-{time.monotonic_ns()}"
         if rid in self._active:
             raise ValueError(f"request_id {rid!r} is already in use")
-        stream = _EchoStream(self, prompt_ids, params, rid)
-        self._active[rid] = stream
-        return stream
+        stream_ = _EchoStream(self, prompt_ids, params, rid, block=1 if stream else _BLOCK)
+        self._active[rid] = stream_
+        return stream_
 
     def cancel(self, request_id: str) -> bool:
         if request_id not in self._active:

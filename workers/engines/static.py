@@ -94,7 +94,6 @@ class SlotLayer(StaticLayer):
     keys: torch.Tensor  # type: ignore[assignment]
     values: torch.Tensor  # type: ignore[assignment]
 
-
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__(max_cache_len=keys.shape[2])
         self.keys = keys
