@@ -89,6 +89,8 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 STATUS_HEADER = "Status"
 # How long a request runs before its worker sends the opt-in ack (see Responder.accept).
 ACK_DELAY = 0.05
+# How often a Transport looks for requests past their timeout (see Transport._next).
+_SWEEP = 0.05
 # Room left in a message for headers and protocol framing when splitting large replies.
 _HEADER_ROOM = 1024
 
@@ -231,11 +233,13 @@ class _Pending:
     ``asyncio.timeout``: both cost more than the rest of a small request's bookkeeping.
     """
 
-    __slots__ = ("items", "on_accept", "waiter", "worker_id")
+    __slots__ = ("deadline", "items", "on_accept", "waiter", "worker_id")
 
     def __init__(self, worker_id: str | None = None) -> None:
         self.items: deque[Msg | _Failure] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        # When the current wait ends (time.monotonic()), for the Transport's sweep.
+        self.deadline = float("inf")
         # The worker that accepted it (Natserve-Accepted), or the one it was sent to.
         self.worker_id = worker_id
         self.on_accept: Callable[[str], None] | None = None
@@ -246,16 +250,18 @@ class _Pending:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self, timeout: float) -> Msg | _Failure:
-        """The next item; TimeoutError when none comes within ``timeout`` seconds."""
+    async def get(self, timeout: float | None) -> Msg | _Failure:
+        """The next item; TimeoutError when none comes within ``timeout`` seconds (``None``:
+        no timer of its own, the Transport's sweep ends the wait at ``deadline``)."""
         if not self.items:
             loop = asyncio.get_running_loop()
             self.waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter)
+            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
             try:
                 await waiter
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 self.waiter = None
         return self.items.popleft()
 
@@ -270,6 +276,7 @@ class Transport:
         self._pending: dict[str, _Pending] = {}
         self._sub: Any = None
         self._counter = 0
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         if self._sub is None:
@@ -281,6 +288,9 @@ class Transport:
             )
 
     async def close(self) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -310,6 +320,21 @@ class Transport:
         pending = _Pending(worker_id)
         self._pending[token] = pending
         return token, pending
+
+    def _sweep(self) -> None:
+        """End the waits that are past their deadline; again in ``_SWEEP`` s while any wait."""
+        self._sweep_timer = None
+        now = time.monotonic()
+        waiting = False
+        for pending in self._pending.values():
+            waiter = pending.waiter
+            if waiter is not None and not waiter.done():
+                if pending.deadline <= now:
+                    waiter.set_exception(TimeoutError())
+                else:
+                    waiting = True
+        if waiting:
+            self._sweep_timer = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
 
     def fail_worker(self, worker_id: str, make: Callable[[], NatserveError]) -> int:
         """End every request ``worker_id`` accepted (or was sent) with ``make()``: it died,
@@ -397,7 +422,17 @@ class Transport:
                 f"no reply on {subject!r} within {timeout:g} s", subject=subject, timeout=timeout
             )
         try:
-            item = await pending.get(remaining)
+            if pending.items:
+                item = pending.items.popleft()
+            elif remaining < 2 * _SWEEP:
+                item = await pending.get(remaining)  # a short wait: a precise timer of its own
+            else:
+                # One sweep every _SWEEP s for all of the connection's waits, rather than a
+                # timer set and cancelled per request: a timeout fires up to _SWEEP s late.
+                pending.deadline = deadline
+                if self._sweep_timer is None:
+                    self._sweep_timer = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+                item = await pending.get(None)
             if isinstance(item, _Failure):
                 raise item.make()
             return item
@@ -730,7 +765,9 @@ class ServiceHost:
             nc,
             ServiceConfig(name=name, version=version, description=description, metadata=dict(metadata or {})),
         )
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._max_concurrency = max_concurrency
+        # Set while a request waits for one of the max_concurrency tasks to end.
+        self._room: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._log_context = {k: v for k, v in (metadata or {}).items() if k in _logcontext.FIELDS}
         self.observer: RequestObserver | None = None
@@ -766,10 +803,7 @@ class ServiceHost:
             if responder.request_id is not None:
                 # This task's own context: the value ends with the request.
                 _logcontext.bind(request_id=responder.request_id)
-            try:
-                ok = await handle(responder, handler)
-            finally:
-                self._slots.release()
+            ok = await handle(responder, handler)
             self._done(name, endpoint_box, responder, ok, endpoint_meta, time.perf_counter() - started)
 
         bound: list[bool] = []
@@ -780,10 +814,14 @@ class ServiceHost:
                 # request task copies: the endpoint's fields are set once, here.
                 _logcontext.bind(**log_context)
                 bound.append(True)
-            await self._slots.acquire()
+            while len(self._tasks) >= self._max_concurrency:
+                # Full: this subscription waits (its messages queue in nats-py meanwhile).
+                if self._room is None:
+                    self._room = asyncio.get_running_loop().create_future()
+                await self._room
             task = asyncio.create_task(_run(request._msg))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
 
         await self._service.add_endpoint(
             EndpointConfig(
@@ -795,6 +833,14 @@ class ServiceHost:
             )
         )
         endpoint_box.append(self._service._endpoints[-1])
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        room = self._room
+        if room is not None:
+            self._room = None
+            if not room.done():
+                room.set_result(None)
 
     def _done(
         self,

@@ -21,7 +21,10 @@ from typing import Any
 import msgpack
 import nats
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.msg import Msg
+from pydantic import ValidationError
 
 from broker_client import (
     AsyncChatModelHandle,
@@ -805,3 +808,35 @@ def test_ctrl_c_in_a_sync_stream_sends_cancel(client: Client, fake: FakeNats) ->
         timer.cancel()
     sent, cancelled = _cancel_request_id(fake, "m1")
     assert sent == cancelled
+
+
+_CONFIG_VALUES = st.one_of(
+    st.integers(-5, 5),
+    st.floats(-2, 2),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=2),
+    st.lists(st.integers(0, 3), max_size=2),
+)
+_CONFIG_KEYS = st.sampled_from(
+    ["max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stop", "stop_token_ids", "bogus"]
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.dictionaries(_CONFIG_KEYS, _CONFIG_VALUES, max_size=4))
+def test_generate_config_fast_check_agrees_with_the_model(config: dict[str, Any]) -> None:
+    """The client's fast check of plain configs takes only what the wire model takes unchanged;
+    everything else gets the model's verdict (and its error naming the key)."""
+    from broker_client._handles import _check_generate_config, _plain_config
+    from broker_client._messages import GenerateConfig
+
+    try:
+        expected = GenerateConfig.model_validate(config).model_dump(exclude_unset=True)
+    except ValidationError:
+        assert not _plain_config(config)
+        with pytest.raises(BadRequest, match="generate_config"):
+            _check_generate_config(config)
+        return
+    assert _check_generate_config(config) == expected

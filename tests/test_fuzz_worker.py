@@ -196,8 +196,10 @@ messages = st.lists(
     st.one_of(
         st.fixed_dictionaries(
             {"role": st.sampled_from(["user", "assistant", "system", "tool", ""]) | texts},
-            optional={"content": st.one_of(texts, st.none(), numbers, st.lists(anything, max_size=2)),
-                      "name": texts},
+            optional={
+                "content": st.one_of(texts, st.none(), numbers, st.lists(anything, max_size=2)),
+                "name": texts,
+            },
         ),
         anything,
     ),
@@ -223,8 +225,9 @@ inference_dicts = st.fixed_dictionaries(
     optional={
         "prompt": st.one_of(texts, anything),
         "messages": st.one_of(messages, anything),
-        "input": st.one_of(texts, st.lists(texts, max_size=5), st.lists(st.just("x"), min_size=2049,
-                                                                          max_size=2050), anything),
+        "input": st.one_of(
+            texts, st.lists(texts, max_size=5), st.lists(st.just("x"), min_size=2049, max_size=2050), anything
+        ),
         "generate_config": st.one_of(generate_configs, anything),
         "request_id": request_ids,
         "extra": anything,
@@ -236,8 +239,15 @@ good_inference = st.one_of(
         {"prompt": texts}, optional={"generate_config": valid_configs, "request_id": st.text(max_size=20)}
     ),
     st.fixed_dictionaries(
-        {"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
-                                                      "content": texts}), min_size=1, max_size=3)},
+        {
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {"role": st.sampled_from(["user", "system", "assistant"]), "content": texts}
+                ),
+                min_size=1,
+                max_size=3,
+            )
+        },
         optional={"generate_config": valid_configs},
     ),
     st.fixed_dictionaries({"input": st.one_of(texts, st.lists(texts, min_size=1, max_size=4))}),
@@ -277,8 +287,10 @@ launch_dicts = st.fixed_dictionaries(
 )
 terminate_dicts = st.fixed_dictionaries(
     {},
-    optional={"model_uid": st.one_of(st.from_regex(r"\Afzl[a-z0-9]{1,8}\Z"), texts, anything),
-              "replica_index": numbers},
+    optional={
+        "model_uid": st.one_of(st.from_regex(r"\Afzl[a-z0-9]{1,8}\Z"), texts, anything),
+        "replica_index": numbers,
+    },
 )
 huge_bodies = st.one_of(
     st.integers(min_value=1000, max_value=400_000).map(lambda n: _json_bytes({"prompt": "x " * n}) or b""),
@@ -373,9 +385,11 @@ def test_fuzz_worker_subject(harness: Harness, subject: str, data: st.DataObject
     check_reply(reply, subject, raw)
     if subject.endswith(".launch") and ERROR_CODE_HEADER not in (reply.headers or {}):
         # The fuzzer launched an echo replica: terminate it, so the worker's state stays small.
-        uid = json.loads(reply.data)["model_uid"] if reply.data.startswith(b"{") else msgpack.unpackb(
-            reply.data
-        )["model_uid"]
+        uid = (
+            json.loads(reply.data)["model_uid"]
+            if reply.data.startswith(b"{")
+            else msgpack.unpackb(reply.data)["model_uid"]
+        )
         harness.request(S.worker(WORKER_ID, "terminate"), json.dumps({"model_uid": uid}).encode())
 
 

@@ -181,7 +181,11 @@ async def system(
     metrics = new_metrics_registry()
     registry = Registry(nats_url=nats_url, db_url=sqlite_url, prefix=prefix, metrics_registry=metrics)
     worker = Worker(
-        nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, metrics_registry=metrics,
+        nats_url,
+        prefix=prefix,
+        device="cpu",
+        heartbeat_interval=30,
+        metrics_registry=metrics,
         drain_timeout=5,
     )
     await registry.start()
@@ -366,7 +370,9 @@ async def test_logs_carry_model_uid_request_id_and_worker_id(
         transport_records.records.clear()
         with pytest.raises(BadRequest):
             await h.transport.request(
-                subject, {"prompt": "a", "generate_config": {"max_tokens": 99}}, timeout=10,
+                subject,
+                {"prompt": "a", "generate_config": {"max_tokens": 99}},
+                timeout=10,
                 headers={REQUEST_ID_HEADER: "bad-one"},
             )
         [record] = [r for r in transport_records.records if subject in r.getMessage()]

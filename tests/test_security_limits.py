@@ -150,9 +150,22 @@ def test_cli_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.delenv("NATSERVE_ALLOW_REMOTE_CODE", raising=False)
     args = build_parser().parse_args(
-        ["worker", "--allow-remote-code", "--model-roots", "/m", "--max-tokens-limit", "64",
-         "--rate-limit", "3", "--max-request-bytes", "4096", "--metrics-port", "9464",
-         "--log-format", "json"]
+        [
+            "worker",
+            "--allow-remote-code",
+            "--model-roots",
+            "/m",
+            "--max-tokens-limit",
+            "64",
+            "--rate-limit",
+            "3",
+            "--max-request-bytes",
+            "4096",
+            "--metrics-port",
+            "9464",
+            "--log-format",
+            "json",
+        ]
     )
     settings = _settings(args)
     assert settings.allow_remote_code is True and settings.model_roots == "/m"
@@ -264,8 +277,11 @@ async def test_max_tokens_cap_body_size_and_rate_limit(nats_url: str, prefix: st
         with pytest.raises(BadRequest, match=r"max_tokens 5 is above the max_tokens limit of model .* \(4\)"):
             await h.call(uid, "generate", {"prompt": words, "generate_config": {"max_tokens": 5}})
         with pytest.raises(BadRequest, match=r"limit of .* \(4\)"):
-            await h.call(uid, "chat", {"messages": [{"role": "user", "content": "hi"}],
-                                       "generate_config": {"max_tokens": 100}})
+            await h.call(
+                uid,
+                "chat",
+                {"messages": [{"role": "user", "content": "hi"}], "generate_config": {"max_tokens": 100}},
+            )
 
         # The worker's own cap (6) applies to a launch asking for more.
         loose = f"loose-{unique}"

@@ -93,9 +93,7 @@ async def test_status_json_and_tables_through_the_cli(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     client, prefix = pool
-    await client.register_model(
-        model_type="LLM", model=llm_definition("st", "echo:", chat_template=TEMPLATE)
-    )
+    await client.register_model(model_type="LLM", model=llm_definition("st", "echo:", chat_template=TEMPLATE))
     uid = await client.launch_model(model_name="st", model_uid=f"st-{unique}", progress=False)
     model: Any = await client.get_model(model_uid=uid)
     await model.generate("a b c")
@@ -130,8 +128,20 @@ async def test_status_json_and_tables_through_the_cli(
 
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps at 80 columns when not on a terminal
     _, out = await _cli(capsys, "status", *base)
-    for text in ("Workers", "Devices", "Replicas", "Models", "Recent errors", worker_id, uid, "ready",
-                 "cpu", f"gone-{unique}", "does not exist", "1 of 1 worker(s) alive"):
+    for text in (
+        "Workers",
+        "Devices",
+        "Replicas",
+        "Models",
+        "Recent errors",
+        worker_id,
+        uid,
+        "ready",
+        "cpu",
+        f"gone-{unique}",
+        "does not exist",
+        "1 of 1 worker(s) alive",
+    ):
         assert text in out, f"{text!r} not in:\n{out}"
     assert "Traceback" not in out
 
@@ -147,23 +157,67 @@ def test_render_status_of_a_dead_worker_and_an_empty_pool() -> None:
                 "alive": False,
                 "status": "running",
                 "last_seen": now - 42,
-                "devices": [{"name": "cuda:0", "total_memory": 80 * 2**30, "free_memory": 20 * 2**30,
-                             "description": "H100"}],
-                "replicas": [{"model_uid": "m", "replica_index": 1, "status": "loading", "device": "cuda:0",
-                              "active": 3, "waiting": 7, "request_limits": 16, "requests": 9, "errors": 2,
-                              "memory_bytes": 2**30}],
+                "devices": [
+                    {
+                        "name": "cuda:0",
+                        "total_memory": 80 * 2**30,
+                        "free_memory": 20 * 2**30,
+                        "description": "H100",
+                    }
+                ],
+                "replicas": [
+                    {
+                        "model_uid": "m",
+                        "replica_index": 1,
+                        "status": "loading",
+                        "device": "cuda:0",
+                        "active": 3,
+                        "waiting": 7,
+                        "request_limits": 16,
+                        "requests": 9,
+                        "errors": 2,
+                        "memory_bytes": 2**30,
+                    }
+                ],
             }
         ],
-        "models": {"m": {"model_name": "mm", "model_type": "LLM", "status": "launching",
-                         "replicas": [{"status": "loading"}, {"status": "ready"}]}},
-        "recent_errors": [{"ts": now, "source": "w1", "model_uid": "m", "endpoint": "generate",
-                           "code": 500, "message": "internal error on 'x': boom"}],
+        "models": {
+            "m": {
+                "model_name": "mm",
+                "model_type": "LLM",
+                "status": "launching",
+                "replicas": [{"status": "loading"}, {"status": "ready"}],
+            }
+        },
+        "recent_errors": [
+            {
+                "ts": now,
+                "source": "w1",
+                "model_uid": "m",
+                "endpoint": "generate",
+                "code": 500,
+                "message": "internal error on 'x': boom",
+            }
+        ],
     }
     console = Console(file=io.StringIO(), width=250)
     console.print(render_status(data))
     out = console.file.getvalue()  # type: ignore[attr-defined]
-    for text in ("0 of 1 worker(s) alive", "no", "42.", "80.0 GiB", "20.0 GiB", "75%", "H100", "loading",
-                 "16", "1.0 GiB", "1/2", "boom", "500"):
+    for text in (
+        "0 of 1 worker(s) alive",
+        "no",
+        "42.",
+        "80.0 GiB",
+        "20.0 GiB",
+        "75%",
+        "H100",
+        "loading",
+        "16",
+        "1.0 GiB",
+        "1/2",
+        "boom",
+        "500",
+    ):
         assert text in out, f"{text!r} not in:\n{out}"
 
     console = Console(file=io.StringIO(), width=120)
