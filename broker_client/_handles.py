@@ -188,12 +188,16 @@ class AsyncModelHandle:
         self._client = client
         self.model_uid = model_uid
         self.description: dict[str, Any] = dict(description or {})
+        self._subjects: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} model_uid={self.model_uid!r}>"
 
     def _subject(self, operation: str) -> str:
-        return self._client.subjects.model(self.model_uid, operation)
+        subject = self._subjects.get(operation)
+        if subject is None:
+            subject = self._subjects[operation] = self._client.subjects.model(self.model_uid, operation)
+        return subject
 
     def _not_running(self, exc: NoResponders) -> NotFound:
         return NotFound(
@@ -216,7 +220,7 @@ class AsyncModelHandle:
         deadline = time.monotonic() + budget
         for attempt in (1, 2):
             body["request_id"] = request_id
-            transport = await self._client._get_transport()
+            transport = self._client._transport or await self._client._get_transport()
             try:
                 return await transport.request(
                     subject,

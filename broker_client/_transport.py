@@ -673,11 +673,19 @@ class _AckClock:
 _ACK_CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AckClock] = weakref.WeakKeyDictionary()
 
 
+_last_clock: _AckClock | None = None
+
+
 def _ack_clock() -> _AckClock:
+    global _last_clock
     loop = asyncio.get_running_loop()
+    clock = _last_clock
+    if clock is not None and clock._loop is loop:
+        return clock  # the common case, without a weak reference made per lookup
     clock = _ACK_CLOCKS.get(loop)
     if clock is None:
         clock = _ACK_CLOCKS[loop] = _AckClock(loop)
+    _last_clock = clock
     return clock
 
 

@@ -25,6 +25,7 @@ the tests); ``natserve worker --metrics-port`` serves it over HTTP (see
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import deque
@@ -32,8 +33,9 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from broker_client._transport import RequestOutcome
 
@@ -49,8 +51,6 @@ RECENT_ERRORS = 20
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _LAUNCH_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-# Label children kept at most (uids x endpoints x codes); beyond it ``labels()`` is called each time.
-_CHILD_CACHE_MAX = 4096
 
 
 class WorkerMetrics:
@@ -59,27 +59,9 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, recent_errors: int = RECENT_ERRORS):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "natserve_worker_requests",
-            "Requests this worker received, by model uid, endpoint and outcome code "
-            "(200: answered, none: passed on or held elsewhere, else the error code)",
-            ["model_uid", "endpoint", "code"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "natserve_worker_request_duration_seconds",
-            "Time from a request's arrival to its last reply",
-            ["model_uid", "endpoint"],
-            buckets=_REQUEST_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "natserve_worker_time_to_first_token_seconds",
-            "Time from a generate or chat request's admission to its first generated token",
-            ["model_uid"],
-            buckets=_TTFT_BUCKETS,
-            registry=r,
-        )
+        # Per-request series: counted on the event loop, read by the scrape (_RequestSeries).
+        self._series = _RequestSeries()
+        r.register(self._series)
         self.launches = Counter(
             "natserve_worker_launches", "Replica launches on this worker, by outcome", ["outcome"], registry=r
         )
@@ -92,10 +74,6 @@ class WorkerMetrics:
         )
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent_errors)
         self._collector: _WorkerCollector | None = None
-        # Label children by their key: ``labels()`` validates and locks on every call, a cost
-        # paid per request on the hot path.
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._ttft_children: dict[str, Any] = {}
 
     # -- wiring
 
@@ -115,38 +93,33 @@ class WorkerMetrics:
     def observe_request(self, outcome: RequestOutcome) -> None:
         """``ServiceHost.observer``: count the request, time it, remember a server-side error."""
         code = outcome.code
-        key = (outcome.metadata.get("model_uid", ""), outcome.subject, code)
-        children = self._request_children.get(key)
-        if children is None:
-            model_uid, subject, _ = key
-            endpoint = subject.rsplit(".", 1)[-1]
-            # "none": nothing was answered here (passed on to another worker, a cancel held elsewhere).
-            children = (
-                self.requests.labels(model_uid, endpoint, str(code) if code else "none"),
-                self.request_duration.labels(model_uid, endpoint),
-            )
-            if len(self._request_children) < _CHILD_CACHE_MAX:
-                self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(outcome.seconds)
+        series = self._series
+        key = (outcome.metadata.get("model_uid", ""), outcome.subject)
+        endpoint = series.endpoints.get(key)
+        if endpoint is None:
+            endpoint = series.endpoints[key] = (key[0], key[1].rsplit(".", 1)[-1])
+        # "none": nothing was answered here (passed on to another worker, a cancel held elsewhere).
+        counted = (*endpoint, str(code) if code else "none")
+        series.requests[counted] = series.requests.get(counted, 0) + 1
+        duration = series.durations.get(endpoint)
+        if duration is None:
+            duration = series.durations[endpoint] = _Histogram(_REQUEST_BUCKETS)
+        duration.observe(outcome.seconds)
         # Client mistakes (4xx) are the client's to see; 5xx are the operator's.
         if code >= 500:
-            model_uid = key[0]
             self.note_error(
                 code=code,
                 message=outcome.message,
-                model_uid=model_uid or None,
-                endpoint=outcome.subject.rsplit(".", 1)[-1],
+                model_uid=endpoint[0] or None,
+                endpoint=endpoint[1],
                 request_id=outcome.request_id,
             )
 
     def observe_first_token(self, model_uid: str, seconds: float) -> None:
-        child = self._ttft_children.get(model_uid)
-        if child is None:
-            child = self.ttft.labels(model_uid)
-            if len(self._ttft_children) < _CHILD_CACHE_MAX:
-                self._ttft_children[model_uid] = child
-        child.observe(seconds)
+        ttft = self._series.ttft.get(model_uid)
+        if ttft is None:
+            ttft = self._series.ttft[model_uid] = _Histogram(_TTFT_BUCKETS)
+        ttft.observe(seconds)
 
     def observe_launch(self, seconds: float, error: BaseException | None) -> None:
         outcome = "ok" if error is None else type(error).__name__
@@ -176,6 +149,80 @@ class WorkerMetrics:
     def recent_errors(self) -> list[dict[str, Any]]:
         """The last errors, oldest first."""
         return list(self._recent)
+
+
+class _Histogram:
+    """Bucket counts and a sum. Unlocked: only the worker's event loop observes."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are "le": the first bound >= value.
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        counts = list(self.counts)
+        total = 0
+        buckets = []
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), counts, strict=True):
+            total += count
+            buckets.append((bound, total))
+        return buckets
+
+
+class _RequestSeries(Collector):
+    """The per-request series, counted in plain dicts on the event loop.
+
+    prometheus_client's Counter and Histogram take a lock and validate labels on every call:
+    five locked increments per request, a cost the echo benchmark showed on the hot path. The
+    scrape (on another thread) copies the dicts, which CPython does without yielding the GIL.
+    """
+
+    def __init__(self) -> None:
+        self.endpoints: dict[tuple[str, str], tuple[str, str]] = {}  # (uid, subject) -> labels
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], _Histogram] = {}
+        self.ttft: dict[str, _Histogram] = {}
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily, HistogramMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "natserve_worker_requests",
+                "Requests this worker received, by model uid, endpoint and outcome code "
+                "(200: answered, none: passed on or held elsewhere, else the error code)",
+                labels=["model_uid", "endpoint", "code"],
+            ),
+            HistogramMetricFamily(
+                "natserve_worker_request_duration_seconds",
+                "Time from a request's arrival to its last reply",
+                labels=["model_uid", "endpoint"],
+            ),
+            HistogramMetricFamily(
+                "natserve_worker_time_to_first_token_seconds",
+                "Time from a generate or chat request's admission to its first generated token",
+                labels=["model_uid"],
+            ),
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        requests, durations, ttft = self._families()
+        for labels, count in list(self.requests.items()):
+            requests.add_metric(list(labels), count)
+        for labels, histogram in list(self.durations.items()):
+            durations.add_metric(list(labels), histogram.cumulative(), histogram.sum)
+        for uid, histogram in list(self.ttft.items()):
+            ttft.add_metric([uid], histogram.cumulative(), histogram.sum)
+        yield from (requests, durations, ttft)
 
 
 class _WorkerCollector(Collector):

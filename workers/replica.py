@@ -201,7 +201,8 @@ class Replica:
         self.check_capacity()
         if request_id in self._flights:
             raise Conflict(f"request_id {request_id!r} is already in flight on {self.label}")
-        self.limits.admit(self.label)  # the rate limit: 429 past it
+        if self.limits.rate_limit is not None:
+            self.limits.admit(self.label)  # the rate limit: 429 past it
         # This request's own task: its logs carry the id it runs under from here on.
         _logcontext.bind(request_id=request_id)
         flight = _Flight(request_id, asyncio.current_task())
@@ -314,6 +315,8 @@ class Replica:
 
 
 def _stop_union(*groups: Sequence[Any] | None) -> tuple[Any, ...]:
+    if not any(groups):
+        return ()
     seen: dict[Any, None] = {}
     for group in groups:
         if group:
@@ -412,6 +415,10 @@ class LLMReplica(Replica):
         return self._max_token_chars
 
     async def _tokenize(self, text: str, *, add_special_tokens: bool) -> Sequence[Any]:
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            if self.tokenizer is None:
+                return self.engine.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
         context = self.context_length
         # Only huge texts skip tokenising (and the exact count): they cost real time to encode.
         if len(text) > _INLINE_TOKENIZE_CHARS and len(text) > context * self._longest_token_chars():
@@ -440,7 +447,8 @@ class LLMReplica(Replica):
         context = self.context_length
         uid = self.model_uid
         max_tokens = config.max_tokens
-        self.limits.check_max_tokens(max_tokens, self.label)
+        if self.limits.max_tokens is not None:
+            self.limits.check_max_tokens(max_tokens, self.label)
         if max_tokens is not None and max_tokens > context:
             raise BadRequest(
                 f"max_tokens {max_tokens} is above the context length of model {uid!r} ({context} tokens)"
@@ -489,17 +497,24 @@ class LLMReplica(Replica):
         first_token = self.on_first_token
         parts: list[str] = []
         last: Delta | None = None
+        step = stream.__anext__
         try:
-            async for last in stream:
+            while True:
+                try:
+                    last = await step()
+                except StopAsyncIteration:
+                    break
                 if first_token is not None:
                     first_token(self.model_uid, time.perf_counter() - flight.started)
                     first_token = None
                 parts.append(last.text)
+                if last.finish_reason is not None:
+                    break  # the last Delta: no need to ask for the end
         except EngineClosedError as exc:
             raise Unavailable(f"{self.label} is shutting down") from exc
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
-        return "".join(parts), last
+        return parts[0] if len(parts) == 1 else "".join(parts), last
 
     async def _deltas(
         self, tokens: Sequence[Any], params: SamplingParams, flight: _Flight
@@ -840,13 +855,19 @@ class ServedModel:
         if not resp.msg.reply:
             return  # nobody to answer: do not spend a replica on it
         self.limits.check_body(len(resp.msg.data), resp.subject)
-        if balancing.saturated(self.replicas.values()) and await self._pass_on(resp, operation):
+        if self._saturated() and await self._pass_on(resp, operation):
             return
         req = resp.parse(model)
         replica = self._pick(operation)
         with replica.track(self._request_id(resp, req.request_id)) as flight:
             resp.accept(self.worker_id)
             await getattr(replica, operation)(resp, req, flight)
+
+    def _saturated(self) -> bool:
+        if len(self.replicas) == 1:
+            (only,) = self.replicas.values()
+            return only.accepting and only.load >= only.capacity
+        return balancing.saturated(self.replicas.values())
 
     async def _pass_on(self, resp: Responder, operation: str) -> bool:
         """Saturated here: hand the request to another replica of the uid (balancing.py)."""

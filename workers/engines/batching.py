@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 _DEFAULT_PREFILL_TOKEN_BUDGET = 16384
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0  # 0 => greedy
