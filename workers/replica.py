@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -68,6 +69,8 @@ MAX_EMBED_INPUTS = 2048
 # Prompts longer than this are tokenised on a thread so one big prompt does not stall the loop.
 _INLINE_TOKENIZE_CHARS = 16_384
 _REQUEST_ID_MAX = 128
+# The config of a request that gives none (never changed: read only).
+_NO_CONFIG = GenerateConfig()
 
 
 class _Flight:
@@ -414,11 +417,12 @@ class LLMReplica(Replica):
             self._max_token_chars = max(longest, 1)
         return self._max_token_chars
 
+    def _encode_inline(self, text: str, add_special_tokens: bool) -> Sequence[Any]:
+        if self.tokenizer is None:
+            return self.engine.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
+
     async def _tokenize(self, text: str, *, add_special_tokens: bool) -> Sequence[Any]:
-        if len(text) <= _INLINE_TOKENIZE_CHARS:
-            if self.tokenizer is None:
-                return self.engine.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
         context = self.context_length
         # Only huge texts skip tokenising (and the exact count): they cost real time to encode.
         if len(text) > _INLINE_TOKENIZE_CHARS and len(text) > context * self._longest_token_chars():
@@ -498,6 +502,7 @@ class LLMReplica(Replica):
         parts: list[str] = []
         last: Delta | None = None
         step = stream.__anext__
+        finished = False
         try:
             while True:
                 try:
@@ -509,11 +514,13 @@ class LLMReplica(Replica):
                     first_token = None
                 parts.append(last.text)
                 if last.finish_reason is not None:
-                    break  # the last Delta: no need to ask for the end
+                    finished = True  # the last Delta: the engine is done with the request
+                    break
         except EngineClosedError as exc:
             raise Unavailable(f"{self.label} is shutting down") from exc
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            if not finished:
+                await stream.aclose()  # type: ignore[attr-defined]
         return parts[0] if len(parts) == 1 else "".join(parts), last
 
     async def _deltas(
@@ -540,8 +547,11 @@ class LLMReplica(Replica):
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
     ) -> tuple[Sequence[Any], SamplingParams, GenerateConfig]:
-        config = config or GenerateConfig()
-        tokens = await self._tokenize(text, add_special_tokens=add_special_tokens)
+        config = config or _NO_CONFIG
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            tokens = self._encode_inline(text, add_special_tokens)
+        else:
+            tokens = await self._tokenize(text, add_special_tokens=add_special_tokens)
         params = self._sampling(config, len(tokens), stop=stop, stop_token_ids=stop_token_ids)
         return tokens, params, config
 
@@ -757,7 +767,12 @@ class ServedModel:
         uid = self.model_uid
         group = self.subjects.model_queue_group(uid)
         meta = {"model_uid": uid}
-        handlers = {"generate": self._generate, "chat": self._chat, "embed": self._embed}
+        # partials rather than the _generate/_chat/_embed methods: a coroutine less per request.
+        handlers = {
+            "generate": functools.partial(self._serve, operation="generate", model=GenerateRequest),
+            "chat": functools.partial(self._serve, operation="chat", model=ChatRequest),
+            "embed": functools.partial(self._serve, operation="embed", model=EmbedRequest),
+        }
         try:
             for op in _OPERATIONS:
                 subject = self.subjects.model(uid, op)
