@@ -49,6 +49,7 @@ ECHO_MODEL = {
 
 def _run_pool(url: str, home: str, ready: mp.Event, stop: mp.Event) -> None:  # type: ignore[valid-type]
     """Registry and worker in one process, as `natserve up` runs them."""
+    from natserve.embedded import freeze_heap
     from registry_service.app import run_registry
     from workers.app import run_worker
 
@@ -66,6 +67,7 @@ def _run_pool(url: str, home: str, ready: mp.Event, stop: mp.Event) -> None:  # 
             ),
         ]
         await asyncio.wait_for(asyncio.gather(reg_ready.wait(), wrk_ready.wait()), 60)
+        freeze_heap()  # as natserve up does once ready
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
         stop_ev.set()

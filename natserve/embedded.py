@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -218,6 +219,19 @@ def _failure(service: _Service, phase: str) -> ServiceFailed:
     return failure
 
 
+def freeze_heap() -> None:
+    """Take what start-up allocated out of the garbage collector's reach (``gc.freeze``).
+
+    A process that imported torch and transformers holds about 300,000 objects that every full
+    collection walks again: 6 % of a worker's time when serving small requests at concurrency 256
+    (bench/overhead.py), and tens of milliseconds added to whichever request a full collection
+    hits. Called once the services are ready and before any model loads, so a replica loaded
+    later stays collectable when it is terminated.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def run_services(
     settings: Settings,
     *,
@@ -303,6 +317,7 @@ async def run_services(
             if stop.is_set():
                 break
         else:
+            freeze_heap()
             if on_ready is not None:
                 on_ready()
             watched = [s.task for s in services]
