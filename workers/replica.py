@@ -44,7 +44,7 @@ from broker_client._messages import (
     ReplicaInfo,
 )
 from broker_client._subjects import Subjects
-from broker_client._transport import Responder, ServiceHost
+from broker_client._transport import RequestTask, Responder, ServiceHost, current_request
 
 from . import balancing
 from .chat import build_chat_prompt
@@ -76,14 +76,19 @@ _NO_CONFIG = GenerateConfig()
 class _Flight:
     """One admitted request."""
 
-    __slots__ = ("cancel_reason", "request_id", "started", "task")
+    __slots__ = ("_runner", "cancel_reason", "request_id", "started")
 
-    def __init__(self, request_id: str, task: asyncio.Task[Any] | None) -> None:
+    def __init__(self, request_id: str, runner: RequestTask) -> None:
         self.request_id = request_id
-        self.task = task
+        self._runner = runner
         # Set when someone else ends the request; becomes the 503's message.
         self.cancel_reason: str | None = None
         self.started = time.perf_counter()
+
+    @property
+    def task(self) -> asyncio.Task[Any] | None:
+        """The task running the request (requests start eagerly: see ServiceHost)."""
+        return self._runner.task
 
 
 class _Tracked:
@@ -208,7 +213,7 @@ class Replica:
             self.limits.admit(self.label)  # the rate limit: 429 past it
         # This request's own task: its logs carry the id it runs under from here on.
         _logcontext.bind(request_id=request_id)
-        flight = _Flight(request_id, asyncio.current_task())
+        flight = _Flight(request_id, current_request())
         self._flights[request_id] = flight
         self.requests += 1
         return _Tracked(self, flight)
@@ -777,14 +782,19 @@ class ServedModel:
             for op in _OPERATIONS:
                 subject = self.subjects.model(uid, op)
                 await self.host.add_endpoint(
-                    f"{uid}-{op}", subject, handlers[op], queue_group=group, metadata=meta
+                    f"{uid}-{op}", subject, handlers[op], queue_group=group, metadata=meta, eager=True
                 )
                 self._endpoints.add(subject)
             for op in _OPERATIONS:
                 # Requests a saturated replica passed on (workers/balancing.py).
                 subject = self.subjects.model_overflow(uid, op)
                 await self.host.add_endpoint(
-                    f"{uid}-{op}-overflow", subject, handlers[op], queue_group=group, metadata=meta
+                    f"{uid}-{op}-overflow",
+                    subject,
+                    handlers[op],
+                    queue_group=group,
+                    metadata=meta,
+                    eager=True,
                 )
                 self._endpoints.add(subject)
             subject = self.subjects.model(uid, "cancel")
