@@ -508,6 +508,7 @@ class Responder:
     __slots__ = (
         "__weakref__",
         "_ack",
+        "_clock",
         "_seq",
         "content_type",
         "error",
@@ -524,8 +525,10 @@ class Responder:
         # The error this request was answered with, for stats, metrics and logs.
         self.error: ServiceError | None = None
         self.replied = False
-        # The worker id an ack would carry, while the ack is due and not yet sent.
+        # The worker id an ack would carry, while the ack is due and not yet sent, and the
+        # clock that will send it.
         self._ack: str | None = None
+        self._clock: _AckClock | None = None
         headers = msg.headers or {}
         self.request_id = headers.get(REQUEST_ID_HEADER)
         try:
@@ -564,7 +567,8 @@ class Responder:
         self.replied = True
         if self._ack is not None:
             self._ack = None
-            _ack_clock().discard(self)
+            if self._clock is not None:
+                self._clock.discard(self)
         await self.nc.publish(self.msg.reply, data, headers=headers)
 
     async def respond(self, obj: Any) -> None:
@@ -579,7 +583,8 @@ class Responder:
             self.replied = True
             if self._ack is not None:
                 self._ack = None
-                _ack_clock().discard(self)
+                if self._clock is not None:
+                    self._clock.discard(self)
             await nc.publish(msg.reply, data, headers={_codec.CONTENT_TYPE: self.content_type})
             return
         total = -(-len(data) // limit)
@@ -618,7 +623,17 @@ class Responder:
         """
         if self.wants_ack:
             self._ack = worker_id
-            _ack_clock().add(self)
+            box = _CURRENT_REQUEST.get()
+            if box is not None and box.task is None:
+                # Started eagerly and has not waited yet: most such requests end without ever
+                # waiting, and need no ack. _start_eagerly schedules it if this one waits.
+                box.pending_ack = self
+            else:
+                self._schedule_ack()
+
+    def _schedule_ack(self) -> None:
+        self._clock = _ack_clock()
+        self._clock.add(self)
 
     def _late_ack(self) -> None:
         worker_id, self._ack = self._ack, None
@@ -723,10 +738,12 @@ Handler = Callable[[Responder], Awaitable[None]]
 class RequestTask:
     """The task that runs a request, once there is one (see :func:`current_request`)."""
 
-    __slots__ = ("task",)
+    __slots__ = ("pending_ack", "task")
 
     def __init__(self, task: asyncio.Task[Any] | None = None) -> None:
         self.task = task
+        # A Responder whose ack waits for the request's first wait (Responder.accept).
+        self.pending_ack: Responder | None = None
 
 
 _CURRENT_REQUEST: ContextVar[RequestTask | None] = ContextVar("natserve_request_task", default=None)
@@ -798,6 +815,9 @@ def _start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None
         return None
     task = asyncio.get_running_loop().create_task(_resumed(coro, first), context=context)
     box.task = task
+    responder, box.pending_ack = box.pending_ack, None
+    if responder is not None and responder._ack is not None:
+        responder._schedule_ack()  # it outlives this instant: its ack may fall due
     return task
 
 

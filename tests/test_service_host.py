@@ -14,6 +14,9 @@ import pytest
 from broker_client import _logcontext
 from broker_client._errors import ServiceError
 from broker_client._transport import (
+    ACCEPTED_HEADER,
+    ACK_DELAY,
+    ACK_HEADER,
     ERROR_CODE_HEADER,
     REQUEST_ID_HEADER,
     Responder,
@@ -151,3 +154,39 @@ async def test_both_kinds_count_in_micro_stats(host: tuple[ServiceHost, Any], un
     assert endpoints["a"]["processing_time"] > 0 and endpoints["b"]["processing_time"] > 0
     with pytest.raises(nats.errors.NoRespondersError):
         await nc.request(f"{unique}.none", b"{}", timeout=10)
+
+
+async def test_only_requests_that_wait_get_their_ack(host: tuple[ServiceHost, Any], unique: str) -> None:
+    """The ack (Natserve-Accepted) is for requests still running after ACK_DELAY: an eager
+    request that ends at once sends only its reply, one that waits sends the ack first."""
+    service, nc = host
+
+    async def handler(resp: Responder) -> None:
+        resp.accept("w-eager")
+        delay = resp.body().get("delay", 0)
+        if delay:
+            await asyncio.sleep(delay)
+        await resp.respond({"delay": delay})
+
+    await service.add_endpoint("ack", f"{unique}.ack", handler, eager=True)
+    await service.until_subscribed()
+    # One inbox for both: a stray ack of the first request would fall due before the second's
+    # and show up as one message too many.
+    inbox = nc.new_inbox()
+    got: asyncio.Queue[Any] = asyncio.Queue()
+    sub = await nc.subscribe(inbox, cb=got.put)
+    messages = []
+    for delay in (0, ACK_DELAY * 4):
+        body = json.dumps({"delay": delay}).encode()
+        await nc.publish(f"{unique}.ack", body, reply=inbox, headers={ACK_HEADER: "1"})
+        while True:
+            msg = await within(got.get(), f"the messages of a request waiting {delay} s")
+            messages.append(msg)
+            if msg.data:
+                break
+    await sub.unsubscribe()
+    kinds = [
+        ("ack", msg.headers[ACCEPTED_HEADER]) if not msg.data else ("reply", json.loads(msg.data)["delay"])
+        for msg in messages
+    ]
+    assert kinds == [("reply", 0), ("ack", "w-eager"), ("reply", ACK_DELAY * 4)]

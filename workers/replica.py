@@ -211,8 +211,9 @@ class Replica:
             raise Conflict(f"request_id {request_id!r} is already in flight on {self.label}")
         if self.limits.rate_limit is not None:
             self.limits.admit(self.label)  # the rate limit: 429 past it
-        # This request's own task: its logs carry the id it runs under from here on.
-        _logcontext.bind(request_id=request_id)
+        if _logcontext.get("request_id") != request_id:
+            # This request's own context: its logs carry the id it runs under from here on.
+            _logcontext.bind(request_id=request_id)
         flight = _Flight(request_id, current_request())
         self._flights[request_id] = flight
         self.requests += 1
