@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,7 +100,16 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
+# One Packer per thread: msgpack.packb builds a new one per call, a cost paid by every
+# message (a Packer resets its buffer after each pack, and after an error).
+_packers = threading.local()
+
+
 def encode(obj: Any, content_type: str) -> bytes:
     if content_type == JSON:
         return json.dumps(obj, default=_default, ensure_ascii=False, separators=(",", ":")).encode()
-    return msgpack.packb(obj, default=_default, use_bin_type=True)
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(default=_default, use_bin_type=True)
+    return packer.pack(obj)  # type: ignore[no-any-return]
