@@ -10,7 +10,9 @@ splits replies above the server's max payload into parts, streams chunks with
 ``Natserve-Seq`` and turns exceptions into the error headers and body.
 
 Wire headers:
-    Content-Type            application/json | application/msgpack
+    Content-Type            application/json | application/msgpack, on requests, stream chunks,
+                            parts and errors; a single successful reply has no headers at all
+                            (its body is in the request's encoding)
     Natserve-Seq            1, 2, ... on stream chunks; the end is an empty message
     Natserve-Parts          N on every part of a reply split into N parts
     Natserve-Part           the part's index, 0 .. N-1
@@ -403,7 +405,11 @@ class Transport:
             body = first.data
             if first.headers and PARTS_HEADER in first.headers:
                 body = await self._gather_parts(first, pending, deadline, subject, timeout)
-            return _codec.decode(body, _codec.detect(body, first.headers))
+            # A reply is in the request's encoding; one without a Content-Type (a single
+            # successful reply) is not sniffed.
+            if first.headers and _codec.CONTENT_TYPE in first.headers:
+                return _codec.decode(body, _codec.detect(body, first.headers))
+            return _codec.decode(body, self.encoding)
         finally:
             self._pending.pop(token, None)
 
@@ -585,7 +591,9 @@ class Responder:
                 self._ack = None
                 if self._clock is not None:
                     self._clock.discard(self)
-            await nc.publish(msg.reply, data, headers={_codec.CONTENT_TYPE: self.content_type})
+            # No headers: the body is in the request's encoding, which its sender knows (a
+            # header to build and parse cost 8 % of the throughput of small requests).
+            await nc.publish(msg.reply, data)
             return
         total = -(-len(data) // limit)
         for i in range(total):
