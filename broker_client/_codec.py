@@ -32,6 +32,8 @@ CONTENT_TYPE = "Content-Type"
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 _JSON_STARTS = frozenset(b"{[")
+# The two values natserve itself sends, looked up before any parsing of the header.
+_EXACT = {JSON: JSON, MSGPACK: MSGPACK}
 _BLANK = b" \t\r\n"
 # A \uD800-\uDFFF escape: JSON can spell a lone UTF-16 surrogate, Unicode text cannot hold one.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -42,6 +44,9 @@ def detect(data: bytes, headers: Mapping[str, str] | None = None) -> str:
     if headers:
         declared = headers.get(CONTENT_TYPE) or headers.get("content-type")
         if declared:
+            known = _EXACT.get(declared)
+            if known is not None:
+                return known
             base = declared.split(";", 1)[0].strip().lower()
             if base in (JSON, "text/json"):
                 return JSON

@@ -514,6 +514,8 @@ class Responder:
     __slots__ = (
         "__weakref__",
         "_ack",
+        "_bad_type",
+        "_body_type",
         "_clock",
         "_seq",
         "content_type",
@@ -537,11 +539,16 @@ class Responder:
         self._clock: _AckClock | None = None
         headers = msg.headers or {}
         self.request_id = headers.get(REQUEST_ID_HEADER)
+        # A Content-Type that is not supported: body() raises it.
+        self._bad_type: BadRequest | None = None
         try:
             self.content_type = _codec.detect(msg.data, headers)
-        except BadRequest:
+        except BadRequest as exc:
             # Answer the bad Content-Type itself in JSON, which every tool can read.
             self.content_type = _codec.JSON
+            self._bad_type = exc
+        # What the body is read as (content_type, the reply's encoding, may change below).
+        self._body_type = self.content_type
 
     @property
     def nc(self) -> NATSConnection:
@@ -549,7 +556,9 @@ class Responder:
 
     def body(self) -> Any:
         try:
-            return _codec.decode(self.msg.data, _codec.detect(self.msg.data, self.msg.headers))
+            if self._bad_type is not None:
+                raise self._bad_type
+            return _codec.decode(self.msg.data, self._body_type)
         except BadRequest:
             if not (self.msg.headers or {}).get(_codec.CONTENT_TYPE):
                 # Undeclared bytes that are not msgpack most likely came from a person with
