@@ -168,8 +168,8 @@ class _Histogram:
 
     def cumulative(self) -> list[tuple[str, float]]:
         counts = list(self.counts)
-        total = 0
-        buckets = []
+        total = 0.0
+        buckets: list[tuple[str, float]] = []
         for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), counts, strict=True):
             total += count
             buckets.append((bound, total))
@@ -218,8 +218,8 @@ class _RequestSeries(Collector):
         requests, durations, ttft = self._families()
         for labels, count in list(self.requests.items()):
             requests.add_metric(list(labels), count)
-        for labels, histogram in list(self.durations.items()):
-            durations.add_metric(list(labels), histogram.cumulative(), histogram.sum)
+        for pair, histogram in list(self.durations.items()):
+            durations.add_metric(list(pair), histogram.cumulative(), histogram.sum)
         for uid, histogram in list(self.ttft.items()):
             ttft.add_metric([uid], histogram.cumulative(), histogram.sum)
         yield from (requests, durations, ttft)

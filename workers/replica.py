@@ -104,14 +104,14 @@ class _Tracked:
     def __enter__(self) -> _Flight:
         return self.flight
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         replica, flight = self.replica, self.flight
         del replica._flights[flight.request_id]
         if exc_type is None:
-            return False
+            return
         if issubclass(exc_type, asyncio.CancelledError):
             if flight.cancel_reason is None:
-                return False  # the worker's own shutdown: stays a cancellation
+                return  # the worker's own shutdown: stays a cancellation
             if flight.task is not None:
                 flight.task.uncancel()
             replica.errors += 1
@@ -121,7 +121,6 @@ class _Tracked:
             raise Unavailable(
                 flight.cancel_reason or f"request {flight.request_id!r} was cancelled"
             ) from None
-        return False
 
 
 # Completion ids: a random prefix per process and a counter (a uuid4 per request reads
@@ -491,9 +490,10 @@ class LLMReplica(Replica):
 
     def _open(
         self, tokens: Sequence[Any], params: SamplingParams, flight: _Flight, *, stream: bool = True
-    ) -> AsyncIterator[Delta]:
+    ) -> Any:
+        """The engine's stream of Deltas for this request (an async iterator with ``aclose``)."""
         try:
-            return self.engine.generate(tokens, params, request_id=flight.request_id, stream=stream)  # type: ignore[no-any-return]
+            return self.engine.generate(tokens, params, request_id=flight.request_id, stream=stream)
         except ValueError as exc:
             raise BadRequest(f"request to model {self.model_uid!r} rejected: {exc}") from exc
         except EngineClosedError as exc:
@@ -526,7 +526,7 @@ class LLMReplica(Replica):
             raise Unavailable(f"{self.label} is shutting down") from exc
         finally:
             if not finished:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await stream.aclose()
         return parts[0] if len(parts) == 1 else "".join(parts), last
 
     async def _deltas(
