@@ -576,34 +576,34 @@ class Responder:
         except ValidationError as exc:
             raise BadRequest(f"invalid request: {format_validation_error(exc)}") from exc
 
-    async def _send(self, data: bytes, headers: dict[str, str]) -> None:
+    def _replying(self) -> bool:
+        """Whether anyone waits for an answer; if so the request counts as answered from here
+        on, and its ack is no longer due."""
         if not self.msg.reply:
-            return
+            return False
         self.replied = True
         if self._ack is not None:
             self._ack = None
             if self._clock is not None:
                 self._clock.discard(self)
-        await self.nc.publish(self.msg.reply, data, headers=headers)
+        return True
+
+    async def _send(self, data: bytes, headers: dict[str, str]) -> None:
+        if self._replying():
+            await self.nc.publish(self.msg.reply, data, headers=headers)
 
     async def respond(self, obj: Any) -> None:
         data = _codec.encode(obj, self.content_type)
         msg = self.msg
         nc = msg._client
-        limit = nc.max_payload - _HEADER_ROOM
-        if len(data) <= limit:
-            if not msg.reply:
-                return
-            # _send inlined: a coroutine less per reply.
-            self.replied = True
-            if self._ack is not None:
-                self._ack = None
-                if self._clock is not None:
-                    self._clock.discard(self)
-            # No headers: the body is in the request's encoding, which its sender knows (a
-            # header to build and parse cost 8 % of the throughput of small requests).
-            await nc.publish(msg.reply, data)
+        if len(data) <= nc.max_payload - _HEADER_ROOM:
+            # Published here rather than through _send: a coroutine less per reply. No
+            # headers: the body is in the request's encoding, which its sender knows (a header
+            # to build and parse cost 8 % of the throughput of small requests).
+            if self._replying():
+                await nc.publish(msg.reply, data)
             return
+        limit = nc.max_payload - _HEADER_ROOM
         total = -(-len(data) // limit)
         for i in range(total):
             await self._send(
