@@ -405,11 +405,10 @@ class Transport:
             body = first.data
             if first.headers and PARTS_HEADER in first.headers:
                 body = await self._gather_parts(first, pending, deadline, subject, timeout)
-            # A reply is in the request's encoding; one without a Content-Type (a single
-            # successful reply) is not sniffed.
-            if first.headers and _codec.CONTENT_TYPE in first.headers:
-                return _codec.decode(body, _codec.detect(body, first.headers))
-            return _codec.decode(body, self.encoding)
+            # A single successful reply has no Content-Type: the wire rule for bodies without
+            # one (JSON when it starts with '{' or '[', else msgpack) reads it, whatever
+            # encoding the replier chose.
+            return _codec.decode(body, _codec.detect(body, first.headers))
         finally:
             self._pending.pop(token, None)
 
