@@ -86,7 +86,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # in addition to the eos ids
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
     text: str  # newly decoded text since the previous Delta (may be "")
     token_ids: list[int]  # tokens generated since the previous Delta

@@ -101,7 +101,7 @@ class _EchoStream:
         self._n = min(len(words), params.max_tokens)
         # An echo that ran out of prompt stopped on its own; one cut by max_tokens hit the length.
         self._stop_at = "length" if len(words) > params.max_tokens else "stop"
-        self._words = list(words[: self._n])
+        self._words = words[: self._n]  # a copy already, for a list or a tuple
         if params.stop:
             self._apply_stop(params.stop)
         self._i = 0
