@@ -226,7 +226,9 @@ def freeze_heap() -> None:
     collection walks again: 6 % of a worker's time when serving small requests at concurrency 256
     (bench/overhead.py), and tens of milliseconds added to whichever request a full collection
     hits. Called once the services are ready and before any model loads, so a replica loaded
-    later stays collectable when it is terminated.
+    later stays collectable when it is terminated. The price: a start-up object that later ends
+    up in a reference cycle nobody holds (the first NATS connection's buffers after a reconnect,
+    say) is never freed; start-up objects are nearly all kept for the process's life anyway.
     """
     gc.collect()
     gc.freeze()
