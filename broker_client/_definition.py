@@ -41,6 +41,16 @@ _SHOW_INPUT = frozenset(
 )
 
 
+def _shown(value: Any) -> str:
+    """A value for an error message: scalars as they are (long strings cut), containers by kind."""
+    if value is None or isinstance(value, int | float | bool):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:40] + "...")
+    kind = type(value).__name__
+    return f"a {kind}" if kind[0] not in "aeiou" else f"an {kind}"
+
+
 def format_validation_error(exc: ValidationError, root: str = "") -> str:
     """One line per problem, each naming the field path: ``model_specs[0].quantizations[1]: ...``."""
     parts = []
@@ -62,9 +72,10 @@ def format_validation_error(exc: ValidationError, root: str = "") -> str:
         elif err["type"] == "literal_error":
             msg = f"{err.get('input')!r} is not allowed: {msg.removeprefix('Input should be ')}"
         elif err["type"] in _SHOW_INPUT and isinstance(err.get("input"), int | float | str | bool):
-            value = err["input"]
-            shown = repr(value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "...")
-            msg = f"{msg.replace('Input should be', 'must be')} (got {shown})"
+            msg = f"{msg.replace('Input should be', 'must be')} (got {_shown(err['input'])})"
+        elif err["type"].endswith(("_type", "_parsing")) and "input" in err:
+            # A value of the wrong kind: say what came, e.g. "must be a valid string (got 5)".
+            msg = f"{msg.replace('Input should be', 'must be')} (got {_shown(err['input'])})"
         parts.append(f"{path or '(body)'}: {msg}")
     return "; ".join(parts)
 

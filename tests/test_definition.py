@@ -303,3 +303,26 @@ class TestSpecFor:
 def test_spec_model_is_strict() -> None:
     with pytest.raises(ValueError, match="model_id"):
         ModelSpec(model_size_in_billions=1)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"prompt": 5}, "prompt: must be a valid string (got 5)"),
+        ({"prompt": ["a"]}, "prompt: must be a valid string (got a list)"),
+        ({"prompt": "x", "generate_config": {"max_tokens": "lots"}}, "generate_config.max_tokens: "),
+        ({"prompt": "x", "generate_config": {"top_p": 2}}, "generate_config.top_p: must be less than"),
+        ({"prompt": "x", "generate_config": {"seed": {}}}, "generate_config.seed: must be a valid integer"),
+    ],
+)
+def test_validation_errors_name_the_field_and_the_value(body: dict[str, Any], expected: str) -> None:
+    from pydantic import ValidationError
+
+    from broker_client._definition import format_validation_error
+    from broker_client._messages import GenerateRequest
+
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate(body)
+    message = format_validation_error(info.value)
+    assert message.startswith(expected), message
+    assert "(got " in message, message
