@@ -642,19 +642,9 @@ def cmd_terminate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _bytes(n: Any) -> str:
-    try:
-        value = float(n)
-    except (TypeError, ValueError):
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return "?"
-
-
 def cmd_workers(args: argparse.Namespace) -> int:
+    from .status import _bytes
+
     with _client(args) as client:
         workers = client.list_workers()
     if args.json:
