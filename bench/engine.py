@@ -161,34 +161,9 @@ def _run_pool(
         import torch
 
         torch.set_num_threads(threads)
-    from registry_service.app import run_registry
-    from workers.app import run_worker
+    from bench._pool import run_pool
 
-    async def main() -> None:
-        stop_ev = asyncio.Event()
-        reg_ready, wrk_ready = asyncio.Event(), asyncio.Event()
-        tasks = [
-            asyncio.create_task(
-                run_registry(
-                    nats_url=url, db_url=f"sqlite+aiosqlite:///{home}/r.db", stop=stop_ev, ready=reg_ready
-                )
-            ),
-            asyncio.create_task(run_worker(nats_url=url, device=device, stop=stop_ev, ready=wrk_ready)),
-        ]
-        waiter: asyncio.Future[Any] = asyncio.ensure_future(
-            asyncio.gather(reg_ready.wait(), wrk_ready.wait())
-        )
-        done, _ = await asyncio.wait([waiter, *tasks], timeout=120, return_when=asyncio.FIRST_COMPLETED)
-        if waiter not in done:  # a service died (its exception surfaces here) or timed out
-            for t in done:
-                t.result()
-            raise RuntimeError("registry and worker were not ready within 120 s")
-        ready.set()
-        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
-        stop_ev.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(main())
+    run_pool(url, home, ready, stop, device=device)
 
 
 # ----------------------------------------------------------------------------- models

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._pool import run_pool  # noqa: E402
 from tests.conftest import NatsServer  # noqa: E402
 
 PROMPT = "natserve overhead probe " * 4
@@ -47,35 +48,6 @@ ECHO_MODEL = {
         }
     ],
 }
-
-
-def _run_pool(url: str, home: str, ready: mp.Event, stop: mp.Event) -> None:  # type: ignore[valid-type]
-    """Registry and worker in one process, as `natserve up` runs them."""
-    from natserve.embedded import freeze_heap
-    from registry_service.app import run_registry
-    from workers.app import run_worker
-
-    async def main() -> None:
-        stop_ev = asyncio.Event()
-        reg_ready, wrk_ready = asyncio.Event(), asyncio.Event()
-        tasks = [
-            asyncio.create_task(
-                run_registry(
-                    nats_url=url, db_url=f"sqlite+aiosqlite:///{home}/r.db", stop=stop_ev, ready=reg_ready
-                )
-            ),
-            asyncio.create_task(
-                run_worker(nats_url=url, device="cpu", stop=stop_ev, ready=wrk_ready, heartbeat_interval=0.5)
-            ),
-        ]
-        await asyncio.wait_for(asyncio.gather(reg_ready.wait(), wrk_ready.wait()), 60)
-        freeze_heap()  # as natserve up does once ready
-        ready.set()
-        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
-        stop_ev.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(main())
 
 
 def _run_raw_responder(url: str, subject: str, reply_size: int, ready: mp.Event, stop: mp.Event) -> None:  # type: ignore[valid-type]
@@ -188,7 +160,9 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     home = tempfile.mkdtemp(prefix="natserve-bench-")
-    pool = ctx.Process(target=_run_pool, args=(server.url, home, ready, stop))
+    pool = ctx.Process(
+        target=run_pool, args=(server.url, home, ready, stop), kwargs={"heartbeat_interval": 0.5}
+    )
     pool.start()
     try:
         if not ready.wait(120):

@@ -1,0 +1,54 @@
+"""The registry and one worker in one process, as ``natserve up`` runs them: the benchmarks'
+natserve side, run in a spawned process while the client measures in the benchmark's own."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+def run_pool(
+    url: str, home: str, ready: Any, stop: Any, *, device: str = "cpu", heartbeat_interval: float = 2.0
+) -> None:
+    """Serve until ``stop`` (a multiprocessing Event) is set; set ``ready`` once both answer.
+
+    Raises when a service dies at start or both are not ready within 120 s.
+    """
+    from natserve.embedded import freeze_heap
+    from registry_service.app import run_registry
+    from workers.app import run_worker
+
+    async def main() -> None:
+        stop_ev = asyncio.Event()
+        reg_ready, wrk_ready = asyncio.Event(), asyncio.Event()
+        tasks = [
+            asyncio.create_task(
+                run_registry(
+                    nats_url=url, db_url=f"sqlite+aiosqlite:///{home}/r.db", stop=stop_ev, ready=reg_ready
+                )
+            ),
+            asyncio.create_task(
+                run_worker(
+                    nats_url=url,
+                    device=device,
+                    stop=stop_ev,
+                    ready=wrk_ready,
+                    heartbeat_interval=heartbeat_interval,
+                )
+            ),
+        ]
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(reg_ready.wait(), wrk_ready.wait())
+        )
+        done, _ = await asyncio.wait([waiter, *tasks], timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:  # a service died (its exception surfaces here) or timed out
+            for t in done:
+                t.result()
+            raise RuntimeError("registry and worker were not ready within 120 s")
+        freeze_heap()  # as natserve up does once its services are ready
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        stop_ev.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
