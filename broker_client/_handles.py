@@ -276,6 +276,22 @@ class AsyncModelHandle:
             raise
         return AsyncStream(chunks, first, request_id, accepted)
 
+    async def _generation(
+        self,
+        operation: str,
+        body: dict[str, Any],
+        generate_config: Mapping[str, Any] | None,
+        timeout: float | None,
+        request_id: str | None,
+    ) -> dict[str, Any] | AsyncStream:
+        """Send a generate or chat ``body`` with its checked config: streamed when it asks."""
+        config = _check_generate_config(generate_config)
+        if config is not None:
+            body["generate_config"] = config
+        if config and config.get("stream"):
+            return await self._stream(operation, body, timeout, request_id)
+        return await self._call(operation, body, timeout, request_id)  # type: ignore[no-any-return]
+
 
 class AsyncGenerateModelHandle(AsyncModelHandle):
     """An LLM: ``generate``."""
@@ -291,13 +307,7 @@ class AsyncGenerateModelHandle(AsyncModelHandle):
         """A completion dict, or with ``{"stream": True}`` an async iterator of chunk dicts."""
         if not isinstance(prompt, str):
             raise BadRequest(f"prompt must be a string, got {type(prompt).__name__}")
-        config = _check_generate_config(generate_config)
-        body: dict[str, Any] = {"prompt": prompt}
-        if config is not None:
-            body["generate_config"] = config
-        if config and config.get("stream"):
-            return await self._stream("generate", body, timeout, request_id)
-        return await self._call("generate", body, timeout, request_id)  # type: ignore[no-any-return]
+        return await self._generation("generate", {"prompt": prompt}, generate_config, timeout, request_id)
 
 
 class AsyncChatModelHandle(AsyncGenerateModelHandle):
@@ -331,13 +341,8 @@ class AsyncChatModelHandle(AsyncGenerateModelHandle):
             message_list = [dict(m) for m in messages]
         if not message_list:
             raise BadRequest("messages must hold at least one message")
-        config = _check_generate_config(generate_config)
-        body: dict[str, Any] = {"messages": message_list}
-        if config is not None:
-            body["generate_config"] = config
-        if config and config.get("stream"):
-            return await self._stream("chat", body, timeout, request_id)
-        return await self._call("chat", body, timeout, request_id)  # type: ignore[no-any-return]
+        body = {"messages": message_list}
+        return await self._generation("chat", body, generate_config, timeout, request_id)
 
 
 class AsyncEmbeddingModelHandle(AsyncModelHandle):
