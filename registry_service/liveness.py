@@ -347,16 +347,7 @@ class Liveness:
             error = f"{reason}; {exc.message}"
             if await service.repo.fail_replica(uid, index, worker_id=r.worker_id, error=error):
                 logger.warning("replica %d of %r is lost: %s", index, uid, error)
-                await service._event(
-                    uid,
-                    "failed",
-                    model_name=row.model_name,
-                    replica_index=index,
-                    worker_id=r.worker_id,
-                    status="failed",
-                    message=error,
-                )
-                await self._refresh_model_status(uid)
+                await self._announce_failed(uid, row.model_name, index, r.worker_id, error)
             return
         moved = await service.repo.move_replica(
             uid, index, from_worker=r.worker_id, to_worker=placement.worker_id, device=placement.device
@@ -416,19 +407,25 @@ class Liveness:
             logger.warning("replica %d of %r: %s", index, uid, error)
             await service.repo.fail_replica(uid, index, worker_id=placement.worker_id, error=error)
             await self._terminate_replica(placement.worker_id, uid, index)
-            await service._event(
-                uid,
-                "failed",
-                model_name=row.model_name,
-                replica_index=index,
-                worker_id=placement.worker_id,
-                status="failed",
-                message=error,
-            )
-            await self._refresh_model_status(uid)
+            await self._announce_failed(uid, row.model_name, index, placement.worker_id, error)
         finally:
             self.memory.release([placement])
             self._relaunching.pop((uid, index), None)
+
+    async def _announce_failed(
+        self, uid: str, model_name: str, index: int, worker_id: str | None, error: str
+    ) -> None:
+        """Tell subscribers a replica failed, and let the model's status follow."""
+        await self.service._event(
+            uid,
+            "failed",
+            model_name=model_name,
+            replica_index=index,
+            worker_id=worker_id,
+            status="failed",
+            message=error,
+        )
+        await self._refresh_model_status(uid)
 
     async def _refresh_model_status(self, uid: str) -> None:
         """``ready`` while one replica is, ``failed`` (with the reasons) when none is left."""
