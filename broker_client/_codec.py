@@ -25,6 +25,7 @@ __all__ = [
     "MSGPACK",
     "decode",
     "detect",
+    "detect_unambiguous",
     "encode",
 ]
 
@@ -57,6 +58,18 @@ def detect(data: bytes, headers: Mapping[str, str] | None = None) -> str:
     if not stripped or stripped[0] in _JSON_STARTS:
         return JSON
     return MSGPACK
+
+
+def detect_unambiguous(data: bytes, content_type: str) -> bool:
+    """Whether :func:`detect` reads ``data`` as ``content_type`` without a header, so that a
+    sender may leave the header out: JSON that starts with ``{`` or ``[``, msgpack whose first
+    byte is not one of those or a blank (maps, arrays and strings start at 0x80 and above)."""
+    if not data:
+        return content_type == JSON
+    first = data[0]
+    if content_type == JSON:
+        return first in _JSON_STARTS
+    return first >= 0x80 or (first not in _JSON_STARTS and first not in _BLANK)
 
 
 def decode(data: bytes, content_type: str) -> Any:

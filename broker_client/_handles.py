@@ -7,13 +7,13 @@
 and the sync ``GenerateModelHandle``, ``ChatModelHandle``, ``EmbeddingModelHandle`` with the same
 methods, run on the sync ``Client``'s private loop.
 
-Every request carries a ``request_id`` (a uuid unless the caller gives one) in its body and in the
-``Natserve-Request-Id`` header, so one request can be followed through worker logs. When a caller
+Every request carries a ``request_id`` (a uuid unless the caller gives one) in its body, so one
+request can be followed through worker logs. When a caller
 gives up on a request (a stream it stops reading or closes, a timeout, a cancelled task), the
 handle publishes ``{"request_id": ...}`` on ``<prefix>.model.<uid>.cancel`` so the replica stops
 generating for nobody.
 
-Requests carry ``Natserve-Ack: 1``: the replica that takes one first tells the client its
+Requests carry ``"ack": true``: the replica that takes one first tells the client its
 worker id, so when the registry announces that worker dead the request fails at once with a 503
 (:class:`Unavailable`) instead of waiting for its timeout. A non-streaming request that fails
 with a 503 (its worker died or is stopping) or because the NATS connection dropped is sent once
@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from ._definition import format_validation_error
 from ._errors import BadRequest, NoResponders, NotFound, RequestTimeout, TransportError, Unavailable
 from ._messages import GenerateConfig
-from ._transport import ACK_HEADER, REQUEST_ID_HEADER, Transport
+from ._transport import Transport
 
 if TYPE_CHECKING:
     from ._client import AsyncClient, _LoopThread
@@ -218,6 +218,9 @@ class AsyncModelHandle:
         subject = self._subject(operation)
         budget = self._client.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
+        # No headers: the body says it all (nats-py builds and parses headers key by key, which
+        # cost both ends more than the rest of a small request's messaging).
+        body["ack"] = True
         for attempt in (1, 2):
             body["request_id"] = request_id
             transport = self._client._transport or await self._client._get_transport()
@@ -226,7 +229,6 @@ class AsyncModelHandle:
                     subject,
                     body,
                     timeout=max(deadline - time.monotonic(), 0.001) if attempt > 1 else budget,
-                    headers={REQUEST_ID_HEADER: request_id, ACK_HEADER: "1"},
                 )
             except NoResponders as exc:
                 raise self._not_running(exc) from exc
@@ -249,6 +251,7 @@ class AsyncModelHandle:
     ) -> AsyncStream:
         request_id = request_id or _new_request_id()
         body["request_id"] = request_id
+        body["ack"] = True
         transport = await self._client._get_transport()
 
         async def on_abandon() -> None:
@@ -259,7 +262,6 @@ class AsyncModelHandle:
             self._subject(operation),
             body,
             timeout=self._client.timeout if timeout is None else timeout,
-            headers={REQUEST_ID_HEADER: request_id, ACK_HEADER: "1"},
             on_abandon=on_abandon,
             on_accept=accepted.append,
         )

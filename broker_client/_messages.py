@@ -86,10 +86,16 @@ class GenerateConfig(Request):
         return value
 
 
+# ``ack`` on a model request: the replica that takes it says which worker it is (an empty
+# ``Natserve-Accepted`` message once it has run for a while), so that the client can fail the
+# request at once if that worker dies. The body's form of the ``Natserve-Ack: 1`` header.
+
+
 class GenerateRequest(Request):
     prompt: str
     generate_config: GenerateConfig | None = None
     request_id: str | None = Field(default=None, max_length=128)
+    ack: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -103,11 +109,13 @@ class ChatRequest(Request):
     messages: list[ChatMessage] = Field(min_length=1)
     generate_config: GenerateConfig | None = None
     request_id: str | None = Field(default=None, max_length=128)
+    ack: bool = False
 
 
 class EmbedRequest(Request):
     input: str | list[str]
     request_id: str | None = Field(default=None, max_length=128)
+    ack: bool = False
 
     @field_validator("input")
     @classmethod

@@ -10,14 +10,19 @@ splits replies above the server's max payload into parts, streams chunks with
 ``Natserve-Seq`` and turns exceptions into the error headers and body.
 
 Wire headers:
-    Content-Type            application/json | application/msgpack, on requests, stream chunks,
-                            parts and errors; a single successful reply has no headers at all
-                            (its body is in the request's encoding)
+    Content-Type            application/json | application/msgpack, on stream chunks, parts and
+                            errors; on a request only when its first byte would be misread by
+                            the rule for bodies without one (a Transport's msgpack and JSON
+                            objects never are, so its requests carry no headers at all); a
+                            single successful reply has none either (it is in the request's
+                            encoding)
     Natserve-Seq            1, 2, ... on stream chunks; the end is an empty message
     Natserve-Parts          N on every part of a reply split into N parts
     Natserve-Part           the part's index, 0 .. N-1
-    Natserve-Request-Id     passed from client to worker to follow one request
-    Natserve-Ack            1 on a request: tell me which worker takes it (opt-in, so that
+    Natserve-Request-Id     optional on a request, to follow it through logs (the natserve
+                            client puts ``request_id`` in the body instead)
+    Natserve-Ack            1 on a request, or ``"ack": true`` in a model request's body (the
+                            client's way): tell me which worker takes it (opt-in, so that
                             `nats req` still sees the answer as the first message)
     Natserve-Accepted       <worker_id>, on an empty message a worker sends first when asked:
                             it admitted the request. The Transport records it (a request whose
@@ -359,11 +364,16 @@ class Transport:
             pending.put(_Failure(make))
         return len(self._pending)
 
-    def _encode(self, payload: Any, headers: Mapping[str, str] | None) -> tuple[bytes, dict[str, str]]:
+    def _encode(self, payload: Any, headers: Mapping[str, str] | None) -> tuple[bytes, dict[str, str] | None]:
+        """The body, and the headers it needs: none when the rule for bodies without a
+        Content-Type reads it right. Headers cost both ends more than the rest of a small
+        request's messaging (nats-py builds and parses them in Python, key by key)."""
         data = payload if isinstance(payload, bytes) else _codec.encode(payload, self.encoding)
-        hdrs = {_codec.CONTENT_TYPE: self.encoding}
+        hdrs = None
+        if not _codec.detect_unambiguous(data, self.encoding):
+            hdrs = {_codec.CONTENT_TYPE: self.encoding}
         if headers:
-            hdrs.update(headers)
+            hdrs = {**(hdrs or {}), **headers}
         if len(data) > self.nc.max_payload:
             raise PayloadTooLarge(
                 f"request of {len(data)} bytes is above the NATS server's max_payload of "
@@ -371,7 +381,7 @@ class Transport:
             )
         return data, hdrs
 
-    async def _publish(self, subject: str, token: str, data: bytes, hdrs: dict[str, str]) -> None:
+    async def _publish(self, subject: str, token: str, data: bytes, hdrs: dict[str, str] | None) -> None:
         if self._sub is None:
             await self.start()
         try:
@@ -627,17 +637,19 @@ class Responder:
 
     @property
     def wants_ack(self) -> bool:
+        """Whether the request asked for an ack in its headers (``Natserve-Ack``)."""
         headers = self.msg.headers
         return bool(headers and headers.get(ACK_HEADER) and self.msg.reply)
 
-    def accept(self, worker_id: str) -> None:
-        """Tell a client that asked (``Natserve-Ack``) which worker admitted its request.
+    def accept(self, worker_id: str, asked: bool = False) -> None:
+        """Tell a client that asked (``asked``: its body's ``ack``, or ``Natserve-Ack``) which
+        worker admitted its request.
 
         Only requests still unanswered after ``ACK_DELAY`` get the ack message (a stream gets
         it on its first chunk): the worker's death matters to long requests, and a message
         more per short request halved the throughput of small requests.
         """
-        if self.wants_ack:
+        if (asked and self.msg.reply) or self.wants_ack:
             self._ack = worker_id
             box = _CURRENT_REQUEST.get()
             if box is not None and box.task is None:

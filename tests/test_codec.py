@@ -6,6 +6,8 @@ import json
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from broker_client import _codec
@@ -51,6 +53,32 @@ class TestDetect:
     @pytest.mark.parametrize("body", [b"\x81\xa1a\x01", b"\x90", b"hello", b"\x00"])
     def test_anything_else_without_header_is_msgpack(self, body: bytes) -> None:
         assert detect(body) == MSGPACK
+
+    @given(st.binary(max_size=8), st.sampled_from([JSON, MSGPACK]))
+    def test_a_header_is_left_out_only_where_the_rule_reads_the_body_right(
+        self, body: bytes, content_type: str
+    ) -> None:
+        if _codec.detect_unambiguous(body, content_type):
+            assert detect(body) == content_type
+
+    @given(
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=5),
+            lambda inner: (
+                st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ).filter(lambda v: isinstance(v, (dict, list)))
+    )
+    def test_what_a_transport_sends_needs_no_header(self, value: object) -> None:
+        # Objects and arrays, natserve's request bodies, in either encoding.
+        for content_type in (JSON, MSGPACK):
+            assert _codec.detect_unambiguous(encode(value, content_type), content_type)
+
+    @pytest.mark.parametrize("body", [b"{", b"[", b" ", b"\x00"])
+    def test_msgpack_that_starts_like_json_or_blank_keeps_its_header(self, body: bytes) -> None:
+        # 0x7b and 0x5b are positive fixints ({ and [); a blank is skipped by the rule.
+        assert not _codec.detect_unambiguous(body, MSGPACK) or detect(body) == MSGPACK
 
     @pytest.mark.parametrize("body", [b"", b"  ", b"\r\n"])
     def test_empty_body_without_header_is_json(self, body: bytes) -> None:

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker_client import AsyncClient, BadRequest, NotFound, _logcontext
+from broker_client._codec import decode, detect
 from broker_client._logcontext import ContextFilter
 from broker_client._transport import REQUEST_ID_HEADER
 from natserve.observability import JsonFormatter, MetricsServer, configure_logging, new_metrics_registry
@@ -409,7 +410,7 @@ async def test_client_request_id_travels_to_the_worker_logs(
         transport_records.records.clear()
         await model.generate("x y", request_id="client-chosen")
         msg = await within(seen.get(), "the request seen by the spy", 10)
-        assert msg.headers[REQUEST_ID_HEADER] == "client-chosen"
+        assert decode(msg.data, detect(msg.data, msg.headers))["request_id"] == "client-chosen"
         [record] = [r for r in transport_records.records if subject in r.getMessage()]
         assert record.request_id == "client-chosen"  # type: ignore[attr-defined]
         assert record.worker_id == worker.worker_id and record.model_uid == uid  # type: ignore[attr-defined]

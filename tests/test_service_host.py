@@ -156,14 +156,19 @@ async def test_both_kinds_count_in_micro_stats(host: tuple[ServiceHost, Any], un
         await nc.request(f"{unique}.none", b"{}", timeout=10)
 
 
-async def test_only_requests_that_wait_get_their_ack(host: tuple[ServiceHost, Any], unique: str) -> None:
+@pytest.mark.parametrize("asked_in", ["header", "body"])
+async def test_only_requests_that_wait_get_their_ack(
+    host: tuple[ServiceHost, Any], unique: str, asked_in: str
+) -> None:
     """The ack (Natserve-Accepted) is for requests still running after ACK_DELAY: an eager
-    request that ends at once sends only its reply, one that waits sends the ack first."""
+    request that ends at once sends only its reply, one that waits sends the ack first. Asked
+    for with the Natserve-Ack header or, as the natserve client does, in the body."""
     service, nc = host
 
     async def handler(resp: Responder) -> None:
-        resp.accept("w-eager")
-        delay = resp.body().get("delay", 0)
+        body = resp.body()
+        resp.accept("w-eager", bool(body.get("ack")))
+        delay = body.get("delay", 0)
         if delay:
             await asyncio.sleep(delay)
         await resp.respond({"delay": delay})
@@ -177,8 +182,12 @@ async def test_only_requests_that_wait_get_their_ack(host: tuple[ServiceHost, An
     sub = await nc.subscribe(inbox, cb=got.put)
     messages = []
     for delay in (0, ACK_DELAY * 4):
-        body = json.dumps({"delay": delay}).encode()
-        await nc.publish(f"{unique}.ack", body, reply=inbox, headers={ACK_HEADER: "1"})
+        if asked_in == "header":
+            body = json.dumps({"delay": delay}).encode()
+            await nc.publish(f"{unique}.ack", body, reply=inbox, headers={ACK_HEADER: "1"})
+        else:
+            body = json.dumps({"delay": delay, "ack": True}).encode()
+            await nc.publish(f"{unique}.ack", body, reply=inbox)
         while True:
             msg = await within(got.get(), f"the messages of a request waiting {delay} s")
             messages.append(msg)

@@ -886,7 +886,7 @@ class ServedModel:
         req = resp.parse(model)
         replica = self._pick(operation)
         with replica.track(self._request_id(resp, req.request_id)) as flight:
-            resp.accept(self.worker_id)
+            resp.accept(self.worker_id, req.ack)
             await getattr(replica, operation)(resp, req, flight)
 
     def _saturated(self) -> bool:
