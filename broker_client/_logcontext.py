@@ -15,13 +15,14 @@ import logging
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["FIELDS", "ContextFilter", "bind", "current", "get"]
+__all__ = ["FIELDS", "ContextFilter", "bind", "current", "get", "set_request_id"]
 
 FIELDS = ("model_uid", "request_id", "worker_id")
 
 _VARS: dict[str, ContextVar[str | None]] = {
     name: ContextVar(f"natserve_{name}", default=None) for name in FIELDS
 }
+_REQUEST_ID = _VARS["request_id"]
 
 
 def bind(**values: str | None) -> None:
@@ -29,6 +30,11 @@ def bind(**values: str | None) -> None:
     for name, value in values.items():
         if value is not None:
             _VARS[name].set(value)
+
+
+def set_request_id(value: str) -> None:
+    """``bind(request_id=value)``, once per request on a worker's hot path."""
+    _REQUEST_ID.set(value)
 
 
 def get(name: str) -> str | None:

@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from broker_client._transport import RequestOutcome
+from broker_client._transport import EndpointInfo, RequestOutcome
 
 if TYPE_CHECKING:
     from .service import Worker
@@ -92,26 +92,21 @@ class WorkerMetrics:
 
     def observe_request(self, outcome: RequestOutcome) -> None:
         """``ServiceHost.observer``: count the request, time it, remember a server-side error."""
-        code = outcome.code
-        series = self._series
-        key = (outcome.metadata.get("model_uid", ""), outcome.subject)
-        endpoint = series.endpoints.get(key)
+        info = outcome.info
+        endpoint = info.observer_state
         if endpoint is None:
-            endpoint = series.endpoints[key] = (key[0], key[1].rsplit(".", 1)[-1])
-        # "none": nothing was answered here (passed on to another worker, a cancel held elsewhere).
-        counted = (*endpoint, str(code) if code else "none")
-        series.requests[counted] = series.requests.get(counted, 0) + 1
-        duration = series.durations.get(endpoint)
-        if duration is None:
-            duration = series.durations[endpoint] = _Histogram(_REQUEST_BUCKETS)
-        duration.observe(outcome.seconds)
+            endpoint = info.observer_state = self._series.endpoint(info)
+        code = outcome.code
+        counts = endpoint.counts
+        counts[code] = counts.get(code, 0) + 1
+        endpoint.duration.observe(outcome.seconds)
         # Client mistakes (4xx) are the client's to see; 5xx are the operator's.
         if code >= 500:
             self.note_error(
                 code=code,
                 message=outcome.message,
-                model_uid=endpoint[0] or None,
-                endpoint=endpoint[1],
+                model_uid=endpoint.model_uid or None,
+                endpoint=endpoint.name,
                 request_id=outcome.request_id,
             )
 
@@ -176,19 +171,41 @@ class _Histogram:
         return buckets
 
 
+class _EndpointSeries:
+    """One endpoint's requests by outcome code and their durations."""
+
+    __slots__ = ("counts", "duration", "model_uid", "name")
+
+    def __init__(self, model_uid: str, name: str) -> None:
+        self.model_uid = model_uid
+        self.name = name  # the label: the subject's last token (generate, chat, launch, ...)
+        self.counts: dict[int, int] = {}  # 0: nothing was answered here
+        self.duration = _Histogram(_REQUEST_BUCKETS)
+
+
 class _RequestSeries(Collector):
     """The per-request series, counted in plain dicts on the event loop.
 
     prometheus_client's Counter and Histogram take a lock and validate labels on every call:
-    five locked increments per request, a cost the echo benchmark showed on the hot path. The
-    scrape (on another thread) copies the dicts, which CPython does without yielding the GIL.
+    five locked increments per request, a cost the echo benchmark showed on the hot path. Each
+    endpoint's series is found by its ``EndpointInfo`` (one dict lookup per request) and its
+    labels are made at scrape time. The scrape (on another thread) copies the dicts, which
+    CPython does without yielding the GIL.
     """
 
     def __init__(self) -> None:
-        self.endpoints: dict[tuple[str, str], tuple[str, str]] = {}  # (uid, subject) -> labels
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.durations: dict[tuple[str, str], _Histogram] = {}
+        # By labels (model uid, endpoint): a model's overflow subjects count with its main ones,
+        # and a model launched again goes on where it left off (counters never go back).
+        self.endpoints: dict[tuple[str, str], _EndpointSeries] = {}
         self.ttft: dict[str, _Histogram] = {}
+
+    def endpoint(self, info: EndpointInfo) -> _EndpointSeries:
+        uid = info.metadata.get("model_uid", "")
+        name = info.subject.rsplit(".", 1)[-1]
+        series = self.endpoints.get((uid, name))
+        if series is None:
+            series = self.endpoints[(uid, name)] = _EndpointSeries(uid, name)
+        return series
 
     def describe(self) -> Iterable[Metric]:
         return list(self._families())
@@ -216,10 +233,10 @@ class _RequestSeries(Collector):
 
     def collect(self) -> Iterator[Metric]:
         requests, durations, ttft = self._families()
-        for labels, count in list(self.requests.items()):
-            requests.add_metric(list(labels), count)
-        for pair, histogram in list(self.durations.items()):
-            durations.add_metric(list(pair), histogram.cumulative(), histogram.sum)
+        for (uid, name), series in list(self.endpoints.items()):
+            for code, count in list(series.counts.items()):
+                requests.add_metric([uid, name, str(code) if code else "none"], count)
+            durations.add_metric([uid, name], series.duration.cumulative(), series.duration.sum)
         for uid, histogram in list(self.ttft.items()):
             ttft.add_metric([uid], histogram.cumulative(), histogram.sum)
         yield from (requests, durations, ttft)

@@ -164,6 +164,9 @@ class Replica:
         self.limits = limits or ReplicaLimits()
         self.on_first_token = on_first_token
         self.status = "ready"
+        # Requests it runs at once; beyond that they queue, and the worker passes new ones on to
+        # other replicas (``workers/balancing.py``). ``request_limits`` is the hard cap.
+        self.capacity = self.request_limits
         self._loaded = loaded
         self._flights: dict[str, _Flight] = {}
         self.requests = 0
@@ -184,18 +187,15 @@ class Replica:
     def label(self) -> str:
         return f"model {self.model_uid!r} replica {self.replica_index}"
 
-    @property
-    def capacity(self) -> int:
-        """Requests it runs at once; beyond that they queue, and the worker passes new ones on
-        to other replicas (``workers/balancing.py``). ``request_limits`` is the hard cap."""
-        return self.request_limits
-
     def check_capacity(self) -> None:
         if len(self._flights) >= self.request_limits:
-            raise Overloaded(
-                f"{self.label} is at its request limit of {self.request_limits} concurrent "
-                f"requests ({len(self._flights)} in flight); retry later"
-            )
+            raise self._overloaded()
+
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(
+            f"{self.label} is at its request limit of {self.request_limits} concurrent "
+            f"requests ({len(self._flights)} in flight); retry later"
+        )
 
     def track(self, request_id: str) -> _Tracked:
         """Admit one request (429 at the limit, 409 for a request_id in flight) for its lifetime.
@@ -203,18 +203,18 @@ class Replica:
         A cancellation that came from :meth:`cancel` turns into a 503 carrying its reason; any
         other cancellation (the worker's own shutdown) stays a cancellation.
         """
-        if not self.accepting:
+        flights = self._flights
+        if self.status != "ready":
             raise Unavailable(f"{self.label} is {self.status} and takes no new requests")
-        self.check_capacity()
-        if request_id in self._flights:
+        if len(flights) >= self.request_limits:
+            raise self._overloaded()
+        if request_id in flights:
             raise Conflict(f"request_id {request_id!r} is already in flight on {self.label}")
         if self.limits.rate_limit is not None:
             self.limits.admit(self.label)  # the rate limit: 429 past it
-        if _logcontext.get("request_id") != request_id:
-            # This request's own context: its logs carry the id it runs under from here on.
-            _logcontext.bind(request_id=request_id)
-        flight = _Flight(request_id, current_request())
-        self._flights[request_id] = flight
+        # This request's own context: its logs carry the id it runs under from here on.
+        _logcontext.set_request_id(request_id)
+        flight = flights[request_id] = _Flight(request_id, current_request())
         self.requests += 1
         return _Tracked(self, flight)
 
@@ -356,18 +356,14 @@ class LLMReplica(Replica):
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_batch_size = max_batch_size
+        if max_batch_size:
+            # The engine's batch: requests beyond it wait for a slot, so that is saturation.
+            self.capacity = min(max_batch_size, self.request_limits)
         self.completion_tokens = 0
         self._max_token_chars: int | None = None
         engine.start()
 
     # -- engine plumbing
-
-    @property
-    def capacity(self) -> int:
-        # The engine's batch: requests beyond it wait for a slot, so that is saturation.
-        if self.max_batch_size:
-            return min(self.max_batch_size, self.request_limits)
-        return self.request_limits
 
     def _engine_cancel(self, request_id: str) -> bool:
         return self.engine is not None and bool(self.engine.cancel(request_id))
@@ -544,22 +540,12 @@ class LLMReplica(Replica):
             except EngineClosedError as exc:
                 raise Unavailable(f"{self.label} is shutting down") from exc
 
-    async def _prepare(
-        self,
-        text: str,
-        config: GenerateConfig | None,
-        *,
-        add_special_tokens: bool,
-        stop: Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-    ) -> tuple[Sequence[Any], SamplingParams, GenerateConfig]:
-        config = config or _NO_CONFIG
+    def _tokens_now(self, text: str, add_special_tokens: bool) -> Sequence[Any] | None:
+        """The token ids of a short text, at once; None for a long one (await :meth:`_tokenize`).
+        Most prompts are short: no coroutine for them."""
         if len(text) <= _INLINE_TOKENIZE_CHARS:
-            tokens = self._encode_inline(text, add_special_tokens)
-        else:
-            tokens = await self._tokenize(text, add_special_tokens=add_special_tokens)
-        params = self._sampling(config, len(tokens), stop=stop, stop_token_ids=stop_token_ids)
-        return tokens, params, config
+            return self._encode_inline(text, add_special_tokens)
+        return None
 
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         self.completion_tokens += completion_tokens
@@ -572,11 +558,29 @@ class LLMReplica(Replica):
     # -- generate
 
     async def generate(self, resp: Responder, req: GenerateRequest, flight: _Flight) -> None:
-        tokens, params, config = await self._prepare(req.prompt, req.generate_config, add_special_tokens=True)
+        config = req.generate_config or _NO_CONFIG
+        tokens = self._tokens_now(req.prompt, True)
+        if tokens is None:
+            tokens = await self._tokenize(req.prompt, add_special_tokens=True)
+        params = self._sampling(config, len(tokens))
         cid = _completion_id("cmpl")
         created = int(time.time())
         uid = self.model_uid
         n_prompt = len(tokens)
+
+        if not config.stream:
+            text, last = await self._complete(tokens, params, flight)
+            await resp.respond(
+                {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": uid,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(last)}],
+                    "usage": self._usage(n_prompt, last.completion_tokens if last else 0),
+                }
+            )
+            return
 
         def body(text: str, finish: str | None) -> dict[str, Any]:
             return {
@@ -586,14 +590,6 @@ class LLMReplica(Replica):
                 "model": uid,
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
             }
-
-        if not config.stream:
-            text, last = await self._complete(tokens, params, flight)
-            completion = last.completion_tokens if last else 0
-            reply = body(text, _finish(last))
-            reply["usage"] = self._usage(n_prompt, completion)
-            await resp.respond(reply)
-            return
 
         last = None
         async for delta in self._deltas(tokens, params, flight):
@@ -621,13 +617,11 @@ class LLMReplica(Replica):
         # The definition's own stop lists (Xinference v2 keeps them outside prompt_style).
         stop = _stop_union(prompt.stop, definition.stop)
         stop_ids = _stop_union(prompt.stop_token_ids, definition.stop_token_ids)
-        tokens, params, config = await self._prepare(
-            prompt.text,
-            req.generate_config,
-            add_special_tokens=prompt.add_special_tokens,
-            stop=stop,
-            stop_token_ids=stop_ids,
-        )
+        config = req.generate_config or _NO_CONFIG
+        tokens = self._tokens_now(prompt.text, prompt.add_special_tokens)
+        if tokens is None:
+            tokens = await self._tokenize(prompt.text, add_special_tokens=prompt.add_special_tokens)
+        params = self._sampling(config, len(tokens), stop=stop, stop_token_ids=stop_ids)
         cid = _completion_id("chatcmpl")
         created = int(time.time())
         uid = self.model_uid
@@ -878,22 +872,29 @@ class ServedModel:
     async def _serve(
         self, resp: Responder, operation: str, model: type[GenerateRequest | ChatRequest | EmbedRequest]
     ) -> None:
-        if not resp.msg.reply:
+        msg = resp.msg
+        if not msg.reply:
             return  # nobody to answer: do not spend a replica on it
-        self.limits.check_body(len(resp.msg.data), resp.subject)
-        if self._saturated() and await self._pass_on(resp, operation):
-            return
-        req = resp.parse(model)
-        replica = self._pick(operation)
+        if self.limits.max_request_bytes is not None:
+            self.limits.check_body(len(msg.data), resp.subject)
+        replicas = self.replicas
+        if len(replicas) == 1:
+            # One replica here, the common case: the rules of _pick and balancing.saturated
+            # without their lists (its capacity is checked again when it admits the request).
+            (only,) = replicas.values()
+            ready = only.status == "ready"
+            if ready and len(only._flights) >= only.capacity and await self._pass_on(resp, operation):
+                return
+            req = resp.parse(model)
+            replica = only if ready and operation in only.abilities else self._pick(operation)
+        else:
+            if balancing.saturated(replicas.values()) and await self._pass_on(resp, operation):
+                return
+            req = resp.parse(model)
+            replica = self._pick(operation)
         with replica.track(self._request_id(resp, req.request_id)) as flight:
             resp.accept(self.worker_id, req.ack)
             await getattr(replica, operation)(resp, req, flight)
-
-    def _saturated(self) -> bool:
-        if len(self.replicas) == 1:
-            (only,) = self.replicas.values()
-            return only.accepting and only.load >= only.capacity
-        return balancing.saturated(self.replicas.values())
 
     async def _pass_on(self, resp: Responder, operation: str) -> bool:
         """Saturated here: hand the request to another replica of the uid (balancing.py)."""
