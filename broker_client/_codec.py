@@ -74,7 +74,7 @@ def detect_unambiguous(data: bytes, content_type: str) -> bool:
 
 def decode(data: bytes, content_type: str) -> Any:
     """Decode a body; an empty or blank body is ``{}``. Garbage is a BadRequest saying why."""
-    if not data.strip(_BLANK):
+    if not data or (data[0] in _BLANK and not data.strip(_BLANK)):
         return {}
     if content_type == JSON:
         try:

@@ -29,7 +29,7 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -110,11 +110,15 @@ class WorkerMetrics:
                 request_id=outcome.request_id,
             )
 
-    def observe_first_token(self, model_uid: str, seconds: float) -> None:
+    def first_token_observer(self, model_uid: str) -> Callable[[float], None]:
+        """What a replica of ``model_uid`` calls with each request's time to first token."""
         ttft = self._series.ttft.get(model_uid)
         if ttft is None:
             ttft = self._series.ttft[model_uid] = _Histogram(_TTFT_BUCKETS)
-        ttft.observe(seconds)
+        return ttft.observe
+
+    def observe_first_token(self, model_uid: str, seconds: float) -> None:
+        self.first_token_observer(model_uid)(seconds)
 
     def observe_launch(self, seconds: float, error: BaseException | None) -> None:
         outcome = "ok" if error is None else type(error).__name__

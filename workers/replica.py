@@ -130,7 +130,7 @@ _CID_COUNTER = itertools.count(1)
 
 
 def _completion_id(kind: str) -> str:
-    return f"{kind}-{_CID_PREFIX}{next(_CID_COUNTER):012x}"
+    return f"{kind}-{_CID_PREFIX}{next(_CID_COUNTER)}"
 
 
 class Replica:
@@ -150,7 +150,7 @@ class Replica:
         request_limits: int | None = None,
         loaded: Any = None,
         limits: ReplicaLimits | None = None,
-        on_first_token: Callable[[str, float], None] | None = None,
+        on_first_token: Callable[[float], None] | None = None,
     ) -> None:
         self.model_uid = model_uid
         self.replica_index = replica_index
@@ -500,30 +500,34 @@ class LLMReplica(Replica):
     ) -> tuple[str, Delta | None]:
         """A whole completion: its text and last Delta (the streaming path is ``_deltas``)."""
         stream = self._open(tokens, params, flight, stream=False)
-        first_token = self.on_first_token
-        parts: list[str] = []
-        last: Delta | None = None
         step = stream.__anext__
         finished = False
         try:
+            try:
+                last: Delta | None = await step()
+            except StopAsyncIteration:
+                return "", None
+            if self.on_first_token is not None:
+                self.on_first_token(time.perf_counter() - flight.started)
+            if last.finish_reason is not None:  # the whole text in one Delta, as a rule
+                finished = True  # the last Delta: the engine is done with the request
+                return last.text, last
+            parts = [last.text]
             while True:
                 try:
                     last = await step()
                 except StopAsyncIteration:
                     break
-                if first_token is not None:
-                    first_token(self.model_uid, time.perf_counter() - flight.started)
-                    first_token = None
                 parts.append(last.text)
                 if last.finish_reason is not None:
-                    finished = True  # the last Delta: the engine is done with the request
+                    finished = True
                     break
         except EngineClosedError as exc:
             raise Unavailable(f"{self.label} is shutting down") from exc
         finally:
             if not finished:
                 await stream.aclose()
-        return parts[0] if len(parts) == 1 else "".join(parts), last
+        return "".join(parts), last
 
     async def _deltas(
         self, tokens: Sequence[Any], params: SamplingParams, flight: _Flight
@@ -534,7 +538,7 @@ class LLMReplica(Replica):
             try:
                 async for delta in stream:
                     if first_token is not None:
-                        first_token(self.model_uid, time.perf_counter() - flight.started)
+                        first_token(time.perf_counter() - flight.started)
                         first_token = None
                     yield delta
             except EngineClosedError as exc:

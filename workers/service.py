@@ -502,7 +502,7 @@ class Worker:
             "limits": self.limits.for_replica(
                 max_tokens_limit=launch.max_tokens_limit, rate_limit=launch.rate_limit
             ),
-            "on_first_token": self.metrics.observe_first_token,
+            "on_first_token": self.metrics.first_token_observer(launch.model_uid),
         }
         if is_echo_uri(spec.model_uri):
             if not isinstance(definition, LLMDefinition):
