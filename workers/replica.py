@@ -504,15 +504,16 @@ class LLMReplica(Replica):
         finished = False
         try:
             try:
-                last: Delta | None = await step()
+                first: Delta = await step()
             except StopAsyncIteration:
                 return "", None
             if self.on_first_token is not None:
                 self.on_first_token(time.perf_counter() - flight.started)
-            if last.finish_reason is not None:  # the whole text in one Delta, as a rule
+            if first.finish_reason is not None:  # the whole text in one Delta, as a rule
                 finished = True  # the last Delta: the engine is done with the request
-                return last.text, last
-            parts = [last.text]
+                return first.text, first
+            parts = [first.text]
+            last = first
             while True:
                 try:
                     last = await step()
