@@ -34,6 +34,8 @@ def run_pool(
                     stop=stop_ev,
                     ready=wrk_ready,
                     heartbeat_interval=heartbeat_interval,
+                    warm_up=True,  # as natserve up does
+                    on_warm=freeze_heap,
                 )
             ),
         ]

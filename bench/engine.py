@@ -36,9 +36,11 @@ quiet machine first and is measured again when others took over 10% (``--max-wai
 this process used while a path ran.
 
 Also measured: the time from spawning the registry+worker process to both being ready
-(``pool_ready_s``; ``ready_s`` adds the nats-server start) and the wall time of ``launch_model``
-for each model (``launch_<model>_s``; the first model launched pays the worker's first imports of
-the transformers model code, the later ones do not).
+(``pool_ready_s``; ``ready_s`` adds the nats-server start), the wall time of register and
+``launch_model`` of the first model sent the moment the pool is ready (``launch_at_ready_s``: it
+waits for the worker's warm-up, which imports the transformers model code on a thread from the
+worker's start on), and the wall time of ``launch_model`` for each model later, on a warm worker
+(``launch_<model>_s``).
 
     python bench/engine.py [--device cpu|cuda] [--models tiny,small] [--concurrency 1,8,32]
                            [--quick] [--threads N] [--max-wait S] [--retries N] [--json]
@@ -806,6 +808,36 @@ async def bench_model(
             log(f"{name}: terminate failed: {_error(exc)}")
 
 
+async def launch_at_ready(client: Any, name: str, path: Path, results: dict[str, Any], log: Any) -> None:
+    """Launch ``name`` the moment the pool is ready, as a script that starts natserve and
+    launches at once would: the worker's warm-up (the imports of the model-loading code, on a
+    thread from its start on) is still running, and the launch waits for it. The model's own
+    launch later measures a worker that is warm."""
+    probe = f"bench-{name}-at-ready"
+    definition = {
+        "version": 1,
+        "model_name": probe,
+        "model_lang": ["en"],
+        "model_ability": ["generate"],
+        "context_length": 4096,
+        "model_specs": [
+            {
+                "model_format": "pytorch",
+                "model_size_in_billions": 0.001,
+                "quantizations": ["none"],
+                "model_uri": str(path),
+            }
+        ],
+    }
+    t0 = time.perf_counter()
+    await client.register_model(model_type="LLM", model=json.dumps(definition), persist=False)
+    uid = await client.launch_model(model_name=probe, progress=False)
+    results["launch_at_ready_s"] = time.perf_counter() - t0
+    log(f"{name} launched at ready (register + launch) in {results['launch_at_ready_s']:.2f} s")
+    await client.terminate_model(model_uid=uid)
+    await client.unregister_model(model_type="LLM", model_name=probe)
+
+
 # ----------------------------------------------------------------------------- report
 
 # Targets from the benchmark issue (CPU workload only).
@@ -841,6 +873,11 @@ def print_report(
         f"{results['pool_ready_s']:.2f} s -> ready {results['ready_s']:.2f} s"
         + ("" if busy is None else f" (other processes: {busy:.0f}% of the CPU)")
     )
+    if "launch_at_ready_s" in results:
+        print(
+            f"launch of {models[0]} sent at ready (it waits for the worker's warm-up): "
+            f"{results['launch_at_ready_s']:.2f} s"
+        )
     for name in models:
         if f"{name}_params" not in results:
             continue
@@ -924,6 +961,9 @@ def print_report(
     check("ready (s)", results.get("ready_s"), results.get("ready_s", 99) < TARGETS["ready_s"], "< 5 s")
     lt = results.get("launch_tiny_s")
     check("launch tiny (s)", lt, lt is not None and lt < TARGETS["launch_tiny_s"], "< 2 s")
+    if models[0] == "tiny":
+        la = results.get("launch_at_ready_s")
+        check("launch tiny at ready (s)", la, la is not None and la < TARGETS["launch_tiny_s"], "< 2 s")
 
 
 # ----------------------------------------------------------------------------- main
@@ -1051,6 +1091,13 @@ def main() -> int:
     )
     meter = CpuMeter([os.getpid(), server.proc.pid])
     try:
+        # Built before the pool starts, so that the first can be launched the moment it is ready.
+        paths = {}
+        for name in models:
+            t1 = time.perf_counter()
+            paths[name] = build_model(name, Path(home) / "models" / name, workload)
+            log(f"built {name} in {time.perf_counter() - t1:.1f} s")
+
         meter.wait_quiet(0.05, args.max_wait, log)
         mark = meter.start()
         t0 = time.perf_counter()
@@ -1069,16 +1116,11 @@ def main() -> int:
         results["ready_s"] = results["nats_start_s"] + results["pool_ready_s"]
         log(f"registry+worker ready {results['pool_ready_s']:.2f} s after spawn")
 
-        paths = {}
-        for name in models:
-            t1 = time.perf_counter()
-            paths[name] = build_model(name, Path(home) / "models" / name, workload)
-            log(f"built {name} in {time.perf_counter() - t1:.1f} s")
-
         async def run_all() -> None:
             from broker_client import AsyncClient
 
             async with AsyncClient(server.url, timeout=1800) as client:
+                await launch_at_ready(client, models[0], paths[models[0]], results, log)
                 for name in models:
                     await bench_model(
                         client,

@@ -102,6 +102,14 @@ def _worker_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help="largest inference request body (env NATSERVE_MAX_REQUEST_BYTES)",
     )
+    p.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        default=None,
+        help="do not import the model-loading code in the background from the start on: the "
+        "first launch pays 1.5-2 s for it (env NATSERVE_WARM_UP=0)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +260,7 @@ def _settings(args: argparse.Namespace) -> Any:
         "max_tokens_limit",
         "rate_limit",
         "max_request_bytes",
+        "warm_up",
     )
     return Settings.build(**{f: getattr(args, f, None) for f in fields})
 

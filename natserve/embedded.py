@@ -225,7 +225,8 @@ def freeze_heap() -> None:
     A process that imported torch and transformers holds about 300,000 objects that every full
     collection walks again: 6 % of a worker's time when serving small requests at concurrency 256
     (bench/overhead.py), and tens of milliseconds added to whichever request a full collection
-    hits. Called once the services are ready and before any model loads, so a replica loaded
+    hits. Called once the services are ready, and again when the worker's warm-up has imported
+    the model-loading code (on its thread, before any model loads), so that a replica loaded
     later stays collectable when it is terminated. The price: a start-up object that later ends
     up in a reference cycle nobody holds (the first NATS connection's buffers after a reconnect,
     say) is never freed; start-up objects are nearly all kept for the process's life anyway.
@@ -304,6 +305,9 @@ async def run_services(
                 auth=auth,
                 limits=limits,
                 metrics_registry=metrics_registry,
+                warm_up=settings.warm_up,
+                # The warm-up's imports (160,000 objects) join start-up's out of the collector's reach.
+                on_warm=freeze_heap,
             )
 
         services.append(_Service("worker", worker_factory))

@@ -93,6 +93,16 @@ def test_settings_flags_over_environment(tmp_path: Path, monkeypatch: pytest.Mon
         Settings.build()
 
 
+def test_warm_up_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from natserve.cli import _settings, build_parser
+
+    monkeypatch.delenv("NATSERVE_WARM_UP", raising=False)
+    assert _settings(build_parser().parse_args(["worker"])).warm_up is True
+    assert _settings(build_parser().parse_args(["up", "--no-warm-up"])).warm_up is False
+    monkeypatch.setenv("NATSERVE_WARM_UP", "0")
+    assert _settings(build_parser().parse_args(["worker"])).warm_up is False
+
+
 def test_up_refuses_a_taken_port(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -67,3 +70,55 @@ async def test_register_launch_generate_chat_terminate(system: AsyncClient, tiny
     await client.terminate_model(uid)
     with pytest.raises(NotFound):
         await model.generate("SELECT", {"max_tokens": 2})
+
+
+_WARM_UP_PROBE = """
+import asyncio, json, sys
+from workers import Worker
+
+async def main():
+    warmed = []
+    worker = Worker(
+        sys.argv[1],
+        prefix=sys.argv[2],
+        device="cpu",
+        warm_up=sys.argv[3] == "1",
+        # Whole by then: its last class defined, not only entered in sys.modules.
+        on_warm=lambda: warmed.append(hasattr(sys.modules["transformers.modeling_utils"], "PreTrainedModel")),
+    )
+    await worker.start()
+    try:
+        if worker.warm_up:
+            await asyncio.wait_for(asyncio.shield(worker._warming), 60)
+        print(json.dumps({"warmed": warmed, "imported": "transformers.modeling_utils" in sys.modules}))
+    finally:
+        await worker.stop()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_a_warming_worker_imports_the_model_loading_code_in_the_background(
+    nats_url: str, unique: str, warm_up: bool
+) -> None:
+    """In a fresh interpreter: with warm_up the loader's heavy imports run on a thread that
+    start() does not wait for, and on_warm follows them; without, they wait for a launch."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WARM_UP_PROBE, nats_url, f"w{unique}", "1" if warm_up else "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"warmed": [True], "imported": True} if warm_up else {"warmed": [], "imported": False}
+
+
+def test_warm_up_runs_once_per_process() -> None:
+    from workers.loader import warm_up
+
+    warm_up()
+    assert "transformers.modeling_utils" in sys.modules
+    assert warm_up() == 0.0

@@ -39,6 +39,8 @@ async def run_worker(
     auth: NatsAuth | None = None,
     limits: WorkerLimits | None = None,
     metrics_registry: Any = None,
+    warm_up: bool = False,
+    on_warm: Callable[[], None] | None = None,
 ) -> None:
     """Serve as one worker until ``stop`` is set; then drain (at most ``drain_timeout``) and close.
 
@@ -46,7 +48,8 @@ async def run_worker(
     ``cache_dir`` is the Hugging Face cache (default: ``HF_HUB_CACHE`` at launch time, else the
     hub's default); ``auth`` the NATS identity and TLS settings; ``limits`` the operator's policy
     (:mod:`workers.limits`); ``metrics_registry`` the prometheus_client ``CollectorRegistry`` its
-    metrics go to.
+    metrics go to; ``warm_up`` imports the model-loading code on a thread from the start on,
+    and then calls ``on_warm`` there (see :class:`~workers.service.Worker`).
     """
     worker = Worker(
         nats_url,
@@ -59,6 +62,8 @@ async def run_worker(
         auth=auth,
         limits=limits,
         metrics_registry=metrics_registry,
+        warm_up=warm_up,
+        on_warm=on_warm,
     )
     await worker.start()
     try:

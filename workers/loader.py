@@ -50,12 +50,49 @@ __all__ = [
     "load_llm",
     "parse_model_uri",
     "resolve_source",
+    "warm_up",
 ]
 
 QUANTIZATIONS = ("none", "8-bit", "4-bit")
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Warm-up
+# --------------------------------------------------------------------------------------------
+
+_warm_lock = threading.Lock()
+_warmed = False
+
+
+def warm_up(then: Callable[[], None] | None = None) -> float:
+    """Import the code every model load runs, once per process; the seconds it took (0 after the
+    first call).
+
+    That is transformers' model base class and its auto classes for configs, causal LMs,
+    encoders and tokenizers: ``modeling_utils`` alone pulls in ``torch.distributed.tensor``,
+    ``torch._dynamo`` and transformers' loss functions, 1.5-2 s on two cores and about 90 % of
+    the first launch of a small model. A worker does it on a thread of its own from its start
+    (``Worker(warm_up=True)``), so that its first launch pays only for the model itself. Every
+    load calls it first, and so waits for a warm-up under way: transformers is never imported
+    from two threads at once (a cycle between two threads' imports hands one of them a
+    half-initialised module). ``then`` runs after the imports and before any load can start.
+    """
+    global _warmed
+    with _warm_lock:
+        if _warmed:
+            return 0.0
+        started = time.perf_counter()
+        import transformers.modeling_utils  # noqa: F401
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        _warmed = True
+        seconds = time.perf_counter() - started
+        if then is not None:
+            then()
+        return seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,6 +556,7 @@ def load_llm(
     if not (path / "config.json").is_file():
         raise NotFound(f"{path} holds no config.json")
 
+    warm_up()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -725,6 +763,7 @@ def load_embedding(source: ModelSource, *, device: str = "cpu") -> LoadedEmbeddi
     if not (path / "config.json").is_file():
         raise NotFound(f"{path} holds no config.json")
 
+    warm_up()
     from transformers import AutoModel, AutoTokenizer
 
     config = _load_config(path, trust_remote_code=False)

@@ -28,6 +28,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,16 @@ class Worker:
         auth: NatsAuth | None = None,
         limits: WorkerLimits | None = None,
         metrics_registry: Any = None,
+        warm_up: bool = False,
+        on_warm: Callable[[], None] | None = None,
     ) -> None:
         """``limits``: the operator's policy (remote code, model roots, request limits; none by
         default, see :mod:`workers.limits`); ``metrics_registry``: the prometheus_client
-        ``CollectorRegistry`` for this worker's metrics (a private one by default)."""
+        ``CollectorRegistry`` for this worker's metrics (a private one by default); ``warm_up``:
+        import the model-loading code on a thread from the start on (:func:`workers.loader.
+        warm_up`), so that a launch after it (1.5-2 s on two cores) pays only for its model; a
+        launch that comes sooner waits for it. ``on_warm`` runs on that thread once it is done,
+        before any load."""
         if heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval}")
         self.nats_url = nats_url
@@ -145,6 +152,9 @@ class Worker:
         self.cache_dir = cache_dir
         self.auth = auth
         self.limits = limits or WorkerLimits()
+        self.warm_up = warm_up
+        self._on_warm = on_warm
+        self._warming: asyncio.Future[None] | None = None
         self.metrics = WorkerMetrics(metrics_registry)
         self.metrics.attach(self)
         self.started_at = time.time()
@@ -166,6 +176,34 @@ class Worker:
             raise RuntimeError(f"worker {self.worker_id} was already started")
         self._status = "starting"
         self.started_at = time.time()
+        if self.warm_up:
+            # On a thread of its own: the start does not wait for it, loads do (loader.warm_up).
+            self._warming = asyncio.ensure_future(self._warm_up())
+        await self._start()
+        self._status = "running"
+        await self._publish_heartbeat()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="natserve-heartbeat")
+        logger.info(
+            "worker %s serving on %s (prefix %r, device %s)",
+            self.worker_id,
+            self.nats_url,
+            self.subjects.prefix,
+            self.device,
+        )
+
+    async def _warm_up(self) -> None:
+        from .loader import warm_up
+
+        try:
+            seconds = await asyncio.to_thread(warm_up, self._on_warm)
+        except Exception as exc:
+            # The first launch imports the same code and reports what is wrong with it.
+            logger.warning("worker %s: warming up the model loader failed: %r", self.worker_id, exc)
+            return
+        if seconds:
+            logger.info("worker %s: model loader warmed up in %.2f s", self.worker_id, seconds)
+
+    async def _start(self) -> None:
         # CUDA discovery can take a while on first use: off the loop.
         if self.device is None:
             self.device = await asyncio.to_thread(best_device)
@@ -211,16 +249,6 @@ class Worker:
             self._status = "stopped"
             await self._close_connection()
             raise
-        self._status = "running"
-        await self._publish_heartbeat()
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="natserve-heartbeat")
-        logger.info(
-            "worker %s serving on %s (prefix %r, device %s)",
-            self.worker_id,
-            self.nats_url,
-            self.subjects.prefix,
-            self.device,
-        )
 
     async def stop(self, *, drain_timeout: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish (bounded), unload everything, leave."""
@@ -231,6 +259,8 @@ class Worker:
             self._status = "stopped"
             return
         self._status = "stopping"
+        if self._warming is not None:
+            self._warming.cancel()  # its thread runs on to its end; nobody waits for it now
         grace = self.drain_timeout if drain_timeout is None else drain_timeout
         service = self.service
         assert service is not None
