@@ -8,15 +8,32 @@ from typing import Any
 
 
 def run_pool(
-    url: str, home: str, ready: Any, stop: Any, *, device: str = "cpu", heartbeat_interval: float = 2.0
+    url: str,
+    home: str,
+    ready: Any,
+    stop: Any,
+    *,
+    device: str = "cpu",
+    heartbeat_interval: float = 2.0,
+    steady: bool = False,
 ) -> None:
-    """Serve until ``stop`` (a multiprocessing Event) is set; set ``ready`` once both answer.
+    """Serve until ``stop`` (a multiprocessing Event) is set; set ``ready`` once both answer
+    (``steady``: and the worker's warm-up is over, so that nothing of the start-up runs any
+    more while the benchmark measures).
 
     Raises when a service dies at start or both are not ready within 120 s.
     """
+    import threading
+
     from natserve.embedded import freeze_heap
     from registry_service.app import run_registry
     from workers.app import run_worker
+
+    warm = threading.Event()
+
+    def on_warm() -> None:
+        freeze_heap()  # as natserve up does
+        warm.set()
 
     async def main() -> None:
         stop_ev = asyncio.Event()
@@ -35,7 +52,7 @@ def run_pool(
                     ready=wrk_ready,
                     heartbeat_interval=heartbeat_interval,
                     warm_up=True,  # as natserve up does
-                    on_warm=freeze_heap,
+                    on_warm=on_warm,
                 )
             ),
         ]
@@ -48,6 +65,8 @@ def run_pool(
                 t.result()
             raise RuntimeError("registry and worker were not ready within 120 s")
         freeze_heap()  # as natserve up does once its services are ready
+        if steady and not await asyncio.to_thread(warm.wait, 120):
+            raise RuntimeError("the worker's warm-up did not end within 120 s")
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
         stop_ev.set()

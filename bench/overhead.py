@@ -161,7 +161,9 @@ def main() -> int:
     ready, stop = ctx.Event(), ctx.Event()
     home = tempfile.mkdtemp(prefix="natserve-bench-")
     pool = ctx.Process(
-        target=run_pool, args=(server.url, home, ready, stop), kwargs={"heartbeat_interval": 0.5}
+        target=run_pool,
+        args=(server.url, home, ready, stop),
+        kwargs={"heartbeat_interval": 0.5, "steady": True},
     )
     pool.start()
     try:
