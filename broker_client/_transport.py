@@ -828,17 +828,16 @@ async def _resumed(coro: Coroutine[Any, Any, None], first: Any) -> None:
     await _Resume(coro, first)
 
 
-def _start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+def _start_eagerly(coro: Coroutine[Any, Any, None], box: RequestTask) -> asyncio.Task[None] | None:
     """Run ``coro`` now, in a context of its own, up to its first wait; None if it ended
-    without one, else the Task that carries it on from there.
+    without one, else the Task that carries it on from there, recorded in ``box`` (which the
+    coroutine sets as its :func:`current_request` first thing).
 
     What Python 3.12's eager task factory does, for 3.11: creating and scheduling a Task per
     request cost more than everything else natserve does for a small request, and added a
     loop turn to its latency.
     """
     context = contextvars.copy_context()
-    box = RequestTask()
-    context.run(_CURRENT_REQUEST.set, box)
     try:
         first = context.run(coro.send, None)
     except StopIteration:
@@ -972,7 +971,9 @@ class ServiceHost:
             **{k: v for k, v in info.metadata.items() if k in _logcontext.FIELDS},
         }
 
-        async def _run(msg: Msg) -> None:
+        async def _run(msg: Msg, box: RequestTask | None = None) -> None:
+            if box is not None:
+                _CURRENT_REQUEST.set(box)  # in the request's own context (see _start_eagerly)
             started = time.perf_counter()
             responder = Responder(msg)
             if responder.request_id is not None:
@@ -1015,7 +1016,8 @@ class ServiceHost:
                     self._room = asyncio.get_running_loop().create_future()
                 await self._room
             if eager:
-                task = _start_eagerly(_run(msg))
+                box = RequestTask()
+                task = _start_eagerly(_run(msg, box), box)
                 if task is None:
                     return  # it ran to its end without waiting
             else:

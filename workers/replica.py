@@ -74,11 +74,14 @@ _NO_CONFIG = GenerateConfig()
 
 
 class _Flight:
-    """One admitted request."""
+    """One admitted request; as a context manager (what ``Replica.track`` returns), its
+    lifetime on the replica. A class rather than a generator-based context manager, which costs
+    several times more, on every request."""
 
-    __slots__ = ("_runner", "cancel_reason", "request_id", "started")
+    __slots__ = ("_runner", "cancel_reason", "replica", "request_id", "started")
 
-    def __init__(self, request_id: str, runner: RequestTask) -> None:
+    def __init__(self, replica: Replica, request_id: str, runner: RequestTask) -> None:
+        self.replica = replica
         self.request_id = request_id
         self._runner = runner
         # Set when someone else ends the request; becomes the 503's message.
@@ -90,37 +93,24 @@ class _Flight:
         """The task running the request (requests start eagerly: see ServiceHost)."""
         return self._runner.task
 
-
-class _Tracked:
-    """``Replica.track``'s context manager (a class: a generator-based one costs several
-    times more, on every request)."""
-
-    __slots__ = ("flight", "replica")
-
-    def __init__(self, replica: Replica, flight: _Flight) -> None:
-        self.replica = replica
-        self.flight = flight
-
     def __enter__(self) -> _Flight:
-        return self.flight
+        return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        replica, flight = self.replica, self.flight
-        del replica._flights[flight.request_id]
+        replica = self.replica
+        del replica._flights[self.request_id]
         if exc_type is None:
             return
         if issubclass(exc_type, asyncio.CancelledError):
-            if flight.cancel_reason is None:
+            if self.cancel_reason is None:
                 return  # the worker's own shutdown: stays a cancellation
-            if flight.task is not None:
-                flight.task.uncancel()
+            if self.task is not None:
+                self.task.uncancel()
             replica.errors += 1
-            raise Unavailable(flight.cancel_reason) from None
+            raise Unavailable(self.cancel_reason) from None
         replica.errors += 1
         if issubclass(exc_type, RequestCancelledError):
-            raise Unavailable(
-                flight.cancel_reason or f"request {flight.request_id!r} was cancelled"
-            ) from None
+            raise Unavailable(self.cancel_reason or f"request {self.request_id!r} was cancelled") from None
 
 
 # Completion ids: a random prefix per process and a counter (a uuid4 per request reads
@@ -197,7 +187,7 @@ class Replica:
             f"requests ({len(self._flights)} in flight); retry later"
         )
 
-    def track(self, request_id: str) -> _Tracked:
+    def track(self, request_id: str) -> _Flight:
         """Admit one request (429 at the limit, 409 for a request_id in flight) for its lifetime.
 
         A cancellation that came from :meth:`cancel` turns into a 503 carrying its reason; any
@@ -214,9 +204,9 @@ class Replica:
             self.limits.admit(self.label)  # the rate limit: 429 past it
         # This request's own context: its logs carry the id it runs under from here on.
         _logcontext.set_request_id(request_id)
-        flight = flights[request_id] = _Flight(request_id, current_request())
+        flight = flights[request_id] = _Flight(self, request_id, current_request())
         self.requests += 1
-        return _Tracked(self, flight)
+        return flight
 
     def cancel(self, request_id: str, reason: str) -> bool:
         """End one in-flight request; False when it is not here."""
