@@ -163,7 +163,7 @@ def main() -> int:
     pool = ctx.Process(
         target=run_pool,
         args=(server.url, home, ready, stop),
-        kwargs={"heartbeat_interval": 0.5, "steady": True},
+        kwargs={"steady": True},  # natserve up's heartbeat interval (2 s)
     )
     pool.start()
     try:
