@@ -301,6 +301,28 @@ async def test_length_finish_and_counts(tiny: tuple[Any, Any], free_engine: Batc
     assert got.text == tokenizer.decode(got.ids, skip_special_tokens=True)
 
 
+async def test_whole_text_reader_gets_the_first_token_then_the_rest(
+    tiny: tuple[Any, Any], free_engine: BatchingEngine
+) -> None:
+    """stream=False: the first token goes over at once (time to first token), the others are
+    held until the last and go over with it, the same tokens and text as a stream's."""
+    _, tokenizer = tiny
+    prompt = tokenizer("日本 café 🙂").input_ids
+    streamed = await collect(free_engine.generate(prompt, GREEDY(max_tokens=25)))
+    whole = await collect(free_engine.generate(prompt, GREEDY(max_tokens=25), stream=False))
+    assert len(streamed.deltas) > 2
+    assert [len(d.token_ids) for d in whole.deltas] == [1, 24]
+    assert [d.completion_tokens for d in whole.deltas] == [1, 25]
+    assert (whole.ids, whole.text) == (streamed.ids, streamed.text)
+    assert whole.last.finish_reason == "length" and whole.deltas[0].finish_reason is None
+    # A stop string ends it as it ends a stream; a one-token budget is one Delta.
+    text, _ = _split_stop(tokenizer, streamed.ids)
+    stopped = await collect(free_engine.generate(prompt, GREEDY(max_tokens=25, stop=(text,)), stream=False))
+    assert stopped.last.finish_reason == "stop" and text not in stopped.text
+    one = await collect(free_engine.generate(prompt, GREEDY(max_tokens=1), stream=False))
+    assert [len(d.token_ids) for d in one.deltas] == [1] and one.last.finish_reason == "length"
+
+
 async def test_stop_token_ids(tiny: tuple[Any, Any], engine: BatchingEngine) -> None:
     _, tokenizer = tiny
     prompt = prompts_of(tokenizer, 1, seed=8)[0]

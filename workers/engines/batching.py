@@ -129,6 +129,7 @@ class _Request:
         "done",
         "eos",
         "greedy",
+        "held",
         "id",
         "last_token",
         "loop",
@@ -141,6 +142,7 @@ class _Request:
         "rng",
         "stops",
         "submitted_at",
+        "whole",
     )
 
     def __init__(
@@ -150,6 +152,7 @@ class _Request:
         params: SamplingParams,
         mailbox: _Mailbox,
         eos: frozenset[int],
+        whole: bool = False,
     ) -> None:
         self.id = request_id
         self.prompt = prompt
@@ -171,6 +174,11 @@ class _Request:
         self.last_token = -1  # sampled, not yet fed to the model
         # Set once by whichever thread ends the request first; everything else checks it.
         self.done = False
+        # Its reader wants the whole text only: after the first token (time to first token is
+        # still seen), pieces are held here and go over with the last, rather than waking the
+        # event loop at every step (which took the GIL and a core from the forward passes).
+        self.whole = whole
+        self.held: list[tuple[int, str]] = []
 
 
 class _Mailbox:
@@ -220,12 +228,19 @@ class GenerationStream(AsyncIterator[Delta]):
     """
 
     def __init__(
-        self, engine: BatchingEngine, prompt: list[int], params: SamplingParams, request_id: str
+        self,
+        engine: BatchingEngine,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        whole: bool = False,
     ) -> None:
         self._engine = engine
         self._prompt = prompt
         self._params = params
         self.request_id = request_id
+        self._whole = whole
         self._req: _Request | None = None
         self._finished = False
         self._pending_exc: BaseException | None = None
@@ -243,7 +258,9 @@ class GenerationStream(AsyncIterator[Delta]):
         if self._req is None:
             # Submit lazily, like an async generator: the loop is the one iterating.
             try:
-                self._req = self._engine._submit(self._prompt, self._params, self.request_id)
+                self._req = self._engine._submit(
+                    self._prompt, self._params, self.request_id, whole=self._whole
+                )
             except BaseException:
                 self._finished = True
                 raise
@@ -414,7 +431,8 @@ class BatchingEngine:
         (``break``, ``aclose()``, task cancelled) cancels the request.
 
         ``stream=False``: the caller wants only the whole text, so an engine may hand it over in
-        fewer, larger Deltas. This one already merges whatever a reader has not read yet.
+        fewer, larger Deltas. This one hands over the first token (its time to first token) and
+        then the rest with the last; a stream gets whatever its reader has not read yet merged.
 
         Raises ``ValueError`` right away for values the engine cannot serve.
         """
@@ -423,7 +441,7 @@ class BatchingEngine:
         if request_id is None:
             # uuid4 reads os.urandom, ~50 µs in some VMs; a counter is unique within the engine.
             request_id = f"{self._id_prefix}-{next(self._id_counter)}"
-        return GenerationStream(self, prompt, params, request_id)
+        return GenerationStream(self, prompt, params, request_id, whole=not stream)
 
     def cancel(self, request_id: str) -> bool:
         """Ends a waiting or running request; its iterator raises ``RequestCancelledError``.
@@ -479,13 +497,15 @@ class BatchingEngine:
                 f"exceeds the context length {self.context_length}"
             )
 
-    def _submit(self, prompt: list[int], params: SamplingParams, request_id: str) -> _Request:
+    def _submit(
+        self, prompt: list[int], params: SamplingParams, request_id: str, *, whole: bool = False
+    ) -> _Request:
         loop = asyncio.get_running_loop()
         with self._cond:
             mailbox = self._mailboxes.get(loop)
             if mailbox is None:
                 mailbox = self._mailboxes[loop] = _Mailbox(loop)
-        req = _Request(request_id, prompt, params, mailbox, self.eos_token_ids)
+        req = _Request(request_id, prompt, params, mailbox, self.eos_token_ids, whole)
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
@@ -835,7 +855,17 @@ class BatchingEngine:
             req.done = True
             self._finished += 1
             self._release(req)
-        self._post(req, ([tok], text, finish, req.n_out))
+        elif req.whole and req.n_out > 1:
+            req.held.append((tok, text))
+            return False
+        if req.held:
+            ids = [t for t, _ in req.held]
+            ids.append(tok)
+            text = "".join(piece for _, piece in req.held) + text
+            req.held = []
+            self._post(req, (ids, text, finish, req.n_out))
+        else:
+            self._post(req, ([tok], text, finish, req.n_out))
         return finish is not None
 
     def _fail_rows(self, reqs: Iterable[_Request], exc: BaseException) -> None:
