@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import sys
 import time
@@ -164,12 +165,12 @@ def main() -> int:
     )
     t0 = time.perf_counter()
     model = build_model(shape, device, dtype)
-    tokenizer = build_tokenizer(shape["vocab_size"])
+    tokenizer = build_tokenizer(int(shape["vocab_size"]))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e9:.2f}B parameters, built in {time.perf_counter() - t0:.1f}s", flush=True)
     gen = torch.Generator().manual_seed(0)
     prompts = {
-        c: torch.randint(3, shape["vocab_size"], (c, args.prompt_len), generator=gen).to(device)
+        c: torch.randint(3, int(shape["vocab_size"]), (c, args.prompt_len), generator=gen).to(device)
         for c in concurrency
     }
 
@@ -202,15 +203,11 @@ def main() -> int:
         results[contender] = {}
         try:
             for c in concurrency:
+                fn: Callable[[int], float]
                 if engine is not None:
-                    eng = engine
-
-                    def fn(n: int, c: int = c, eng: BatchingEngine = eng) -> float:
-                        return run_engine(eng, prompts[c], n)
+                    fn = functools.partial(run_engine, engine, prompts[c])
                 else:
-
-                    def fn(n: int, c: int = c) -> float:
-                        return run_generate(model, prompts[c], n)
+                    fn = functools.partial(run_generate, model, prompts[c])
 
                 dt = measure(fn, args.new_tokens, args.repeats)
                 tps = c * args.new_tokens / dt

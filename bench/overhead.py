@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,7 +51,14 @@ ECHO_MODEL = {
 }
 
 
-def _run_raw_responder(url: str, subject: str, reply_size: int, ready: mp.Event, stop: mp.Event) -> None:  # type: ignore[valid-type]
+class EventLike(Protocol):
+    """What the raw responder uses of a multiprocessing Event."""
+
+    def set(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def _run_raw_responder(url: str, subject: str, reply_size: int, ready: EventLike, stop: EventLike) -> None:
     import nats
 
     async def main() -> None:
@@ -98,13 +106,14 @@ async def _measure(
 async def _bench(url: str, seconds: float, rounds_per_point: int) -> dict[str, float]:
     import nats
 
-    from broker_client import AsyncClient
+    from broker_client import AsyncClient, AsyncGenerateModelHandle
 
     results: dict[str, float] = {}
     async with AsyncClient(url) as client:
         await client.register_model(model_type="LLM", model=json.dumps(ECHO_MODEL), persist=False)
         uid = await client.launch_model(model_name="echo-bench", progress=False)
         model = await client.get_model(model_uid=uid)
+        assert isinstance(model, AsyncGenerateModelHandle)
         sample = await model.generate(prompt=PROMPT, generate_config={"max_tokens": 16})
         reply_size = len(json.dumps(sample))
 
