@@ -107,8 +107,8 @@ def _worker_options(p: argparse.ArgumentParser) -> None:
         dest="warm_up",
         action="store_false",
         default=None,
-        help="do not import the model-loading code in the background from the start on: the "
-        "first launch pays 1.5-2 s for it (env NATSERVE_WARM_UP=0)",
+        help="do not import torch and the model-loading code in the background once the worker "
+        "answers: the first launch pays a few seconds for it (env NATSERVE_WARM_UP=0)",
     )
 
 

@@ -253,6 +253,9 @@ async def run_services(
     """
     force = force or asyncio.Event()
     services: list[_Service] = []
+    # The worker's warm-up starts once every service answers: its imports hold the GIL for most
+    # of their time, and the registry's start (its database, its subscriptions) comes first.
+    all_ready = asyncio.Event()
     metrics_registry: Any = None
     metrics_server: Any = None
     if settings.metrics_port is not None:
@@ -287,7 +290,6 @@ async def run_services(
             settings.home.mkdir(parents=True, exist_ok=True)
         services.append(_Service("registry", registry_factory))
     if worker:
-        # Imported here: it pulls in torch, which only worker processes need.
         from workers.app import run_worker
 
         limits = worker_limits(settings)
@@ -308,6 +310,7 @@ async def run_services(
                 warm_up=settings.warm_up,
                 # The warm-up's imports (160,000 objects) join start-up's out of the collector's reach.
                 on_warm=freeze_heap,
+                warm_up_after=all_ready,
             )
 
         services.append(_Service("worker", worker_factory))
@@ -324,6 +327,7 @@ async def run_services(
                 break
         else:
             freeze_heap()
+            all_ready.set()
             if on_ready is not None:
                 on_ready()
             watched = [s.task for s in services]

@@ -78,6 +78,7 @@ from workers import Worker
 
 async def main():
     warmed = []
+    after = asyncio.Event() if sys.argv[4] == "1" else None
     worker = Worker(
         sys.argv[1],
         prefix=sys.argv[2],
@@ -85,12 +86,20 @@ async def main():
         warm_up=sys.argv[3] == "1",
         # Whole by then: its last class defined, not only entered in sys.modules.
         on_warm=lambda: warmed.append(hasattr(sys.modules["transformers.modeling_utils"], "PreTrainedModel")),
+        warm_up_after=after,
     )
     await worker.start()
     try:
+        held = None
+        if after is not None:
+            await asyncio.sleep(0)  # one turn: the warm-up task runs to its first wait
+            waiting_on = worker._warming.get_coro().cr_await
+            held = "torch" not in sys.modules and waiting_on.__qualname__ == "Event.wait"
+            after.set()
         if worker.warm_up:
             await asyncio.wait_for(asyncio.shield(worker._warming), 60)
-        print(json.dumps({"warmed": warmed, "imported": "transformers.modeling_utils" in sys.modules}))
+        imported = "transformers.modeling_utils" in sys.modules
+        print(json.dumps({"warmed": warmed, "imported": imported, "held": held}))
     finally:
         await worker.stop()
 
@@ -98,14 +107,16 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("warm_up", [True, False])
+@pytest.mark.parametrize(("warm_up", "after"), [(True, False), (True, True), (False, False)])
 def test_a_warming_worker_imports_the_model_loading_code_in_the_background(
-    nats_url: str, unique: str, warm_up: bool
+    nats_url: str, unique: str, warm_up: bool, after: bool
 ) -> None:
     """In a fresh interpreter: with warm_up the loader's heavy imports run on a thread that
-    start() does not wait for, and on_warm follows them; without, they wait for a launch."""
+    start() does not wait for, and on_warm follows them; with warm_up_after, only once that
+    event is set; without warm_up, they wait for a launch."""
+    flags = ["1" if warm_up else "0", "1" if after else "0"]
     result = subprocess.run(
-        [sys.executable, "-c", _WARM_UP_PROBE, nats_url, f"w{unique}", "1" if warm_up else "0"],
+        [sys.executable, "-c", _WARM_UP_PROBE, nats_url, f"w{unique}", *flags],
         capture_output=True,
         text=True,
         timeout=120,
@@ -113,7 +124,78 @@ def test_a_warming_worker_imports_the_model_loading_code_in_the_background(
     )
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
-    assert seen == {"warmed": [True], "imported": True} if warm_up else {"warmed": [], "imported": False}
+    held = True if after else None
+    assert seen == (
+        {"warmed": [True], "imported": True, "held": held}
+        if warm_up
+        else {"warmed": [], "imported": False, "held": None}
+    )
+
+
+_NO_TORCH_PROBE = """
+import asyncio, json, sys
+from broker_client import AsyncClient
+from registry_service.app import run_registry
+from tests.test_worker import llm_definition
+from workers.app import run_worker
+
+async def main():
+    url, db_url, prefix, tiny = sys.argv[1:5]
+    warmed = []
+    stop = asyncio.Event()
+    ready = [asyncio.Event(), asyncio.Event()]
+    common = dict(nats_url=url, prefix=prefix, stop=stop)
+    tasks = [
+        asyncio.create_task(run_registry(db_url=db_url, ready=ready[0], **common)),
+        asyncio.create_task(
+            run_worker(ready=ready[1], warm_up=False, on_warm=lambda: warmed.append(len(warmed)), **common)
+        ),
+    ]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 60)
+    seen = {"at_ready": "torch" in sys.modules}
+    async with AsyncClient(url, prefix=prefix, timeout=60) as client:
+        await client.register_model(model_type="LLM", model=llm_definition("probe-echo", "echo:"))
+        model = await client.get_model(await client.launch_model(model_name="probe-echo", progress=False))
+        out = await model.generate("one two three", {"max_tokens": 2})
+        (worker,) = await client.list_workers()
+        seen["answered"] = out["usage"]["completion_tokens"] == 2 and bool(worker["devices"])
+        seen["after_echo"] = "torch" in sys.modules
+        # The first real launch does the imports, and on_warm follows them once.
+        for name in ("probe-tiny", "probe-tiny-2"):
+            await client.register_model(model_type="LLM", model=llm_definition(name, tiny))
+            await client.launch_model(model_name=name, progress=False)
+        seen["warmed"] = warmed
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    print(json.dumps(seen))
+
+asyncio.run(main())
+"""
+
+
+def test_a_pool_answers_before_torch_is_imported(
+    nats_url: str, unique: str, tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """In a fresh interpreter, registry and worker as natserve up runs them (warm-up off): they
+    start, register, launch and serve the echo model without importing torch, which only model
+    loads need (the warm-up imports it on a thread). Where a GPU driver is present the worker
+    imports torch to ask it about its devices. The first model launch then does the imports,
+    and on_warm runs after them, once."""
+    from workers.devices import gpu_driver_possible
+
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_PROBE, nats_url, db_url, f"t{unique}", f"file://{tiny_llama_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["answered"] is True and seen["warmed"] == [0]
+    if not gpu_driver_possible():
+        assert (seen["at_ready"], seen["after_echo"]) == (False, False)
 
 
 def test_warm_up_runs_once_per_process() -> None:

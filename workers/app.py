@@ -41,6 +41,7 @@ async def run_worker(
     metrics_registry: Any = None,
     warm_up: bool = False,
     on_warm: Callable[[], None] | None = None,
+    warm_up_after: asyncio.Event | None = None,
 ) -> None:
     """Serve as one worker until ``stop`` is set; then drain (at most ``drain_timeout``) and close.
 
@@ -48,8 +49,9 @@ async def run_worker(
     ``cache_dir`` is the Hugging Face cache (default: ``HF_HUB_CACHE`` at launch time, else the
     hub's default); ``auth`` the NATS identity and TLS settings; ``limits`` the operator's policy
     (:mod:`workers.limits`); ``metrics_registry`` the prometheus_client ``CollectorRegistry`` its
-    metrics go to; ``warm_up`` imports the model-loading code on a thread from the start on,
-    and then calls ``on_warm`` there (see :class:`~workers.service.Worker`).
+    metrics go to; ``warm_up`` imports torch and the model-loading code on a thread once the
+    worker answers (or once ``warm_up_after`` is set), and then calls ``on_warm`` there (see
+    :class:`~workers.service.Worker`).
     """
     worker = Worker(
         nats_url,
@@ -64,6 +66,7 @@ async def run_worker(
         metrics_registry=metrics_registry,
         warm_up=warm_up,
         on_warm=on_warm,
+        warm_up_after=warm_up_after,
     )
     await worker.start()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 
 from broker_client._messages import DeviceInfo
@@ -73,7 +74,20 @@ def cpu_device() -> DeviceInfo:
     )
 
 
+# Device nodes that a GPU driver torch can use creates on Linux: NVIDIA (desktop and server,
+# Jetson), ROCm, WSL's GPU paravirtualisation. With none of them torch sees no GPU, and the
+# worker need not import torch (1-3 s) to learn that.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_driver_possible() -> bool:
+    """False where torch cannot see a GPU: Linux without any GPU driver's device node."""
+    return not sys.platform.startswith("linux") or any(os.path.exists(node) for node in _GPU_NODES)
+
+
 def _cuda_available() -> bool:
+    if "torch" not in sys.modules and not gpu_driver_possible():
+        return False
     try:
         import torch
     except ImportError:

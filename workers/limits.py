@@ -32,6 +32,8 @@ from pathlib import Path
 
 from broker_client._errors import BadRequest, Overloaded, PayloadTooLarge
 
+from .loader import parse_model_uri
+
 __all__ = [
     "ReplicaLimits",
     "TokenBucket",
@@ -84,8 +86,6 @@ def check_model_uri(model_uri: str, roots: Sequence[Path] | None, *, where: str 
     The path is resolved before the check: ``..`` segments and symlinks anywhere on it are
     followed, so neither a traversal nor a link out of a root gets through.
     """
-    from .loader import parse_model_uri  # the loader pulls in torch: only when a path is checked
-
     path = _resolved(parse_model_uri(model_uri))
     if roots is None:
         return path

@@ -26,10 +26,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
-
-import torch
 
 from broker_client._errors import (
     BadRequest,
@@ -38,6 +36,9 @@ from broker_client._errors import (
     NotFound,
     Unavailable,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +72,13 @@ def warm_up(then: Callable[[], None] | None = None) -> float:
     """Import the code every model load runs, once per process; the seconds it took (0 after the
     first call).
 
-    That is transformers' model base class and its auto classes for configs, causal LMs,
-    encoders and tokenizers: ``modeling_utils`` alone pulls in ``torch.distributed.tensor``,
-    ``torch._dynamo`` and transformers' loss functions, 1.5-2 s on two cores and about 90 % of
-    the first launch of a small model. A worker does it on a thread of its own from its start
-    (``Worker(warm_up=True)``), so that its first launch pays only for the model itself. Every
+    That is torch, transformers' model base class and its auto classes for configs, causal
+    LMs, encoders and tokenizers, and the engine: ``modeling_utils`` alone pulls in
+    ``torch.distributed.tensor``, ``torch._dynamo`` and transformers' loss functions, 1.5-2 s on
+    two cores and about 90 % of the first launch of a small model (torch itself another 1-1.5 s;
+    this module does not import it at the top, so that a worker answers before it). A worker
+    does it on a thread of its own from its start (``Worker(warm_up=True)``), so that its first
+    launch pays only for the model itself. Every
     load calls it first, and so waits for a warm-up under way: transformers is never imported
     from two threads at once (a cycle between two threads' imports hands one of them a
     half-initialised module). ``then`` runs after the imports and before any load can start.
@@ -85,8 +88,11 @@ def warm_up(then: Callable[[], None] | None = None) -> float:
         if _warmed:
             return 0.0
         started = time.perf_counter()
+        import torch  # noqa: F401
         import transformers.modeling_utils  # noqa: F401
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        from .engines import batching  # noqa: F401
 
         _warmed = True
         seconds = time.perf_counter() - started
@@ -319,6 +325,8 @@ def resolve_source(
 
 
 def _parse_device(device: str) -> torch.device:
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -337,30 +345,37 @@ def _parse_device(device: str) -> torch.device:
     return dev
 
 
+# Names a definition may give -> the torch dtype's attribute name.
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
 
 
 def _pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    import torch
+
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # Half precision on the CPU is slow or unsupported for many ops.
         return torch.float32
     try:
-        return _DTYPES[dtype.lower()]
+        name = _DTYPES[dtype.lower()]
     except KeyError:
         raise BadRequest(f"dtype {dtype!r} is not supported; use one of {sorted(set(_DTYPES))}") from None
+    dt: torch.dtype = getattr(torch, name)
+    return dt
 
 
 def _free_memory(device: torch.device | None = None) -> None:
+    import torch
+
     gc.collect()
     if (device is None or device.type == "cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -373,6 +388,8 @@ def _translating_errors(what: str, path: Path, device: torch.device) -> Iterator
     The traceback's frames hold the half-built model; clearing them before re-raising is what
     lets ``gc.collect()`` return its memory while keeping the cause chained for the logs.
     """
+    import torch
+
     try:
         yield
     except NatserveError:
@@ -764,6 +781,7 @@ def load_embedding(source: ModelSource, *, device: str = "cpu") -> LoadedEmbeddi
         raise NotFound(f"{path} holds no config.json")
 
     warm_up()
+    import torch
     from transformers import AutoModel, AutoTokenizer
 
     config = _load_config(path, trust_remote_code=False)

@@ -48,7 +48,7 @@ from broker_client._transport import RequestTask, Responder, ServiceHost, curren
 
 from . import balancing
 from .chat import build_chat_prompt
-from .engines.batching import Delta, EngineClosedError, RequestCancelledError, SamplingParams
+from .engines.api import Delta, EngineClosedError, RequestCancelledError, SamplingParams
 from .limits import ReplicaLimits, WorkerLimits
 
 logger = logging.getLogger(__name__)

@@ -132,14 +132,17 @@ class Worker:
         metrics_registry: Any = None,
         warm_up: bool = False,
         on_warm: Callable[[], None] | None = None,
+        warm_up_after: asyncio.Event | None = None,
     ) -> None:
         """``limits``: the operator's policy (remote code, model roots, request limits; none by
         default, see :mod:`workers.limits`); ``metrics_registry``: the prometheus_client
         ``CollectorRegistry`` for this worker's metrics (a private one by default); ``warm_up``:
-        import the model-loading code on a thread from the start on (:func:`workers.loader.
-        warm_up`), so that a launch after it (1.5-2 s on two cores) pays only for its model; a
-        launch that comes sooner waits for it. ``on_warm`` runs on that thread once it is done,
-        before any load."""
+        import torch and the model-loading code on a thread once the worker answers
+        (:func:`workers.loader.warm_up`), so that a launch after it (3 s or more on two cores) pays
+        only for its model; a launch that comes sooner waits for it. ``warm_up_after``: start it
+        only once this event is set (``natserve up``: once the registry answers too, since the
+        imports hold the GIL for most of their time). ``on_warm`` runs once those imports are
+        done (by the warm-up, or by the first launch without one), before any model is built."""
         if heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval}")
         self.nats_url = nats_url
@@ -154,6 +157,7 @@ class Worker:
         self.limits = limits or WorkerLimits()
         self.warm_up = warm_up
         self._on_warm = on_warm
+        self._warm_up_after = warm_up_after
         self._warming: asyncio.Future[None] | None = None
         self.metrics = WorkerMetrics(metrics_registry)
         self.metrics.attach(self)
@@ -176,13 +180,13 @@ class Worker:
             raise RuntimeError(f"worker {self.worker_id} was already started")
         self._status = "starting"
         self.started_at = time.time()
-        if self.warm_up:
-            # On a thread of its own: the start does not wait for it, loads do (loader.warm_up).
-            self._warming = asyncio.ensure_future(self._warm_up())
         await self._start()
         self._status = "running"
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="natserve-heartbeat")
+        if self.warm_up:
+            # On a thread of its own: nothing waits for it but loads (loader.warm_up).
+            self._warming = asyncio.ensure_future(self._warm_up())
         logger.info(
             "worker %s serving on %s (prefix %r, device %s)",
             self.worker_id,
@@ -194,6 +198,8 @@ class Worker:
     async def _warm_up(self) -> None:
         from .loader import warm_up
 
+        if self._warm_up_after is not None:
+            await self._warm_up_after.wait()
         try:
             seconds = await asyncio.to_thread(warm_up, self._on_warm)
         except Exception as exc:
@@ -548,8 +554,11 @@ class Worker:
                 cancelled=lambda: pending.cancelled,
             )
 
-        from .loader import load_embedding, load_llm, resolve_source
+        from .loader import load_embedding, load_llm, resolve_source, warm_up
 
+        # Without a warm-up (or before it is over) the imports happen here, and on_warm follows
+        # them before the model is built, as it would have after the warm-up.
+        await asyncio.to_thread(warm_up, self._on_warm)
         loop = asyncio.get_running_loop()
 
         def progress(update: dict[str, Any]) -> None:

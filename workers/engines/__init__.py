@@ -1,8 +1,21 @@
-"""Inference engines: continuous-batching LLM, sentence embeddings, and the model-less echo."""
+"""Inference engines: continuous-batching LLM, sentence embeddings, and the model-less echo.
 
-from .batching import BatchingEngine, Delta, EngineStats, SamplingParams
+``BatchingEngine`` and ``EmbeddingEngine`` import torch and transformers, so they are imported
+when first used (``from workers.engines import BatchingEngine`` works as usual): a worker that
+starts imports this package without them and answers before they are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .api import Delta, EngineStats, SamplingParams
 from .echo import EchoEngine, is_echo_uri
-from .embedding import EmbeddingEngine
+
+if TYPE_CHECKING:
+    from .batching import BatchingEngine
+    from .embedding import EmbeddingEngine
 
 __all__ = [
     "BatchingEngine",
@@ -13,3 +26,14 @@ __all__ = [
     "SamplingParams",
     "is_echo_uri",
 ]
+
+_LAZY = {"BatchingEngine": ".batching", "EmbeddingEngine": ".embedding"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

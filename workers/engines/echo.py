@@ -32,7 +32,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from .batching import Delta, EngineClosedError, EngineStats, RequestCancelledError, SamplingParams
+from .api import Delta, EngineClosedError, EngineStats, RequestCancelledError, SamplingParams
 
 __all__ = ["ECHO_SCHEME", "EchoEngine", "EchoOptions", "echo_options", "is_echo_uri"]
 
