@@ -4,7 +4,29 @@ natserve side, run in a spawned process while the client measures in the benchma
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
+
+
+def llm_definition(name: str, model_uri: str, size_in_billions: float = 0.001) -> str:
+    """The JSON of a custom LLM definition serving ``model_uri`` under ``name`` (generate only)."""
+    return json.dumps(
+        {
+            "version": 1,
+            "model_name": name,
+            "model_lang": ["en"],
+            "model_ability": ["generate"],
+            "context_length": 4096,
+            "model_specs": [
+                {
+                    "model_format": "pytorch",
+                    "model_size_in_billions": size_in_billions,
+                    "quantizations": ["none"],
+                    "model_uri": model_uri,
+                }
+            ],
+        }
+    )
 
 
 def run_pool(
@@ -37,7 +59,7 @@ def run_pool(
 
     async def main() -> None:
         stop_ev = asyncio.Event()
-        reg_ready, wrk_ready = asyncio.Event(), asyncio.Event()
+        reg_ready, wrk_ready, all_ready = asyncio.Event(), asyncio.Event(), asyncio.Event()
         tasks = [
             asyncio.create_task(
                 run_registry(
@@ -51,8 +73,10 @@ def run_pool(
                     stop=stop_ev,
                     ready=wrk_ready,
                     heartbeat_interval=heartbeat_interval,
-                    warm_up=True,  # as natserve up does
+                    # As natserve up does: the warm-up once both answer.
+                    warm_up=True,
                     on_warm=on_warm,
+                    warm_up_after=all_ready,
                 )
             ),
         ]
@@ -65,6 +89,7 @@ def run_pool(
                 t.result()
             raise RuntimeError("registry and worker were not ready within 120 s")
         freeze_heap()  # as natserve up does once its services are ready
+        all_ready.set()
         if steady and not await asyncio.to_thread(warm.wait, 120):
             raise RuntimeError("the worker's warm-up did not end within 120 s")
         ready.set()

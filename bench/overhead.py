@@ -30,25 +30,11 @@ from typing import Protocol
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._pool import run_pool  # noqa: E402
+from bench._pool import llm_definition, run_pool  # noqa: E402
 from tests.conftest import NatsServer  # noqa: E402
 
 PROMPT = "natserve overhead probe " * 4
-ECHO_MODEL = {
-    "version": 1,
-    "model_name": "echo-bench",
-    "model_lang": ["en"],
-    "model_ability": ["generate"],
-    "context_length": 4096,
-    "model_specs": [
-        {
-            "model_format": "pytorch",
-            "model_size_in_billions": 0.001,
-            "quantizations": ["none"],
-            "model_uri": "echo:",
-        }
-    ],
-}
+ECHO_MODEL = llm_definition("echo-bench", "echo:")
 
 
 class EventLike(Protocol):
@@ -110,7 +96,7 @@ async def _bench(url: str, seconds: float, rounds_per_point: int) -> dict[str, f
 
     results: dict[str, float] = {}
     async with AsyncClient(url) as client:
-        await client.register_model(model_type="LLM", model=json.dumps(ECHO_MODEL), persist=False)
+        await client.register_model(model_type="LLM", model=ECHO_MODEL, persist=False)
         uid = await client.launch_model(model_name="echo-bench", progress=False)
         model = await client.get_model(model_uid=uid)
         assert isinstance(model, AsyncGenerateModelHandle)
