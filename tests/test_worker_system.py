@@ -72,6 +72,21 @@ async def test_register_launch_generate_chat_terminate(system: AsyncClient, tiny
         await model.generate("SELECT", {"max_tokens": 2})
 
 
+def _run_probe(script: str, *args: str) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter from the repository root (at most 120 s); the JSON
+    object its last line prints."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    seen: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return seen
+
+
 _WARM_UP_PROBE = """
 import asyncio, json, sys
 from workers import Worker
@@ -114,16 +129,7 @@ def test_a_warming_worker_imports_the_model_loading_code_in_the_background(
     """In a fresh interpreter: with warm_up the loader's heavy imports run on a thread that
     start() does not wait for, and on_warm follows them; with warm_up_after, only once that
     event is set; without warm_up, they wait for a launch."""
-    flags = ["1" if warm_up else "0", "1" if after else "0"]
-    result = subprocess.run(
-        [sys.executable, "-c", _WARM_UP_PROBE, nats_url, f"w{unique}", *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert result.returncode == 0, result.stderr
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    seen = _run_probe(_WARM_UP_PROBE, nats_url, f"w{unique}", "1" if warm_up else "0", "1" if after else "0")
     held = True if after else None
     assert seen == (
         {"warmed": [True], "imported": True, "held": held}
@@ -184,15 +190,7 @@ def test_a_pool_answers_before_torch_is_imported(
     from workers.devices import gpu_driver_possible
 
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}"
-    result = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH_PROBE, nats_url, db_url, f"t{unique}", f"file://{tiny_llama_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert result.returncode == 0, result.stderr
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    seen = _run_probe(_NO_TORCH_PROBE, nats_url, db_url, f"t{unique}", f"file://{tiny_llama_dir}")
     assert seen["answered"] is True and seen["warmed"] == [0]
     if not gpu_driver_possible():
         assert (seen["at_ready"], seen["after_echo"]) == (False, False)
