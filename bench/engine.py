@@ -811,9 +811,9 @@ async def bench_model(
 
 async def launch_at_ready(client: Any, name: str, path: Path, results: dict[str, Any], log: Any) -> None:
     """Launch ``name`` the moment the pool is ready, as a script that starts natserve and
-    launches at once would: the worker's warm-up (the imports of the model-loading code, on a
-    thread from its start on) is still running, and the launch waits for it. The model's own
-    launch later measures a worker that is warm."""
+    launches at once would: the worker's warm-up (the imports of torch and the model-loading
+    code, on a thread once the pool answers) is still running, and the launch waits for it. The
+    model's own launch later measures a worker that is warm."""
     probe = f"bench-{name}-at-ready"
     t0 = time.perf_counter()
     await client.register_model(model_type="LLM", model=llm_definition(probe, str(path)), persist=False)

@@ -77,11 +77,11 @@ def warm_up(then: Callable[[], None] | None = None) -> float:
     ``torch.distributed.tensor``, ``torch._dynamo`` and transformers' loss functions, 1.5-2 s on
     two cores and about 90 % of the first launch of a small model (torch itself another 1-1.5 s;
     this module does not import it at the top, so that a worker answers before it). A worker
-    does it on a thread of its own from its start (``Worker(warm_up=True)``), so that its first
-    launch pays only for the model itself. Every
-    load calls it first, and so waits for a warm-up under way: transformers is never imported
-    from two threads at once (a cycle between two threads' imports hands one of them a
-    half-initialised module). ``then`` runs after the imports and before any load can start.
+    does it on a thread of its own once it answers (``Worker(warm_up=True)``), so that its first
+    launch pays only for the model itself. Every load calls it first, and so waits for a warm-up
+    under way: transformers is never imported from two threads at once (a cycle between two
+    threads' imports hands one of them a half-initialised module). ``then`` runs after the
+    imports and before any load can start.
     """
     global _warmed
     with _warm_lock:
