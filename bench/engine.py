@@ -1050,7 +1050,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from tests.conftest import NatsServer, nats_server_binary
+    from natserve.embedded import nats_server_binary
+    from tests.conftest import NatsServer
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

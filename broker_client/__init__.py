@@ -5,17 +5,29 @@
     uid = client.launch_model(model_name="nsql-2B")
     client.get_model(uid).generate("SELECT")
 
-Workers and the registry import the protocol (subjects, wire models, codec, errors) from here;
-this package imports neither of them.
+Workers and the registry import the protocol from here: errors, wire models, definitions,
+subjects and auth from this package, the pure codec from ``broker_client.codec`` and the NATS
+runtime (connect, transport, responder, service host) from ``broker_client.runtime``. This
+package imports neither of them.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+from ._auth import (
+    NatsAuth,
+    connect_options,
+)
 from ._client import AsyncClient, Client, ProgressCallback
 from ._definition import (
+    ABILITIES,
+    MODEL_TYPES,
+    QUANTIZATIONS,
     EmbeddingDefinition,
     LLMDefinition,
     ModelDefinition,
     ModelSpec,
     PromptStyle,
+    format_validation_error,
     parse_definition,
 )
 from ._errors import (
@@ -32,6 +44,7 @@ from ._errors import (
     ServiceError,
     TransportError,
     Unavailable,
+    error_from_wire,
 )
 from ._handles import (
     AsyncChatModelHandle,
@@ -46,31 +59,57 @@ from ._handles import (
     Stream,
 )
 from ._messages import (
+    ChatChoice,
+    ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatMessage,
     ChatRequest,
     Completion,
+    CompletionChoice,
     CompletionChunk,
+    DescribeRequest,
     DeviceInfo,
     Embedding,
     EmbeddingList,
     EmbedRequest,
     GenerateConfig,
     GenerateRequest,
+    GetRegistrationRequest,
     LaunchReply,
     LaunchRequest,
+    ListRegistrationsRequest,
     ModelEvent,
     RegisterReply,
     RegisterRequest,
     ReplicaInfo,
+    Request,
+    TerminateRequest,
+    UnregisterRequest,
     Usage,
     WorkerInfo,
+    WorkerLaunch,
+    WorkerLaunchReply,
+    WorkerTerminate,
 )
-from ._subjects import DEFAULT_PREFIX, Subjects
+from ._subjects import (
+    DEFAULT_PREFIX,
+    NAME_PATTERN,
+    Subjects,
+    check_name,
+)
+
+try:
+    __version__ = version("natserve")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0.0.0"
 
 __all__ = [
+    "ABILITIES",
     "DEFAULT_PREFIX",
+    "MODEL_TYPES",
+    "NAME_PATTERN",
+    "QUANTIZATIONS",
     "AsyncChatModelHandle",
     "AsyncClient",
     "AsyncEmbeddingModelHandle",
@@ -78,6 +117,8 @@ __all__ = [
     "AsyncModelHandle",
     "AsyncStream",
     "BadRequest",
+    "ChatChoice",
+    "ChatChunkChoice",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatMessage",
@@ -85,8 +126,10 @@ __all__ = [
     "ChatRequest",
     "Client",
     "Completion",
+    "CompletionChoice",
     "CompletionChunk",
     "Conflict",
+    "DescribeRequest",
     "DeviceInfo",
     "EmbedRequest",
     "Embedding",
@@ -96,14 +139,17 @@ __all__ = [
     "GenerateConfig",
     "GenerateModelHandle",
     "GenerateRequest",
+    "GetRegistrationRequest",
     "InternalError",
     "LLMDefinition",
     "LaunchReply",
     "LaunchRequest",
+    "ListRegistrationsRequest",
     "ModelDefinition",
     "ModelEvent",
     "ModelHandle",
     "ModelSpec",
+    "NatsAuth",
     "NatserveError",
     "NoResponders",
     "NotFound",
@@ -114,14 +160,25 @@ __all__ = [
     "RegisterReply",
     "RegisterRequest",
     "ReplicaInfo",
+    "Request",
     "RequestTimeout",
     "ServerTimeout",
     "ServiceError",
     "Stream",
     "Subjects",
+    "TerminateRequest",
     "TransportError",
     "Unavailable",
+    "UnregisterRequest",
     "Usage",
     "WorkerInfo",
+    "WorkerLaunch",
+    "WorkerLaunchReply",
+    "WorkerTerminate",
+    "__version__",
+    "check_name",
+    "connect_options",
+    "error_from_wire",
+    "format_validation_error",
     "parse_definition",
 ]

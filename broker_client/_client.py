@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from . import _codec
+from . import codec
 from ._definition import format_validation_error, parse_definition
 from ._errors import BadRequest, NatserveError, NoResponders, TransportError, Unavailable
 from ._handles import (
@@ -67,10 +67,10 @@ _LAUNCH_MARGIN = 5.0
 _CONNECT_TIMEOUT = 5.0
 
 _ENCODINGS = {
-    "msgpack": _codec.MSGPACK,
-    "json": _codec.JSON,
-    _codec.MSGPACK: _codec.MSGPACK,
-    _codec.JSON: _codec.JSON,
+    "msgpack": codec.MSGPACK,
+    "json": codec.JSON,
+    codec.MSGPACK: codec.MSGPACK,
+    codec.JSON: codec.JSON,
 }
 
 
@@ -146,7 +146,7 @@ class AsyncClient:
 
     async def _on_worker_event(self, msg: Any) -> None:
         try:
-            event = _codec.decode(msg.data, _codec.detect(msg.data, msg.headers))
+            event = codec.decode(msg.data, codec.detect(msg.data, msg.headers))
         except NatserveError:
             return
         if not isinstance(event, dict) or event.get("state") not in ("dead", "stopped"):
@@ -339,7 +339,7 @@ class AsyncClient:
 
         async def on_event(msg: Any) -> None:
             try:
-                data = _codec.decode(msg.data, _codec.detect(msg.data, msg.headers))
+                data = codec.decode(msg.data, codec.detect(msg.data, msg.headers))
                 event = ModelEvent.model_validate(data)
             except (NatserveError, ValidationError) as exc:
                 logger.debug("ignoring malformed model event on %s: %r", msg.subject, exc)

@@ -52,7 +52,7 @@ from nats.aio.client import Client as NATSConnection
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
-from . import _codec, _logcontext
+from . import codec, logcontext
 from ._definition import format_validation_error
 from ._errors import (
     BadRequest,
@@ -209,7 +209,7 @@ def _raise_for_error(headers: Mapping[str, str] | None, data: bytes, subject: st
     message = headers.get(ERROR_HEADER, "")
     type_name = None
     try:
-        body = _codec.decode(data, _codec.detect(data, headers))
+        body = codec.decode(data, codec.detect(data, headers))
         err = body.get("error") if isinstance(body, dict) else None
         if isinstance(err, dict):
             message = str(err.get("message") or message)
@@ -281,7 +281,7 @@ class _Pending:
 class Transport:
     """Requests and streams over one connection, answered on one wildcard inbox."""
 
-    def __init__(self, nc: NATSConnection, *, encoding: str = _codec.MSGPACK) -> None:
+    def __init__(self, nc: NATSConnection, *, encoding: str = codec.MSGPACK) -> None:
         self.nc = nc
         self.encoding = encoding
         self._prefix = nc.new_inbox()
@@ -369,10 +369,10 @@ class Transport:
         """The body, and the headers it needs: none when the rule for bodies without a
         Content-Type reads it right. Headers cost both ends more than the rest of a small
         request's messaging (nats-py builds and parses them in Python, key by key)."""
-        data = payload if isinstance(payload, bytes) else _codec.encode(payload, self.encoding)
+        data = payload if isinstance(payload, bytes) else codec.encode(payload, self.encoding)
         hdrs = None
-        if not _codec.detect_unambiguous(data, self.encoding):
-            hdrs = {_codec.CONTENT_TYPE: self.encoding}
+        if not codec.detect_unambiguous(data, self.encoding):
+            hdrs = {codec.CONTENT_TYPE: self.encoding}
         if headers:
             hdrs = {**(hdrs or {}), **headers}
         if len(data) > self.nc.max_payload:
@@ -419,7 +419,7 @@ class Transport:
             # A single successful reply has no Content-Type: the wire rule for bodies without
             # one (JSON when it starts with '{' or '[', else msgpack) reads it, whatever
             # encoding the replier chose.
-            return _codec.decode(body, _codec.detect(body, first.headers))
+            return codec.decode(body, codec.detect(body, first.headers))
         finally:
             self._pending.pop(token, None)
 
@@ -502,7 +502,7 @@ class Transport:
                         f"stream from {subject!r} lost chunks: got {seq}, expected {expected}"
                     )
                 expected += 1
-                yield _codec.decode(msg.data, _codec.detect(msg.data, msg.headers))
+                yield codec.decode(msg.data, codec.detect(msg.data, msg.headers))
         except ServiceError:
             # The server ends an errored stream itself; nothing to cancel.
             finished = True
@@ -552,14 +552,14 @@ class Responder:
         headers = msg.headers
         if not headers:  # the natserve client's requests: the body rule alone, which cannot fail
             self.request_id: str | None = None
-            self.content_type = _codec.detect(msg.data)
+            self.content_type = codec.detect(msg.data)
         else:
             self.request_id = headers.get(REQUEST_ID_HEADER)
             try:
-                self.content_type = _codec.detect(msg.data, headers)
+                self.content_type = codec.detect(msg.data, headers)
             except BadRequest as exc:
                 # Answer the bad Content-Type itself in JSON, which every tool can read.
-                self.content_type = _codec.JSON
+                self.content_type = codec.JSON
                 self._bad_type = exc
         # What the body is read as (content_type, the reply's encoding, may change below).
         self._body_type = self.content_type
@@ -572,12 +572,12 @@ class Responder:
         try:
             if self._bad_type is not None:
                 raise self._bad_type
-            return _codec.decode(self.msg.data, self._body_type)
+            return codec.decode(self.msg.data, self._body_type)
         except BadRequest:
-            if not (self.msg.headers or {}).get(_codec.CONTENT_TYPE):
+            if not (self.msg.headers or {}).get(codec.CONTENT_TYPE):
                 # Undeclared bytes that are not msgpack most likely came from a person with
                 # `nats req`: tell them in JSON, which they can read.
-                self.content_type = _codec.JSON
+                self.content_type = codec.JSON
             raise
 
     def parse(self, model: type[M]) -> M:
@@ -609,7 +609,7 @@ class Responder:
             await self.nc.publish(self.msg.reply, data, headers=headers)
 
     async def respond(self, obj: Any) -> None:
-        data = _codec.encode(obj, self.content_type)
+        data = codec.encode(obj, self.content_type)
         msg = self.msg
         nc = msg._client
         if len(data) <= nc.max_payload - _HEADER_ROOM:
@@ -625,7 +625,7 @@ class Responder:
             await self._send(
                 data[i * limit : (i + 1) * limit],
                 {
-                    _codec.CONTENT_TYPE: self.content_type,
+                    codec.CONTENT_TYPE: self.content_type,
                     PARTS_HEADER: str(total),
                     PART_HEADER: str(i),
                 },
@@ -633,11 +633,11 @@ class Responder:
 
     async def chunk(self, obj: Any) -> None:
         self._seq += 1
-        headers = {_codec.CONTENT_TYPE: self.content_type, SEQ_HEADER: str(self._seq)}
+        headers = {codec.CONTENT_TYPE: self.content_type, SEQ_HEADER: str(self._seq)}
         if self._ack is not None:
             # The stream started before the ack was due: its first chunk carries it.
             headers[ACCEPTED_HEADER] = self._ack
-        await self._send(_codec.encode(obj, self.content_type), headers)
+        await self._send(codec.encode(obj, self.content_type), headers)
 
     async def end_stream(self) -> None:
         await self._send(b"", {})
@@ -684,13 +684,13 @@ class Responder:
         self.error = err
         line = " ".join(err.message.split())[:1000]
         headers = {
-            _codec.CONTENT_TYPE: self.content_type,
+            codec.CONTENT_TYPE: self.content_type,
             ERROR_CODE_HEADER: str(err.code),
             ERROR_HEADER: line,
         }
         if self._seq:
             headers[SEQ_HEADER] = str(self._seq + 1)
-        await self._send(_codec.encode(err.to_wire(), self.content_type), headers)
+        await self._send(codec.encode(err.to_wire(), self.content_type), headers)
 
 
 class _AckClock:
@@ -906,7 +906,7 @@ class ServiceHost:
     nats-py runs one subscription's callbacks one at a time, so each request gets its own
     task (bounded by ``max_concurrency``); errors still count in ``nats micro stats``, with
     the last error and the time the tasks took. Each request's task runs with the log context
-    (``_logcontext``) of its endpoint: ``worker_id`` and ``model_uid`` from the service's and
+    (``logcontext``) of its endpoint: ``worker_id`` and ``model_uid`` from the service's and
     the endpoint's metadata, ``request_id`` from the ``Natserve-Request-Id`` header.
     ``observer``, when set, is told how every request ended.
     """
@@ -933,7 +933,7 @@ class ServiceHost:
         # Set while a request waits for one of the max_concurrency tasks to end.
         self._room: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._log_context = {k: v for k, v in (metadata or {}).items() if k in _logcontext.FIELDS}
+        self._log_context = {k: v for k, v in (metadata or {}).items() if k in logcontext.FIELDS}
         self.observer: RequestObserver | None = None
 
     @property
@@ -968,7 +968,7 @@ class ServiceHost:
         micro: list[Any] = []
         log_context = {
             **self._log_context,
-            **{k: v for k, v in info.metadata.items() if k in _logcontext.FIELDS},
+            **{k: v for k, v in info.metadata.items() if k in logcontext.FIELDS},
         }
 
         async def _run(msg: Msg, box: RequestTask | None = None) -> None:
@@ -978,7 +978,7 @@ class ServiceHost:
             responder = Responder(msg)
             if responder.request_id is not None:
                 # This task's own context: the value ends with the request.
-                _logcontext.bind(request_id=responder.request_id)
+                logcontext.bind(request_id=responder.request_id)
             # handle() inlined: a coroutine less per request.
             try:
                 await handler(responder)
@@ -1008,7 +1008,7 @@ class ServiceHost:
             if not bound:
                 # This runs in the endpoint's own subscription task, whose context every
                 # request task copies: the endpoint's fields are set once, here.
-                _logcontext.bind(**log_context)
+                logcontext.bind(**log_context)
                 bound.append(True)
             while len(tasks) >= self._max_concurrency:
                 # Full: this subscription waits (its messages queue in nats-py meanwhile).
@@ -1087,7 +1087,7 @@ class ServiceHost:
                         code,
                         error.message if error is not None else "",
                         seconds,
-                        _logcontext.get("request_id"),
+                        logcontext.get("request_id"),
                     )
                 )
             except Exception:

@@ -5,7 +5,7 @@
     python healthcheck.py natserve-worker --this-host
 
 Sends ``$SRV.PING.<service>`` on ``NATSERVE_NATS_URL`` (with the ``NATSERVE_NATS_*`` auth and TLS
-variables of ``broker_client._auth``, the same ones the service itself uses) and exits 0 when an
+variables of ``broker_client.NatsAuth``, the same ones the service itself uses) and exits 0 when an
 instance answers within ``--timeout`` seconds, 1 otherwise (no server, refused credentials, no
 answer), with one line saying why: ``docker inspect`` shows it.
 
@@ -36,7 +36,7 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
 def _auth_options() -> dict[str, Any]:
-    from broker_client._auth import NatsAuth, connect_options
+    from broker_client import NatsAuth, connect_options
 
     return connect_options(NatsAuth.from_env())
 

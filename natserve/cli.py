@@ -267,7 +267,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def _auth(args: argparse.Namespace) -> Any:
     """NATS credentials and TLS from ``NATSERVE_NATS_USER``, ``_PASSWORD``, ``_CREDS``, ``_TLS_CA``..."""
-    from broker_client._auth import NatsAuth
+    from broker_client import NatsAuth
 
     try:
         return NatsAuth.from_env()
@@ -280,7 +280,7 @@ def _auth(args: argparse.Namespace) -> Any:
 
 
 def _nats_options(auth: Any) -> dict[str, Any]:
-    from broker_client._auth import connect_options
+    from broker_client import connect_options
 
     try:
         return connect_options(auth)
@@ -779,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args.settings = _settings(args)
         except ValidationError as exc:
-            from broker_client._definition import format_validation_error
+            from broker_client import format_validation_error
 
             raise CommandError(f"invalid settings: {format_validation_error(exc)}", EXIT_USAGE) from exc
         args.auth = _auth(args)

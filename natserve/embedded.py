@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from broker_client._auth import NatsAuth
+from broker_client import NatsAuth
 
 from .settings import Settings
 

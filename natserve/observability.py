@@ -6,7 +6,7 @@ they are given, and install nothing themselves.
 
 * :func:`configure_logging`: the one stderr handler, plain text (the default) or JSON lines
   (``--log-format json`` / ``NATSERVE_LOG_FORMAT=json``), both with the request context of
-  :mod:`broker_client._logcontext` (``model_uid``, ``request_id``, ``worker_id``) on each record.
+  :mod:`broker_client.logcontext` (``model_uid``, ``request_id``, ``worker_id``) on each record.
 * :func:`new_metrics_registry` and :class:`MetricsServer`: one prometheus_client
   ``CollectorRegistry`` per process (process metrics such as the RSS included) and the HTTP
   server that serves it on ``/metrics`` (``--metrics-port`` / ``NATSERVE_METRICS_PORT``).
@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import IO, Any
 
-from broker_client._logcontext import FIELDS, ContextFilter
+from broker_client.logcontext import FIELDS, ContextFilter
 
 __all__ = ["JsonFormatter", "MetricsServer", "configure_logging", "new_metrics_registry"]
 

@@ -14,9 +14,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker_client._auth import NatsAuth, connect_options
-from broker_client._subjects import DEFAULT_PREFIX
-from broker_client._transport import NATSConnection, connect
+from broker_client import DEFAULT_PREFIX, NatsAuth, connect_options
+from broker_client.runtime import NATSConnection, connect
 
 from . import db
 from .repository import RegistryRepository

@@ -13,7 +13,7 @@ Every ``interval`` (at most 1 s) :class:`Liveness` runs one pass:
 * **Worker states.** Each change of a worker's state (``alive``, ``dead``, ``stopped``) is
   published on ``<prefix>.workers.events`` as ``{worker_id, host, state, ts, last_seen,
   dead_after}``. Clients end the requests that worker had accepted with a 503 when it turns
-  dead or stopped (``broker_client._handles``); the registry ends its own commands in flight
+  dead or stopped (the client's model handles); the registry ends its own commands in flight
   to it (a launch waiting on a dead worker fails at once).
 * **Lost replicas.** A replica recorded on a worker that is dead, stopped, or (after the
   registry's start-up window) unknown, or on a live worker that has not reported it for one
@@ -47,9 +47,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from broker_client._errors import NatserveError, NotFound, Unavailable
-from broker_client._messages import WorkerInfo, WorkerTerminate
-from broker_client._transport import NATSConnection
+from broker_client import NatserveError, NotFound, Unavailable, WorkerInfo, WorkerTerminate
+from broker_client.runtime import NATSConnection
 
 from .memory import estimate_bytes
 from .models import ModelRow, ReplicaRow

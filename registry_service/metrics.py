@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker_client._transport import RequestOutcome
+from broker_client.runtime import RequestOutcome
 
 if TYPE_CHECKING:
     from .service import RegistryService

@@ -20,8 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from broker_client._errors import NotFound, Unavailable
-from broker_client._messages import DeviceInfo, WorkerInfo
+from broker_client import DeviceInfo, NotFound, Unavailable, WorkerInfo
 
 from .memory import format_bytes
 

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from broker_client._errors import Conflict
+from broker_client import Conflict
 
 from .models import ModelRow, Registration, ReplicaRow, WorkerRow, utcnow
 

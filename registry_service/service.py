@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import time
 from collections import OrderedDict
@@ -53,36 +52,35 @@ from typing import Any
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from broker_client import _codec
-from broker_client._definition import parse_definition
-from broker_client._errors import (
+from broker_client import (
     BadRequest,
     Conflict,
-    InternalError,
-    NatserveError,
-    NoResponders,
-    NotFound,
-    RequestTimeout,
-    ServerTimeout,
-    TransportError,
-    Unavailable,
-)
-from broker_client._messages import (
     DescribeRequest,
     GetRegistrationRequest,
+    InternalError,
     LaunchRequest,
     ListRegistrationsRequest,
     ModelEvent,
+    NatserveError,
+    NoResponders,
+    NotFound,
     RegisterRequest,
+    RequestTimeout,
+    ServerTimeout,
+    Subjects,
     TerminateRequest,
+    TransportError,
+    Unavailable,
     UnregisterRequest,
     WorkerInfo,
     WorkerLaunch,
     WorkerLaunchReply,
     WorkerTerminate,
+    __version__,
+    codec,
+    parse_definition,
 )
-from broker_client._subjects import Subjects
-from broker_client._transport import NATSConnection, Responder, ServiceHost, Transport
+from broker_client.runtime import NATSConnection, Responder, ServiceHost, Transport
 
 from .liveness import Liveness, other_registries, replica_need
 from .metrics import RegistryMetrics
@@ -106,13 +104,6 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 MIN_DEAD_AFTER = 6.0
 # Failed launches remembered so that describe can say why a uid is gone.
 _FAILURES_KEPT = 256
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("natserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.1.0"
 
 
 def _size(spec: dict[str, Any]) -> str:
@@ -224,7 +215,7 @@ class RegistryService:
         host = ServiceHost(
             self.nc,
             name=SERVICE_NAME,
-            version=_version(),
+            version=__version__,
             description="natserve registry: model registrations, launches and workers",
             metadata={"prefix": self.subjects.prefix},
         )
@@ -300,7 +291,7 @@ class RegistryService:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
-            body = _codec.decode(msg.data, _codec.detect(msg.data, msg.headers))
+            body = codec.decode(msg.data, codec.detect(msg.data, msg.headers))
             info = WorkerInfo.model_validate(body)
         except (BadRequest, ValidationError) as exc:
             logger.warning("ignoring a malformed heartbeat on %s: %s", msg.subject, exc)

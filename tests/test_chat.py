@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from broker_client._definition import PromptStyle
-from broker_client._errors import BadRequest
+from broker_client import BadRequest, PromptStyle
 from tests.test_worker import Harness, llm_definition, running_harness
 from workers.chat import PROMPT_STYLES, build_chat_prompt, render_prompt_style
 

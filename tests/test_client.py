@@ -840,8 +840,8 @@ _CONFIG_KEYS = st.sampled_from(
 def test_generate_config_fast_check_agrees_with_the_model(config: dict[str, Any]) -> None:
     """The client's fast check of plain configs takes only what the wire model takes unchanged;
     everything else gets the model's verdict (and its error naming the key)."""
+    from broker_client import GenerateConfig
     from broker_client._handles import _check_generate_config, _plain_config
-    from broker_client._messages import GenerateConfig
 
     try:
         expected = GenerateConfig.model_validate(config).model_dump(exclude_unset=True)

@@ -10,9 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from broker_client import _codec
-from broker_client._codec import JSON, MSGPACK, decode, detect, encode
-from broker_client._errors import BadRequest
+from broker_client import BadRequest, codec
+from broker_client.codec import JSON, MSGPACK, decode, detect, encode
 
 
 class TestDetect:
@@ -58,7 +57,7 @@ class TestDetect:
     def test_a_header_is_left_out_only_where_the_rule_reads_the_body_right(
         self, body: bytes, content_type: str
     ) -> None:
-        if _codec.detect_unambiguous(body, content_type):
+        if codec.detect_unambiguous(body, content_type):
             assert detect(body) == content_type
 
     @given(
@@ -73,12 +72,12 @@ class TestDetect:
     def test_what_a_transport_sends_needs_no_header(self, value: object) -> None:
         # Objects and arrays, natserve's request bodies, in either encoding.
         for content_type in (JSON, MSGPACK):
-            assert _codec.detect_unambiguous(encode(value, content_type), content_type)
+            assert codec.detect_unambiguous(encode(value, content_type), content_type)
 
     @pytest.mark.parametrize("body", [b"{", b"[", b" ", b"\x00"])
     def test_msgpack_that_starts_like_json_or_blank_keeps_its_header(self, body: bytes) -> None:
         # 0x7b and 0x5b are positive fixints ({ and [); a blank is skipped by the rule.
-        assert not _codec.detect_unambiguous(body, MSGPACK) or detect(body) == MSGPACK
+        assert not codec.detect_unambiguous(body, MSGPACK) or detect(body) == MSGPACK
 
     @pytest.mark.parametrize("body", [b"", b"  ", b"\r\n"])
     def test_empty_body_without_header_is_json(self, body: bytes) -> None:
@@ -173,4 +172,4 @@ class TestEncode:
             encode({"x": Opaque()}, content_type)
 
     def test_header_name_constant(self) -> None:
-        assert _codec.CONTENT_TYPE == "Content-Type"
+        assert codec.CONTENT_TYPE == "Content-Type"

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from broker_client._definition import (
+from broker_client import (
+    BadRequest,
     EmbeddingDefinition,
     LLMDefinition,
     ModelSpec,
     parse_definition,
 )
-from broker_client._errors import BadRequest
 
 # Xinference's custom LLM template (docs, "Custom Models"), the PyTorch spec natserve serves.
 XINFERENCE_LLM = {
@@ -318,8 +318,7 @@ def test_spec_model_is_strict() -> None:
 def test_validation_errors_name_the_field_and_the_value(body: dict[str, Any], expected: str) -> None:
     from pydantic import ValidationError
 
-    from broker_client._definition import format_validation_error
-    from broker_client._messages import GenerateRequest
+    from broker_client import GenerateRequest, format_validation_error
 
     with pytest.raises(ValidationError) as info:
         GenerateRequest.model_validate(body)

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from nats.micro import ServiceConfig, add_service
 
-from broker_client._transport import connect
+from broker_client.runtime import connect
 from registry_service import Registry
 from tests.conftest import NatsServer, free_port
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from broker_client._errors import BadRequest
+from broker_client import BadRequest
 from tests.hfmodels import minilm_path
 from workers.engines.embedding import EmbeddingEngine, pool
 from workers.loader import LoadedEmbedding, ModelSource, load_embedding, resolve_source

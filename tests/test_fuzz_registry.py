@@ -31,9 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
-from broker_client._codec import JSON, MSGPACK, decode, detect
-from broker_client._subjects import Subjects
-from broker_client._transport import ERROR_CODE_HEADER, ERROR_HEADER
+from broker_client import Subjects
+from broker_client.codec import JSON, MSGPACK, decode, detect
+from broker_client.runtime import ERROR_CODE_HEADER, ERROR_HEADER
 from registry_service import Registry
 from tests.conftest import POSTGRES_ADMIN_URL, NatsServer, _postgres_available
 from tests.test_registry import definition

@@ -31,9 +31,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
-from broker_client._codec import decode, detect
-from broker_client._subjects import Subjects
-from broker_client._transport import ERROR_CODE_HEADER, PARTS_HEADER
+from broker_client import Subjects
+from broker_client.codec import decode, detect
+from broker_client.runtime import ERROR_CODE_HEADER, PARTS_HEADER
 from tests.conftest import NatsServer
 from tests.hfmodels import minilm_path
 from tests.test_fuzz_registry import (

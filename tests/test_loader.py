@@ -11,7 +11,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from broker_client._errors import BadRequest, InternalError, NotFound
+from broker_client import BadRequest, InternalError, NotFound
 from tests.hfmodels import NSQL_REPO_ID, build_tiny_llama, install_in_hf_cache
 from workers.loader import (
     LoadedLLM,

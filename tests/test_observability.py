@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker_client import AsyncClient, BadRequest, NotFound, _logcontext
-from broker_client._codec import decode, detect
-from broker_client._logcontext import ContextFilter
-from broker_client._transport import REQUEST_ID_HEADER
+from broker_client import AsyncClient, BadRequest, NotFound, logcontext
+from broker_client.codec import decode, detect
+from broker_client.logcontext import ContextFilter
+from broker_client.runtime import REQUEST_ID_HEADER
 from natserve.observability import JsonFormatter, MetricsServer, configure_logging, new_metrics_registry
 from registry_service.app import Registry
 from tests.conftest import free_port
@@ -125,7 +125,7 @@ async def test_micro_stats_count_requests_and_errors_per_endpoint(nats_url: str,
 
 
 async def test_service_host_reports_every_outcome(nats_url: str, unique: str) -> None:
-    from broker_client._transport import RequestOutcome, Responder, ServiceHost, connect
+    from broker_client.runtime import RequestOutcome, Responder, ServiceHost, connect
 
     nc = await connect(nats_url, name="outcomes")
     outcomes: asyncio.Queue[RequestOutcome] = asyncio.Queue()
@@ -288,7 +288,7 @@ def test_cuda_memory_gauges(monkeypatch: pytest.MonkeyPatch) -> None:
     from prometheus_client import generate_latest
 
     import workers.devices
-    from broker_client._messages import DeviceInfo
+    from broker_client import DeviceInfo
     from workers.metrics import WorkerMetrics
 
     gpu = DeviceInfo(name="cuda:1", kind="cuda", total_memory=80 * 2**30, free_memory=60 * 2**30)
@@ -437,7 +437,7 @@ def test_configure_logging_json_lines() -> None:
         assert sum(1 for h in root.handlers if getattr(h, "_natserve", False)) == 1
 
         async def in_a_request() -> None:
-            _logcontext.bind(model_uid="m1", request_id="r1", worker_id="w1")
+            logcontext.bind(model_uid="m1", request_id="r1", worker_id="w1")
             logging.getLogger("workers.test").info("hello %s", "there")
 
         asyncio.run(in_a_request())

@@ -25,10 +25,9 @@ import pytest
 from nats.aio.msg import Msg
 from nats.micro import ServiceConfig, add_service
 
-from broker_client._auth import NatsAuth, connect_options
-from broker_client._codec import MSGPACK, encode
-from broker_client._subjects import Subjects
-from broker_client._transport import NATSConnection, Transport, connect
+from broker_client import NatsAuth, Subjects, connect_options
+from broker_client.codec import MSGPACK, encode
+from broker_client.runtime import NATSConnection, Transport, connect
 from registry_service import Registry
 from tests.conftest import NatsServer
 from tests.test_registry import FakeWorker, definition
@@ -113,7 +112,7 @@ def test_every_role_has_a_password_variable() -> None:
 
 
 async def test_wrong_password_is_refused(server: NatsServer) -> None:
-    from broker_client._errors import TransportError
+    from broker_client import TransportError
 
     with pytest.raises(TransportError, match="Authorization Violation"):
         bad = NatsAuth(user="client", password="not-it")

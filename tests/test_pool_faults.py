@@ -21,9 +21,8 @@ import msgpack
 import nats
 import pytest
 
-from broker_client import AsyncClient, TransportError, Unavailable
-from broker_client._messages import WorkerLaunch
-from broker_client._transport import Transport
+from broker_client import AsyncClient, TransportError, Unavailable, WorkerLaunch
+from broker_client.runtime import Transport
 from tests._pool import Pool, echo_definition, eventually, within, words
 
 pytestmark = pytest.mark.slow

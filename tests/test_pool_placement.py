@@ -12,10 +12,8 @@ import msgpack
 import pytest
 from nats.aio.client import Client as NATS
 
-from broker_client._errors import NotFound, Unavailable
-from broker_client._messages import DeviceInfo, WorkerInfo
-from broker_client._subjects import Subjects
-from broker_client._transport import Transport
+from broker_client import DeviceInfo, NotFound, Subjects, Unavailable, WorkerInfo
+from broker_client.runtime import Transport
 from registry_service import Registry
 from registry_service.memory import GIB, estimate_bytes, format_bytes
 from registry_service.placement import place_replicas

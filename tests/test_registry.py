@@ -23,25 +23,23 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from broker_client._codec import MSGPACK
-from broker_client._errors import (
+from broker_client import (
     BadRequest,
     Conflict,
-    NotFound,
-    ServiceError,
-    Unavailable,
-)
-from broker_client._messages import (
     DeviceInfo,
     ModelEvent,
+    NotFound,
     ReplicaInfo,
+    ServiceError,
+    Subjects,
+    Unavailable,
     WorkerInfo,
     WorkerLaunch,
     WorkerLaunchReply,
     WorkerTerminate,
 )
-from broker_client._subjects import Subjects
-from broker_client._transport import Responder, Transport
+from broker_client.codec import MSGPACK
+from broker_client.runtime import Responder, Transport
 from registry_service import Registry
 
 T = TypeVar("T")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker_client._errors import NotFound, Unavailable
-from broker_client._messages import DeviceInfo, WorkerInfo
+from broker_client import DeviceInfo, NotFound, Unavailable, WorkerInfo
 from registry_service.placement import Placement, place_replicas
 
 GIB = 1 << 30

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from broker_client import AsyncClient, BadRequest, Overloaded, PayloadTooLarge
-from broker_client._errors import NotFound
+from broker_client import AsyncClient, BadRequest, NotFound, Overloaded, PayloadTooLarge
 from natserve.embedded import worker_limits
 from natserve.settings import Settings
 from tests.test_worker import Harness, client_connection, llm_definition, within

@@ -11,9 +11,8 @@ from typing import Any
 import nats
 import pytest
 
-from broker_client import _logcontext
-from broker_client._errors import ServiceError
-from broker_client._transport import (
+from broker_client import ServiceError, logcontext
+from broker_client.runtime import (
     ACCEPTED_HEADER,
     ACK_DELAY,
     ACK_HEADER,
@@ -45,7 +44,7 @@ async def test_a_request_that_never_waits_gets_no_task(host: tuple[ServiceHost, 
 
     async def handler(resp: Responder) -> None:
         seen["task"] = current_request().task
-        seen["context"] = _logcontext.current()
+        seen["context"] = logcontext.current()
         await resp.respond({"ok": True})
 
     await service.add_endpoint("now", f"{unique}.now", handler, eager=True, metadata={"model_uid": "m1"})
@@ -68,7 +67,7 @@ async def test_a_waiting_request_moves_to_its_own_task(host: tuple[ServiceHost, 
         await asyncio.sleep(0.01)
         seen["after"] = current_request().task
         seen["current"] = asyncio.current_task()
-        seen["request_id"] = _logcontext.get("request_id")
+        seen["request_id"] = logcontext.get("request_id")
         await resp.respond({"waited": True})
 
     await service.add_endpoint("wait", f"{unique}.wait", handler, eager=True)

@@ -20,10 +20,8 @@ import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
-from broker_client._errors import BadRequest, Conflict, NotFound, Overloaded
-from broker_client._messages import WorkerLaunch
-from broker_client._subjects import Subjects
-from broker_client._transport import Transport, connect
+from broker_client import BadRequest, Conflict, NotFound, Overloaded, Subjects, WorkerLaunch
+from broker_client.runtime import Transport, connect
 from workers import Worker, run_worker
 
 T = TypeVar("T")

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 
-from broker_client._errors import BadRequest
-from broker_client._transport import Transport, connect
+from broker_client import BadRequest
+from broker_client.runtime import Transport, connect
 from tests.conftest import NatsServer
 from tests.hfmodels import minilm_path
 from tests.test_worker import Harness, within

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from broker_client._auth import NatsAuth
+from broker_client import NatsAuth
 
 from .limits import WorkerLimits
 from .service import Worker

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from nats.aio.msg import Msg
 
-from broker_client._transport import HOPS_HEADER
+from broker_client.runtime import HOPS_HEADER
 
 __all__ = ["MAX_HOPS", "hops", "pass_on", "saturated"]
 

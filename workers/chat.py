@@ -27,8 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from broker_client._definition import PromptStyle
-from broker_client._errors import BadRequest
+from broker_client import BadRequest, PromptStyle
 
 logger = logging.getLogger(__name__)
 

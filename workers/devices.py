@@ -14,7 +14,7 @@ import platform
 import sys
 from pathlib import Path
 
-from broker_client._messages import DeviceInfo
+from broker_client import DeviceInfo
 
 logger = logging.getLogger(__name__)
 

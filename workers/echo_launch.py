@@ -12,9 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker_client._definition import LLMDefinition, ModelSpec
-from broker_client._errors import BadRequest, Unavailable
-from broker_client._messages import WorkerLaunch
+from broker_client import BadRequest, LLMDefinition, ModelSpec, Unavailable, WorkerLaunch
 
 from .engines.echo import EchoEngine, echo_options
 from .replica import LLMReplica

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker_client._errors import BadRequest, Overloaded, PayloadTooLarge
+from broker_client import BadRequest, Overloaded, PayloadTooLarge
 
 from .loader import parse_model_uri
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from broker_client._errors import (
+from broker_client import (
     BadRequest,
     InternalError,
     NatserveError,

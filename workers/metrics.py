@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from broker_client._transport import EndpointInfo, RequestOutcome
+from broker_client.runtime import EndpointInfo, RequestOutcome
 
 if TYPE_CHECKING:
     from .service import Worker

@@ -33,18 +33,22 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from broker_client import _logcontext
-from broker_client._definition import EmbeddingDefinition, LLMDefinition
-from broker_client._errors import BadRequest, Conflict, Overloaded, Unavailable
-from broker_client._messages import (
+from broker_client import (
+    BadRequest,
     ChatRequest,
+    Conflict,
+    EmbeddingDefinition,
     EmbedRequest,
     GenerateConfig,
     GenerateRequest,
+    LLMDefinition,
+    Overloaded,
     ReplicaInfo,
+    Subjects,
+    Unavailable,
+    logcontext,
 )
-from broker_client._subjects import Subjects
-from broker_client._transport import RequestTask, Responder, ServiceHost, current_request
+from broker_client.runtime import RequestTask, Responder, ServiceHost, current_request
 
 from . import balancing
 from .chat import build_chat_prompt
@@ -203,7 +207,7 @@ class Replica:
         if self.limits.rate_limit is not None:
             self.limits.admit(self.label)  # the rate limit: 429 past it
         # This request's own context: its logs carry the id it runs under from here on.
-        _logcontext.set_request_id(request_id)
+        logcontext.set_request_id(request_id)
         flight = flights[request_id] = _Flight(self, request_id, current_request())
         self.requests += 1
         return flight

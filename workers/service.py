@@ -36,26 +36,31 @@ from typing import Any
 import nats.errors
 from pydantic import ValidationError
 
-from broker_client import _codec
-from broker_client._auth import NatsAuth, connect_options
-from broker_client._definition import (
+from broker_client import (
+    DEFAULT_PREFIX,
+    BadRequest,
+    Conflict,
     EmbeddingDefinition,
     LLMDefinition,
-    ModelSpec,
-    format_validation_error,
-    parse_definition,
-)
-from broker_client._errors import BadRequest, Conflict, NotFound, Unavailable
-from broker_client._messages import (
     ModelEvent,
+    ModelSpec,
+    NatsAuth,
+    NotFound,
     ReplicaInfo,
+    Subjects,
+    Unavailable,
     WorkerInfo,
     WorkerLaunch,
     WorkerLaunchReply,
     WorkerTerminate,
+    __version__,
+    check_name,
+    codec,
+    connect_options,
+    format_validation_error,
+    parse_definition,
 )
-from broker_client._subjects import DEFAULT_PREFIX, Subjects, check_name
-from broker_client._transport import NATSConnection, Responder, ServiceHost, connect
+from broker_client.runtime import NATSConnection, Responder, ServiceHost, connect
 
 from .devices import best_device, list_devices
 from .engines.echo import is_echo_uri
@@ -68,15 +73,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["SERVICE_NAME", "Worker", "default_worker_id"]
 
 SERVICE_NAME = "natserve-worker"
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("natserve")
-    except PackageNotFoundError:
-        return "0.0.0"
 
 
 def default_worker_id(host: str | None = None) -> str:
@@ -234,7 +230,7 @@ class Worker:
             self.service = ServiceHost(
                 self.nc,
                 name=SERVICE_NAME,
-                version=_version(),
+                version=__version__,
                 description="natserve inference worker",
                 metadata={"worker_id": self.worker_id, "host": self.host},
             )
@@ -343,7 +339,7 @@ class Worker:
                 "worker_id": self.worker_id,
                 "host": self.host,
                 "pid": os.getpid(),
-                "version": _version(),
+                "version": __version__,
                 "devices": list_devices(),
                 "replicas": replicas,
                 "started_at": self.started_at,
@@ -361,8 +357,8 @@ class Worker:
     async def _publish(self, subject: str, payload: Any) -> None:
         if self.nc is None or self.nc.is_closed:
             return
-        data = _codec.encode(payload, _codec.MSGPACK)
-        await self.nc.publish(subject, data, headers={_codec.CONTENT_TYPE: _codec.MSGPACK})
+        data = codec.encode(payload, codec.MSGPACK)
+        await self.nc.publish(subject, data, headers={codec.CONTENT_TYPE: codec.MSGPACK})
 
     async def _publish_heartbeat(self, *, status: str | None = None) -> None:
         # list_devices reads /proc and asks CUDA: cheap, but not free; fine at heartbeat rates.

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from broker_client._errors import BadRequest, InternalError, Unavailable
+from broker_client import BadRequest, InternalError, Unavailable
 from workers.loader import LoadedEmbedding
 
 logger = logging.getLogger(__name__)
