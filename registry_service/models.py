@@ -6,7 +6,8 @@ values SQLite returns). Constraint names come from one naming convention so that
 revisions can name what they create and drop.
 
     registrations   one custom-model definition per (model_type, model_name)
-    models          one row per launched model uid: what runs and its status
+    models          one row per launched model uid: what runs, with the options its replicas
+                    are launched with, and its status
     replicas        the replicas of a model: which worker, which device, their status
     workers         the last heartbeat of each worker seen (a record for operators; the
                     registry's live view is in memory)
@@ -24,6 +25,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -121,7 +123,9 @@ class Registration(Base):
 
 class ModelRow(Base):
     """One launched model uid. The definition is copied so that unregistering a running
-    model's definition does not change what describe reports about it."""
+    model's definition does not change what describe reports about it, and the launch options
+    a replica is created with are kept so that a replica re-placed after its worker died is
+    created the same way (``launcher.LaunchPlan.from_row``)."""
 
     __tablename__ = "models"
     __table_args__ = (CheckConstraint(f"status IN ({_quoted(MODEL_STATUSES)})", name="status"),)
@@ -135,6 +139,10 @@ class ModelRow(Base):
     replica: Mapped[int] = mapped_column(Integer)
     request_limits: Mapped[int | None] = mapped_column(Integer)
     max_batch_size: Mapped[int | None] = mapped_column(Integer)
+    # The launch limits (revision 0002): the largest max_tokens a request may ask for, and
+    # requests per second, per replica.
+    max_tokens_limit: Mapped[int | None] = mapped_column(Integer)
+    rate_limit: Mapped[float | None] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16), default="launching")
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -36,6 +37,68 @@ async def test_upgrade_then_check_is_clean_then_downgrade(db_url: str) -> None:
     assert await _tables(db_url) == {"alembic_version"}
     await db.upgrade(db_url)
     await db.check(db_url)
+
+
+async def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = db.make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return [tuple(row) for row in await conn.execute(text(sql))]
+    finally:
+        await engine.dispose()
+
+
+async def _execute(url: str, *statements: str) -> None:
+    engine = db.make_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for sql in statements:
+                await conn.execute(text(sql))
+    finally:
+        await engine.dispose()
+
+
+async def _columns(url: str, table: str) -> set[str]:
+    engine = db.make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return {c["name"] for c in await conn.run_sync(lambda c: inspect(c).get_columns(table))}
+    finally:
+        await engine.dispose()
+
+
+MODEL_0001 = (
+    "INSERT INTO models (model_uid, model_name, model_type, definition, spec, quantization, replica, "
+    "request_limits, max_batch_size, status, created_at, updated_at) VALUES ('m1', 'm', 'LLM', '{}', "
+    "'{}', 'none', 1, 4, 8, 'ready', '2026-12-01 00:00:00+00:00', '2026-12-01 00:00:00+00:00')"
+)
+REPLICA = (
+    "INSERT INTO replicas (model_uid, replica_index, worker_id, device, status, memory_bytes) "
+    "VALUES ('m1', 0, 'w1', 'cpu', 'ready', 0)"
+)
+
+
+async def test_0002_adds_the_launch_limits_and_keeps_every_row(db_url: str) -> None:
+    await db.upgrade(db_url, "0001")
+    await _execute(db_url, MODEL_0001, REPLICA)
+    assert not {"max_tokens_limit", "rate_limit"} & await _columns(db_url, "models")
+
+    await db.upgrade(db_url, "0002")
+    # A model launched before the revision had no limits stored: it reads "no limit".
+    assert await _rows(
+        db_url, "SELECT model_uid, request_limits, max_tokens_limit, rate_limit FROM models"
+    ) == [("m1", 4, None, None)]
+    await _execute(db_url, "UPDATE models SET max_tokens_limit = 3, rate_limit = 0.25 WHERE model_uid = 'm1'")
+    assert await _rows(db_url, "SELECT max_tokens_limit, rate_limit FROM models") == [(3, 0.25)]
+    await db.check(db_url)
+
+    # Down again: the columns go, the model and (through the foreign key) its replicas stay.
+    await db.downgrade(db_url, "0001")
+    assert not {"max_tokens_limit", "rate_limit"} & await _columns(db_url, "models")
+    assert await _rows(db_url, "SELECT model_uid, max_batch_size FROM models") == [("m1", 8)]
+    assert await _rows(db_url, "SELECT model_uid, replica_index, worker_id FROM replicas") == [
+        ("m1", 0, "w1")
+    ]
 
 
 async def test_check_reports_a_drift(db_url: str) -> None:
@@ -90,7 +153,7 @@ async def test_an_engine_can_be_migrated_in_memory() -> None:
 
 def test_one_head_and_revisions_are_packaged() -> None:
     script = ScriptDirectory.from_config(db.migrations_config())
-    assert script.get_heads() == ["0001"]
+    assert script.get_heads() == ["0002"]
     versions = Path(script.versions)
     assert (versions / "__init__.py").exists()
     assert (versions.parent / "script.py.mako").exists()
