@@ -477,6 +477,8 @@ class RegistryService:
                     replica=req.replica,
                     request_limits=req.request_limits,
                     max_batch_size=req.max_batch_size,
+                    max_tokens_limit=req.max_tokens_limit,
+                    rate_limit=req.rate_limit,
                     status="launching",
                 ),
                 [NewReplica(p.replica_index, p.worker_id, p.device) for p in placements],

@@ -305,6 +305,36 @@ async def test_a_dead_workers_replica_moves_to_a_worker_with_room(
     assert (dead["alive"], dead["state"]) == (False, "dead")
 
 
+async def test_a_moved_replica_is_launched_with_every_option_of_its_launch(
+    registry: Registry,
+    transport: Transport,
+    subjects: Subjects,
+    workers: Callable[..., Awaitable[FakeWorker]],
+    unique: str,
+) -> None:
+    name = f"m-{unique}"
+    await register(transport, subjects, name)
+    a = await workers(free_memory=40 * GIB)
+    b = await workers(free_memory=40 * GIB)
+    for w in (a, b):
+        await until_worker_seen(transport, subjects, w.worker_id)
+    options = {"request_limits": 3, "max_batch_size": 4, "max_tokens_limit": 5, "rate_limit": 2.5}
+    await transport.request(
+        subjects.models_launch, {"model_name": name, "worker_id": a.worker_id, **options}, timeout=TIMEOUT
+    )
+    [first] = a.launches
+    await silence(a)
+
+    async def launched_on_b() -> bool:
+        return bool(b.launches)
+
+    await eventually(launched_on_b, "the replica to be launched again on worker b")
+    [again] = b.launches
+    # The command is rebuilt from the model's row in SQL: the same in every field but the device.
+    assert again.model_dump(exclude={"device"}) == first.model_dump(exclude={"device"})
+    assert {k: getattr(again, k) for k in options} == options
+
+
 async def test_with_no_room_left_the_replica_fails_with_the_reason_until_a_worker_joins(
     registry: Registry,
     transport: Transport,

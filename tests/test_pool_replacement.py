@@ -1,0 +1,71 @@
+"""Re-placement keeps the launch, with real processes: a replica that the registry launches again
+after its worker was SIGKILLed is created with the options its launch asked for.
+
+The registry re-creates the replica from the model's row in SQL (``LaunchPlan.from_row``), so
+every launch option a replica is created with must be stored there: here the launch limits,
+``max_tokens_limit`` (the default and the cap of a request's ``max_tokens``) and ``rate_limit``
+(requests per second per replica, a 429 past it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker_client import AsyncClient, Overloaded
+from tests._pool import Pool, echo_definition, eventually, words
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pool(tmp_path: Path, nats_url: str, unique: str) -> Any:
+    p = Pool(tmp_path, nats_url, f"r{unique}")
+    yield p
+    p.close()
+
+
+async def test_a_replica_re_placed_after_its_worker_is_killed_keeps_the_launch_limits(
+    pool: Pool, unique: str
+) -> None:
+    registry = pool.registry()
+    a, b = pool.worker(f"wa-{unique}"), pool.worker(f"wb-{unique}")
+    await asyncio.gather(registry.wait_ready(), a.wait_ready(), b.wait_ready())
+    async with AsyncClient(pool.nats_url, prefix=pool.prefix, timeout=60) as client:
+
+        async def both_alive() -> bool:
+            alive = {w["worker_id"] for w in await client.list_workers() if w["alive"]}
+            return {a.name, b.name} <= alive
+
+        await eventually(both_alive, "workers a and b to be alive in the registry")
+        await client.register_model("LLM", echo_definition("capped"))
+        # One request per 100 s (a burst of one): the second request in a row is a 429.
+        uid = await client.launch_model(
+            "capped", worker_id=a.name, max_tokens_limit=3, rate_limit=0.01, progress=False
+        )
+        model: Any = await client.get_model(uid)
+
+        async def limited_on(worker_id: str) -> None:
+            # An echo of ten words, capped at three tokens by max_tokens_limit.
+            out = await model.generate(words(10))
+            assert out["choices"][0]["text"] == words(3), f"max_tokens_limit is lost on {worker_id}"
+            assert out["usage"]["completion_tokens"] == 3
+            with pytest.raises(Overloaded, match=r"rate limit of 0\.01 requests/s"):
+                await model.generate(words(10))
+
+        await limited_on(a.name)
+        a.signal(signal.SIGKILL)
+
+        async def on_b() -> dict[str, Any] | None:
+            d = await client.describe_model(uid)
+            [r] = d["replicas"]
+            return d if (r["worker_id"], r["status"]) == (b.name, "ready") else None
+
+        await eventually(on_b, "the killed worker's replica to be re-placed on worker b", timeout=30)
+        assert "re-placing it on" in registry.log()
+        # The replica on b was created from the row: the same limits, a fresh rate budget.
+        await limited_on(b.name)
