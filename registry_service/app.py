@@ -18,8 +18,9 @@ from broker_client import DEFAULT_PREFIX, NatsAuth, connect_options
 from broker_client.runtime import NATSConnection, connect
 
 from . import db
+from .launcher import DEFAULT_LAUNCH_TIMEOUT
 from .repository import RegistryRepository
-from .service import DEFAULT_LAUNCH_TIMEOUT, RegistryService
+from .service import RegistryService
 
 __all__ = ["Registry", "run_registry"]
 

@@ -1,24 +1,18 @@
 """Worker liveness and the replicas it affects: dead workers, lost replicas, orphans.
 
-Workers publish a heartbeat every ``heartbeat_interval`` (2 s by default). The registry
-declares a worker **dead** when it has heard nothing from it for the *dead window*:
-
-    dead_after = max(6 s, 3 x the worker's heartbeat interval)     (NATSERVE_DEAD_AFTER sets it)
-
-so three missed beats in a row, and never less than 6 s. A worker that stops cleanly (SIGTERM)
-says so in its last heartbeat and is **stopped** at once, without waiting for the window.
-
-Every ``interval`` (at most 1 s) :class:`Liveness` runs one pass:
+Which workers are alive, and the dead window that decides it, is the worker directory
+(``directory.py``). Every ``interval`` (at most 1 s) :class:`Liveness` runs one pass over it:
 
 * **Worker states.** Each change of a worker's state (``alive``, ``dead``, ``stopped``) is
-  published on ``<prefix>.workers.events`` as ``{worker_id, host, state, ts, last_seen,
-  dead_after}``. Clients end the requests that worker had accepted with a 503 when it turns
-  dead or stopped (the client's model handles); the registry ends its own commands in flight
-  to it (a launch waiting on a dead worker fails at once).
+  published on ``<prefix>.workers.events`` (``events.py``). Clients end the requests that worker
+  had accepted with a 503 when it turns dead or stopped (the client's model handles); the
+  registry ends its own commands in flight to it (a launch waiting on a dead worker fails at
+  once).
 * **Lost replicas.** A replica recorded on a worker that is dead, stopped, or (after the
   registry's start-up window) unknown, or on a live worker that has not reported it for one
   dead window, is lost. It is re-placed: placed again (``placement.py``, never on the worker it
-  was lost on) and launched there, with ``placing``/``loading``/``ready`` events; when nothing
+  was lost on) and launched there from the model's row, with the options of its launch
+  (``plan.py``, ``launcher.py``), with ``placing``/``loading``/``ready`` events; when nothing
   has room it is marked ``failed`` with the reason (``describe`` shows it), and a model whose
   replicas all failed is ``failed`` too. Failed replicas are tried again when a worker joins.
   The database row moves with one compare-and-set (``RegistryRepository.move_replica``), so
@@ -30,114 +24,55 @@ Every ``interval`` (at most 1 s) :class:`Liveness` runs one pass:
   terminated on that worker after one dead window, so that nothing keeps memory for nobody.
 
 Models still ``launching`` or ``terminating`` are left to the request that is doing it; those
-left over by a registry that died are removed by the start-up reconcile (``service.py``).
-
-Several registries may run over one database: each hears every heartbeat, and
-:func:`other_registries` tells a starting one whether another is already serving the prefix.
+left over by a registry that died are removed by the start-up reconcile
+(``Launcher.reconcile``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
 
-from broker_client import NatserveError, NotFound, Unavailable, WorkerInfo, WorkerTerminate
+from broker_client import NatserveError, NotFound, Unavailable
 from broker_client.runtime import NATSConnection
 
-from .memory import estimate_bytes
+from .directory import WorkerDirectory
+from .events import RegistryEvents
+from .launcher import Launcher
 from .models import ModelRow, ReplicaRow
-from .placement import Placement, place_replicas, worker_state
+from .placement import Placement
+from .plan import LaunchPlan
+from .repository import RegistryRepository
 
-if TYPE_CHECKING:
-    from .service import RegistryService
-
-# The shortest dead window (service.MIN_DEAD_AFTER), the grace before any worker has beaten.
-MIN_DEAD_AFTER = 6.0
-
-__all__ = ["Liveness", "MemoryReservations", "other_registries"]
+__all__ = ["Liveness"]
 
 logger = logging.getLogger(__name__)
-
-
-async def other_registries(nc: NATSConnection, prefix: str, *, window: float = 0.5) -> list[str]:
-    """Ids of the registry instances already serving ``prefix`` (``$SRV.PING`` answers that
-    arrive within ``window`` seconds; a registry of another prefix is not counted)."""
-    from .service import SERVICE_NAME  # the service module imports this one
-
-    inbox = nc.new_inbox()
-    found: list[str] = []
-
-    async def on_reply(msg: Any) -> None:
-        try:
-            info = json.loads(msg.data)
-        except ValueError:
-            return
-        if (info.get("metadata") or {}).get("prefix") == prefix and info.get("id"):
-            found.append(str(info["id"]))
-
-    sub = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        await nc.publish(f"$SRV.PING.{SERVICE_NAME}", b"", reply=inbox)
-        await nc.flush()
-        # A bounded collection window: every instance answers, and there is no "last" answer.
-        await asyncio.sleep(window)
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return found
-
-
-class MemoryReservations:
-    """Bytes promised to replicas still loading, per (worker, device): the heartbeats do not
-    show them yet, and two launches must not both count on the same free memory."""
-
-    def __init__(self) -> None:
-        self._bytes: dict[tuple[str, str], int] = {}
-
-    def reserve(self, placements: Iterable[Placement]) -> None:
-        for p in placements:
-            key = (p.worker_id, p.on)
-            self._bytes[key] = self._bytes.get(key, 0) + p.need
-
-    def release(self, placements: Iterable[Placement]) -> None:
-        for p in placements:
-            key = (p.worker_id, p.on)
-            left = self._bytes.get(key, 0) - p.need
-            if left > 0:
-                self._bytes[key] = left
-            else:
-                self._bytes.pop(key, None)
-
-    def snapshot(self) -> dict[tuple[str, str], int]:
-        return dict(self._bytes)
-
-
-def replica_need(row: ModelRow, kind: str) -> int:
-    """The estimated bytes of one replica of ``row`` on a ``cuda`` or ``cpu`` device."""
-    return estimate_bytes(
-        row.spec,
-        quantization=row.quantization,
-        device_kind=kind,
-        model_type=row.model_type,
-        context_length=row.definition.get("context_length"),
-        max_batch_size=row.max_batch_size,
-    )
 
 
 class Liveness:
     """The registry's periodic pass over workers and replicas (see the module docstring)."""
 
-    def __init__(self, service: RegistryService, *, interval: float | None = None) -> None:
-        self.service = service
+    def __init__(
+        self,
+        nc: NATSConnection,
+        directory: WorkerDirectory,
+        launcher: Launcher,
+        repository: RegistryRepository,
+        events: RegistryEvents,
+        *,
+        interval: float | None = None,
+    ) -> None:
+        self.nc = nc
+        self.directory = directory
+        self.launcher = launcher
+        self.repo = repository
+        self.events = events
         self.interval = interval
-        self.memory = MemoryReservations()
-        self.states: dict[str, str] = {}
+        # The state last published for each worker.
+        self._states: dict[str, str] = {}
         self._armed_at = float("inf")
         self._missing: dict[tuple[str, int], float] = {}
         self._orphans: dict[tuple[str, str, int], float] = {}
@@ -169,17 +104,10 @@ class Liveness:
         """Run a pass now (a heartbeat changed a worker's state)."""
         self._wake.set()
 
-    def grace(self) -> float:
-        """One dead window: how long a replica may go unreported before it counts as lost."""
-        if self.service.dead_after is not None:
-            return self.service.dead_after
-        windows = [self.service._dead_after(w.info) for w in self.service._workers.values()]
-        return max(windows, default=MIN_DEAD_AFTER)
-
     def _interval(self) -> float:
         if self.interval is not None:
             return self.interval
-        return max(0.05, min(1.0, self.grace() / 4))
+        return max(0.05, min(1.0, self.directory.grace() / 4))
 
     async def _run(self) -> None:
         while True:
@@ -195,15 +123,16 @@ class Liveness:
             self._wake.clear()
 
     async def tick(self) -> None:
-        nc = self.service.nc
+        nc = self.nc
         now = time.monotonic()
         reconnects = nc.stats.get("reconnects", 0)
         if reconnects != self._reconnects:
             # We were cut off from NATS, so the heartbeats we missed say nothing about the
             # workers: judge nobody until they have had one dead window to beat again.
+            grace = self.directory.grace()
             self._reconnects = reconnects
-            self._blind_until = now + self.grace()
-            logger.info("reconnected to NATS: judging workers again in %.1f s", self.grace())
+            self._blind_until = now + grace
+            logger.info("reconnected to NATS: judging workers again in %.1f s", grace)
         if not nc.is_connected or now < self._blind_until:
             return
         await self._workers_pass()
@@ -212,79 +141,50 @@ class Liveness:
 
     # ------------------------------------------------------------------ workers
 
-    def state_of(self, worker_id: str, now: float | None = None) -> str:
-        """``alive``, ``stopping``, ``stopped``, ``dead`` or ``unknown`` (never heard of)."""
-        worker = self.service._workers.get(worker_id)
-        if worker is None:
-            return "unknown"
-        said = worker_state(worker.info)
-        if said == "stopped":
-            return "stopped"
-        if not self.service._is_alive(worker, now):
-            return "dead"
-        return "stopping" if said == "stopping" else "alive"
-
     async def _workers_pass(self) -> None:
+        directory = self.directory
         now = time.monotonic()
-        for worker_id, worker in list(self.service._workers.items()):
-            state = self.state_of(worker_id, now)
+        for entry in directory.entries():
+            worker_id = entry.info.worker_id
+            state = directory.state_of(worker_id, now)
             if state == "stopping":
                 state = "alive"  # still serving what it has; placement already skips it
-            previous = self.states.get(worker_id)
+            previous = self._states.get(worker_id)
             if state == previous:
                 continue
-            self.states[worker_id] = state
-            dead_after = self.service._dead_after(worker.info)
+            self._states[worker_id] = state
+            dead_after = directory.window(entry.info)
             if state in ("dead", "stopped"):
                 why = f"no heartbeat for {dead_after:g} s" if state == "dead" else "it stopped"
-                logger.warning("worker %s on %s is %s (%s)", worker_id, worker.info.host, state, why)
-                message = f"worker {worker_id!r} is {state} ({why})"
-
-                def gone(message: str = message) -> Unavailable:
-                    return Unavailable(message)
-
-                self.service._transport.fail_worker(worker_id, gone)
+                logger.warning("worker %s on %s is %s (%s)", worker_id, entry.info.host, state, why)
+                self.launcher.worker_gone(worker_id, f"worker {worker_id!r} is {state} ({why})")
             else:
                 # A worker joined (or came back): failed replicas may fit now.
                 self._retry_failed = True
-            await self._notice(worker.info, state, worker.seen_at, dead_after)
-
-    async def _notice(self, info: WorkerInfo, state: str, seen_at: float, dead_after: float) -> None:
-        notice = {
-            "worker_id": info.worker_id,
-            "host": info.host,
-            "state": state,
-            "ts": time.time(),
-            "last_seen": seen_at,
-            "dead_after": dead_after,
-        }
-        try:
-            await self.service._transport.publish(self.service.subjects.workers_events, notice)
-        except Exception as exc:
-            logger.debug("cannot publish the %s notice of worker %s: %s", state, info.worker_id, exc)
+            await self.events.worker(entry.info, state, entry.seen_at, dead_after)
 
     # ------------------------------------------------------------------ replicas
 
     def _reported(self) -> dict[tuple[str, int, str], str]:
         """(uid, replica_index, worker_id) -> replica status, from the workers alive now."""
         reported: dict[tuple[str, int, str], str] = {}
-        for worker_id in list(self.service._workers):
-            if self.state_of(worker_id) not in ("alive", "stopping"):
+        for entry in self.directory.entries():
+            worker_id = entry.info.worker_id
+            if self.directory.state_of(worker_id) not in ("alive", "stopping"):
                 continue
-            for r in self.service._workers[worker_id].info.replicas:
+            for r in entry.info.replicas:
                 reported[(r.model_uid, r.replica_index, worker_id)] = r.status
         return reported
 
     async def _replicas_pass(self) -> None:
-        service = self.service
-        rows = await service.repo.list_models()
+        rows = await self.repo.list_models()
         reported = self._reported()
         now = time.monotonic()
         retry_failed, self._retry_failed = self._retry_failed, False
-        grace = self.grace()
+        grace = self.directory.grace()
         seen_missing: set[tuple[str, int]] = set()
         for row in rows:
-            if row.status in ("launching", "terminating") or row.model_uid in service._state.launches:
+            if row.status in ("launching", "terminating") or self.launcher.launching(row.model_uid):
                 continue
             for r in row.replicas:
                 key = (row.model_uid, r.replica_index)
@@ -301,7 +201,7 @@ class Liveness:
                     if retry_failed:
                         await self._replace(row, r, r.error or "failed")
                     continue
-                state = self.state_of(r.worker_id, now)
+                state = self.directory.state_of(r.worker_id, now)
                 if state in ("dead", "stopped", "unknown"):
                     reason = {
                         "dead": f"worker {r.worker_id!r} died (no heartbeat for {grace:g} s)",
@@ -318,23 +218,20 @@ class Liveness:
         await self._orphans_pass(rows, reported, now, grace)
 
     async def _adopt(self, row: ModelRow, r: ReplicaRow) -> None:
-        await self.service.repo.update_replica(row.model_uid, r.replica_index, status="ready", error=None)
+        await self.repo.update_replica(row.model_uid, r.replica_index, status="ready", error=None)
         await self._refresh_model_status(row.model_uid)
         logger.info("replica %d of %r on %s is ready (adopted)", r.replica_index, row.model_uid, r.worker_id)
 
     async def _replace(self, row: ModelRow, r: ReplicaRow, reason: str) -> None:
         """Place a lost replica elsewhere and launch it there, or mark it failed."""
-        service = self.service
         uid, index = row.model_uid, r.replica_index
         self._missing.pop((uid, index), None)
+        plan = self.launcher.plan_of(row)
         try:
-            [placement] = place_replicas(
-                service.alive_workers(),
+            [placement] = self.launcher.place(
+                plan,
                 1,
                 n_gpu=0 if r.device == "cpu" else "auto",
-                known=list(service._workers),
-                need=lambda kind: replica_need(row, kind),
-                reserved=self.memory.snapshot(),
                 # A dead or stopped worker is not a candidate anyway; a live one that lost the
                 # replica (restarted under the same id) may take it again.
                 what=repr(uid),
@@ -344,78 +241,57 @@ class Liveness:
             if r.status == "failed":
                 return  # still nowhere to go; it stays failed with its first reason
             error = f"{reason}; {exc.message}"
-            if await service.repo.fail_replica(uid, index, worker_id=r.worker_id, error=error):
+            if await self.repo.fail_replica(uid, index, worker_id=r.worker_id, error=error):
                 logger.warning("replica %d of %r is lost: %s", index, uid, error)
                 await self._announce_failed(uid, row.model_name, index, r.worker_id, error)
             return
-        moved = await service.repo.move_replica(
+        moved = await self.repo.move_replica(
             uid, index, from_worker=r.worker_id, to_worker=placement.worker_id, device=placement.device
         )
         if not moved:
             return  # another registry re-placed it first
         logger.warning("replica %d of %r: %s; re-placing it on %s", index, uid, reason, placement.worker_id)
-        self.memory.reserve([placement])
+        self.launcher.memory.reserve([placement])
         task = asyncio.create_task(
-            self._relaunch(row, placement, reason), name=f"natserve-registry relaunch {uid}[{index}]"
+            self._relaunch(plan, placement, reason), name=f"natserve-registry relaunch {uid}[{index}]"
         )
         self._relaunching[(uid, index)] = task
 
-    async def _relaunch(self, row: ModelRow, placement: Placement, reason: str) -> None:
-        from .service import _Launch
-
-        service = self.service
-        uid, index = row.model_uid, placement.replica_index
-        values: dict[str, Any] = {
-            "model_uid": uid,
-            "model_type": row.model_type,
-            "model_name": row.model_name,
-            "definition": row.definition,
-            "spec": row.spec,
-            "quantization": row.quantization,
-            "placements": [placement],
-            "request_limits": row.request_limits,
-            "max_batch_size": row.max_batch_size,
-            "timeout": service.launch_timeout,
-        }
-        # Launch settings kept on the row (limits and the like) go along when _Launch has them.
-        names = {f.name for f in dataclasses.fields(_Launch)}
-        for name in names - values.keys():
-            if hasattr(row, name):
-                values[name] = getattr(row, name)
-        plan = _Launch(**{k: v for k, v in values.items() if k in names})
+    async def _relaunch(self, plan: LaunchPlan, placement: Placement, reason: str) -> None:
+        uid, index = plan.model_uid, placement.replica_index
         try:
-            await service._event(
+            await self.events.model(
                 uid,
                 "placing",
-                model_name=row.model_name,
+                model_name=plan.model_name,
                 replica_index=index,
                 worker_id=placement.worker_id,
                 status="ready",
                 message=f"{reason}: replica {index} re-placed on worker {placement.worker_id}",
             )
-            await service._launch_replica(plan, placement)
+            await self.launcher.launch_replica(plan, placement)
             await self._refresh_model_status(uid)
             logger.info("replica %d of %r is ready again on %s", index, uid, placement.worker_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if await service.repo.get_model(uid) is None:
+            if await self.repo.get_model(uid) is None:
                 return  # terminated meanwhile: its terminate told the worker already
             message = exc.message if isinstance(exc, NatserveError) else f"{type(exc).__name__}: {exc}"
             error = f"{reason}; re-placing it on worker {placement.worker_id!r} failed: {message}"
             logger.warning("replica %d of %r: %s", index, uid, error)
-            await service.repo.fail_replica(uid, index, worker_id=placement.worker_id, error=error)
-            await self._terminate_replica(placement.worker_id, uid, index)
-            await self._announce_failed(uid, row.model_name, index, placement.worker_id, error)
+            await self.repo.fail_replica(uid, index, worker_id=placement.worker_id, error=error)
+            await self.launcher.terminate_replica(placement.worker_id, uid, index)
+            await self._announce_failed(uid, plan.model_name, index, placement.worker_id, error)
         finally:
-            self.memory.release([placement])
+            self.launcher.memory.release([placement])
             self._relaunching.pop((uid, index), None)
 
     async def _announce_failed(
         self, uid: str, model_name: str, index: int, worker_id: str | None, error: str
     ) -> None:
         """Tell subscribers a replica failed, and let the model's status follow."""
-        await self.service._event(
+        await self.events.model(
             uid,
             "failed",
             model_name=model_name,
@@ -428,29 +304,19 @@ class Liveness:
 
     async def _refresh_model_status(self, uid: str) -> None:
         """``ready`` while one replica is, ``failed`` (with the reasons) when none is left."""
-        row = await self.service.repo.get_model(uid)
+        row = await self.repo.get_model(uid)
         if row is None or row.status in ("launching", "terminating"):
             return
         if any(r.status != "failed" for r in row.replicas):
             if row.status != "ready":
-                await self.service.repo.set_model_status(uid, "ready")
+                await self.repo.set_model_status(uid, "ready")
             return
         if row.status != "failed":
             reasons = "; ".join(f"replica {r.replica_index}: {r.error}" for r in row.replicas)
-            await self.service.repo.set_model_status(uid, "failed", error=reasons)
-            await self.service._event(
+            await self.repo.set_model_status(uid, "failed", error=reasons)
+            await self.events.model(
                 uid, "failed", model_name=row.model_name, status="failed", message=reasons
             )
-
-    async def _terminate_replica(self, worker_id: str, uid: str, index: int) -> None:
-        subject = self.service.subjects.worker(worker_id, "terminate")
-        command = WorkerTerminate(model_uid=uid, replica_index=index).model_dump(mode="json")
-        try:
-            await self.service._transport.request(subject, command, timeout=5.0, worker_id=worker_id)
-        except NotFound:
-            pass
-        except NatserveError as exc:
-            logger.warning("worker %s did not confirm terminating %r[%d]: %s", worker_id, uid, index, exc)
 
     # ------------------------------------------------------------------ orphans
 
@@ -461,13 +327,12 @@ class Liveness:
         now: float,
         grace: float,
     ) -> None:
-        state = self.service._state
         owners = {(row.model_uid, r.replica_index): r.worker_id for row in rows for r in row.replicas}
         suspects: set[tuple[str, str, int]] = set()
         for uid, index, worker_id in reported:
             if owners.get((uid, index)) == worker_id:
                 continue
-            if uid in state.reserved or uid in state.launches or (uid, index) in self._relaunching:
+            if self.launcher.launching(uid) or (uid, index) in self._relaunching:
                 continue
             key = (worker_id, uid, index)
             suspects.add(key)
@@ -482,6 +347,6 @@ class Liveness:
                 index,
                 uid,
             )
-            await self._terminate_replica(worker_id, uid, index)
+            await self.launcher.terminate_replica(worker_id, uid, index)
         self._orphans = {k: v for k, v in self._orphans.items() if k in suspects}
         self._orphan_sent = {k: v for k, v in self._orphan_sent.items() if k in suspects}

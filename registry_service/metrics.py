@@ -21,8 +21,8 @@ import asyncio
 import time
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -30,8 +30,7 @@ from prometheus_client.registry import Collector
 
 from broker_client.runtime import RequestOutcome
 
-if TYPE_CHECKING:
-    from .service import RegistryService
+from .directory import WorkerDirectory
 
 __all__ = ["RECENT_FAILURES", "RegistryMetrics"]
 
@@ -72,9 +71,10 @@ class RegistryMetrics:
         self._failures: deque[dict[str, Any]] = deque(maxlen=recent)
         self._collector: _RegistryCollector | None = None
 
-    def attach(self, service: RegistryService) -> None:
+    def attach(self, directory: WorkerDirectory, launches_in_flight: Callable[[], int]) -> None:
+        """Report the workers of ``directory`` and the launches in flight at scrape time."""
         if self._collector is None:
-            self._collector = _RegistryCollector(service)
+            self._collector = _RegistryCollector(directory, launches_in_flight)
             self.registry.register(self._collector)
 
     def observe_request(self, outcome: RequestOutcome) -> None:
@@ -107,8 +107,9 @@ class RegistryMetrics:
 
 
 class _RegistryCollector(Collector):
-    def __init__(self, service: RegistryService) -> None:
-        self._service = service
+    def __init__(self, directory: WorkerDirectory, launches_in_flight: Callable[[], int]) -> None:
+        self._directory = directory
+        self._launches_in_flight = launches_in_flight
 
     @staticmethod
     def _families() -> dict[str, GaugeMetricFamily]:
@@ -131,13 +132,13 @@ class _RegistryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         f = self._families()
-        service = self._service
-        f["in_flight"].add_metric([], len(service._state.launches))
+        directory = self._directory
+        f["in_flight"].add_metric([], self._launches_in_flight())
         now = time.monotonic()
         states = Tally({"alive": 0, "dead": 0})
         statuses: Tally[str] = Tally()
-        for worker in list(service._workers.values()):
-            alive = service._is_alive(worker, now)
+        for worker in directory.entries():
+            alive = directory.is_alive(worker, now)
             states["alive" if alive else "dead"] += 1
             if alive:
                 statuses.update(r.status for r in worker.info.replicas)

@@ -13,6 +13,9 @@ So ``replica=3`` on two GPU workers puts two on the one with more room. ``worker
 every replica to that worker. A replica that fits nowhere fails the whole launch at once with
 a 503 naming its need and the most free memory seen. Workers that said they are stopping are
 never chosen.
+
+:class:`MemoryReservations` keeps what this registry has promised to replicas still loading:
+their workers' heartbeats do not show that memory as taken yet.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from broker_client import DeviceInfo, NotFound, Unavailable, WorkerInfo
 
 from .memory import format_bytes
 
-__all__ = ["Placement", "place_replicas", "worker_state"]
+__all__ = ["MemoryReservations", "Placement", "place_replicas", "worker_state"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,31 @@ class Placement:
     # The estimated bytes it needs, and the device they were counted against.
     need: int = field(default=0, compare=False)
     on: str = field(default="", compare=False)
+
+
+class MemoryReservations:
+    """Bytes promised to replicas still loading, per (worker, device): the heartbeats do not
+    show them yet, and two launches must not both count on the same free memory."""
+
+    def __init__(self) -> None:
+        self._bytes: dict[tuple[str, str], int] = {}
+
+    def reserve(self, placements: Iterable[Placement]) -> None:
+        for p in placements:
+            key = (p.worker_id, p.on)
+            self._bytes[key] = self._bytes.get(key, 0) + p.need
+
+    def release(self, placements: Iterable[Placement]) -> None:
+        for p in placements:
+            key = (p.worker_id, p.on)
+            left = self._bytes.get(key, 0) - p.need
+            if left > 0:
+                self._bytes[key] = left
+            else:
+                self._bytes.pop(key, None)
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        return dict(self._bytes)
 
 
 @dataclass

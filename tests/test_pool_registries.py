@@ -36,7 +36,7 @@ async def test_two_registries_on_one_database_launch_a_uid_once(
             async def both_serve() -> bool:
                 # Each instance logs the requests it answers at debug level only, so ask until
                 # both have appeared in `nats micro` terms: two instances answer $SRV.PING.
-                from registry_service.liveness import other_registries
+                from registry_service import other_registries
 
                 assert client._nc is not None
                 return len(await other_registries(client._nc, pool.prefix, window=0.3)) == 2

@@ -1,0 +1,172 @@
+"""The registry's endpoints: the only code that decodes what arrives and writes replies.
+
+Subjects under the prefix (``nats micro`` service ``natserve-registry``):
+
+    registry.register / unregister / list / get      custom-model registrations (SQL)
+    models.launch / list / describe / terminate      running models and their replicas (SQL)
+    workers.list                                     the workers' last heartbeats (memory)
+
+and the heartbeats workers publish on ``workers.heartbeat``. Each handler parses its request
+(a 400 for a malformed one), calls the launcher, the repository or the directory, and answers
+with a view (``views.py``); the errors they raise become the error replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from broker_client import (
+    BadRequest,
+    DescribeRequest,
+    GetRegistrationRequest,
+    LaunchRequest,
+    ListRegistrationsRequest,
+    NotFound,
+    RegisterRequest,
+    Subjects,
+    TerminateRequest,
+    UnregisterRequest,
+    WorkerInfo,
+    codec,
+    parse_definition,
+)
+from broker_client.runtime import Responder
+
+from .directory import WorkerDirectory
+from .launcher import Launcher
+from .liveness import Liveness
+from .metrics import RegistryMetrics
+from .records import WorkerRecords
+from .repository import RegistryRepository
+from .views import model_description, registration_summary, registration_view, worker_view
+
+__all__ = ["Handler", "RegistryEndpoints"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Responder], Awaitable[None]]
+
+
+class RegistryEndpoints:
+    """The request handlers of one registry, and its heartbeat handler."""
+
+    def __init__(
+        self,
+        repository: RegistryRepository,
+        directory: WorkerDirectory,
+        launcher: Launcher,
+        liveness: Liveness,
+        records: WorkerRecords,
+        metrics: RegistryMetrics,
+    ) -> None:
+        self.repo = repository
+        self.directory = directory
+        self.launcher = launcher
+        self.liveness = liveness
+        self.records = records
+        self.metrics = metrics
+
+    def routes(self, subjects: Subjects) -> list[tuple[str, str, Handler]]:
+        """``(endpoint name, subject, handler)`` for each endpoint of the service."""
+        s = subjects
+        return [
+            ("register", s.registry_register, self.register),
+            ("unregister", s.registry_unregister, self.unregister),
+            ("list_registrations", s.registry_list, self.list_registrations),
+            ("get_registration", s.registry_get, self.get_registration),
+            ("launch", s.models_launch, self.launch),
+            ("list_models", s.models_list, self.list_models),
+            ("describe", s.models_describe, self.describe),
+            ("terminate", s.models_terminate, self.terminate),
+            ("list_workers", s.workers_list, self.list_workers),
+        ]
+
+    # ------------------------------------------------------------------ heartbeats
+
+    async def on_heartbeat(self, msg: Msg) -> None:
+        try:
+            body = codec.decode(msg.data, codec.detect(msg.data, msg.headers))
+            info = WorkerInfo.model_validate(body)
+        except (BadRequest, ValidationError) as exc:
+            logger.warning("ignoring a malformed heartbeat on %s: %s", msg.subject, exc)
+            return
+        entry, changed = self.directory.heard(info)
+        if changed:
+            self.liveness.wake()  # a worker joined, or says it is stopping or stopped
+        self.records.note(entry)
+
+    # ------------------------------------------------------------------ registrations
+
+    async def register(self, resp: Responder) -> None:
+        req = resp.parse(RegisterRequest)
+        definition = parse_definition(req.model_type, req.model)
+        stored = definition.model_dump(mode="json", exclude_none=True)
+        await self.repo.add_registration(req.model_type, definition.model_name, stored, req.persist)
+        logger.info("registered %s model %r (persist=%s)", req.model_type, definition.model_name, req.persist)
+        await resp.respond({"model_type": req.model_type, "model_name": definition.model_name})
+
+    async def unregister(self, resp: Responder) -> None:
+        req = resp.parse(UnregisterRequest)
+        if not await self.repo.delete_registration(req.model_type, req.model_name):
+            raise NotFound(
+                f"model_name {req.model_name!r} is not registered for model_type {req.model_type!r}"
+            )
+        logger.info("unregistered %s model %r", req.model_type, req.model_name)
+        await resp.respond({})
+
+    async def list_registrations(self, resp: Responder) -> None:
+        req = resp.parse(ListRegistrationsRequest)
+        rows = await self.repo.list_registrations(req.model_type)
+        await resp.respond({"registrations": [registration_summary(r) for r in rows]})
+
+    async def get_registration(self, resp: Responder) -> None:
+        req = resp.parse(GetRegistrationRequest)
+        row = await self.repo.get_registration(req.model_type, req.model_name)
+        if row is None:
+            raise NotFound(
+                f"model_name {req.model_name!r} is not registered for model_type {req.model_type!r}"
+            )
+        await resp.respond(registration_view(row))
+
+    # ------------------------------------------------------------------ models
+
+    async def launch(self, resp: Responder) -> None:
+        req = resp.parse(LaunchRequest)
+        uid, task = await self.launcher.start(req)
+        if req.wait:
+            await self.launcher.until_ready(uid, task)
+        await resp.respond({"model_uid": uid})
+
+    async def list_models(self, resp: Responder) -> None:
+        resp.body()
+        rows = await self.repo.list_models()
+        await resp.respond(
+            {"models": {row.model_uid: model_description(row, self.directory) for row in rows}}
+        )
+
+    async def describe(self, resp: Responder) -> None:
+        req = resp.parse(DescribeRequest)
+        row = await self.repo.get_model(req.model_uid)
+        if row is None:
+            raise self.launcher.not_running(req.model_uid)
+        await resp.respond(model_description(row, self.directory))
+
+    async def terminate(self, resp: Responder) -> None:
+        req = resp.parse(TerminateRequest)
+        await self.launcher.terminate(req.model_uid)
+        await resp.respond({})
+
+    # ------------------------------------------------------------------ workers
+
+    async def list_workers(self, resp: Responder) -> None:
+        resp.body()  # a malformed body is still a 400, even with nothing to read from it
+        now = time.monotonic()
+        entries = sorted(self.directory.entries(), key=lambda e: e.info.worker_id)
+        workers = [worker_view(e, self.directory, now) for e in entries]
+        # The registry's last launch failures ride along for `natserve status`.
+        await resp.respond({"workers": workers, "recent_failures": self.metrics.recent_failures()})

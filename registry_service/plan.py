@@ -1,0 +1,137 @@
+"""The launch plan: what a model launch asks of workers, one replica at a time.
+
+A :class:`LaunchPlan` is built either from a launch request and its registration
+(:meth:`LaunchPlan.from_request`) or from the model's stored row (:meth:`LaunchPlan.from_row`,
+when liveness re-places a lost replica). Both give the same plan, so a re-placed replica is
+created exactly as its launch created it: :meth:`LaunchPlan.row` is what the launch stores, and
+every field of the :class:`~broker_client.WorkerLaunch` command (:meth:`LaunchPlan.command`)
+but the device comes from it. A plan is pure data: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker_client import LaunchRequest, WorkerLaunch, parse_definition
+
+from .memory import estimate_bytes
+from .models import ModelRow, Registration
+from .placement import Placement
+
+__all__ = ["LaunchPlan"]
+
+
+def _size(spec: dict[str, Any]) -> str:
+    size = spec.get("model_size_in_billions")
+    return f"{size:g}B parameters" if isinstance(size, int | float) else "size unknown"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One model uid to launch: its definition, the chosen spec and the launch options."""
+
+    model_uid: str
+    model_type: str
+    model_name: str
+    definition: dict[str, Any]
+    spec: dict[str, Any]
+    quantization: str
+    replica: int
+    request_limits: int | None
+    max_batch_size: int | None
+    max_tokens_limit: int | None
+    rate_limit: float | None
+    # Seconds a worker may take to load one replica.
+    timeout: float
+
+    @classmethod
+    def from_request(cls, req: LaunchRequest, registration: Registration, *, timeout: float) -> LaunchPlan:
+        """The plan for ``req``; ``timeout`` applies when the request gives none. Raises
+        ``BadRequest`` when the definition has no spec matching the request."""
+        definition = parse_definition(registration.model_type, registration.definition)
+        spec, quantization = definition.spec_for(
+            req.model_format, req.model_size_in_billions, req.quantization
+        )
+        return cls(
+            model_uid=req.model_uid or req.model_name,
+            model_type=registration.model_type,
+            model_name=registration.model_name,
+            definition=registration.definition,
+            spec=spec.model_dump(mode="json", exclude_none=True),
+            quantization=quantization,
+            replica=req.replica,
+            request_limits=req.request_limits,
+            max_batch_size=req.max_batch_size,
+            max_tokens_limit=req.max_tokens_limit,
+            rate_limit=req.rate_limit,
+            timeout=req.timeout or timeout,
+        )
+
+    @classmethod
+    def from_row(cls, row: ModelRow, *, timeout: float) -> LaunchPlan:
+        """The plan a launch stored as ``row`` (see :meth:`row`)."""
+        return cls(
+            model_uid=row.model_uid,
+            model_type=row.model_type,
+            model_name=row.model_name,
+            definition=row.definition,
+            spec=row.spec,
+            quantization=row.quantization,
+            replica=row.replica,
+            request_limits=row.request_limits,
+            max_batch_size=row.max_batch_size,
+            max_tokens_limit=row.max_tokens_limit,
+            rate_limit=row.rate_limit,
+            timeout=timeout,
+        )
+
+    def row(self, status: str = "launching") -> ModelRow:
+        """The model's row, without its replicas: everything :meth:`from_row` reads back."""
+        return ModelRow(
+            model_uid=self.model_uid,
+            model_name=self.model_name,
+            model_type=self.model_type,
+            definition=self.definition,
+            spec=self.spec,
+            quantization=self.quantization,
+            replica=self.replica,
+            request_limits=self.request_limits,
+            max_batch_size=self.max_batch_size,
+            max_tokens_limit=self.max_tokens_limit,
+            rate_limit=self.rate_limit,
+            status=status,
+        )
+
+    @property
+    def label(self) -> str:
+        """The model as placement errors name it: ``'uid' (2B parameters, 4-bit)``."""
+        return f"{self.model_uid!r} ({_size(self.spec)}, {self.quantization})"
+
+    def need(self, kind: str) -> int:
+        """The estimated bytes of one replica on a ``cuda`` or ``cpu`` device."""
+        return estimate_bytes(
+            self.spec,
+            quantization=self.quantization,
+            device_kind=kind,
+            model_type=self.model_type,
+            context_length=self.definition.get("context_length"),
+            max_batch_size=self.max_batch_size,
+        )
+
+    def command(self, placement: Placement) -> WorkerLaunch:
+        """The command that asks ``placement``'s worker to load its replica."""
+        return WorkerLaunch(
+            model_uid=self.model_uid,
+            replica_index=placement.replica_index,
+            model_type=self.model_type,  # type: ignore[arg-type]
+            model_name=self.model_name,
+            definition=self.definition,
+            spec=self.spec,
+            quantization=self.quantization,  # type: ignore[arg-type]
+            device=placement.device,
+            request_limits=self.request_limits,
+            max_batch_size=self.max_batch_size,
+            max_tokens_limit=self.max_tokens_limit,
+            rate_limit=self.rate_limit,
+        )
