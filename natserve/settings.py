@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=2.0, gt=0)
     drain_timeout: float = Field(default=30.0, ge=0)
     # The registry's dead window: a worker unheard of this long is dead (registry_service/
-    # liveness.py); default max(6 s, 3 x the worker's heartbeat interval).
+    # directory.py); default max(6 s, 3 x the worker's heartbeat interval).
     dead_after: float | None = Field(default=None, gt=0)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
