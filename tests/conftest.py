@@ -19,6 +19,9 @@ from natserve.embedded import nats_server_binary
 # Model fixtures live in hfmodels.py so that test files can import its builders too.
 from tests.hfmodels import *  # noqa: F403
 
+# The registry tests' fixtures (a registry, fake workers, a connection) are defined once there.
+pytest_plugins = ["tests._registry"]
+
 POSTGRES_ADMIN_URL = os.environ.get("NATSERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

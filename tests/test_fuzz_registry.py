@@ -35,8 +35,8 @@ from broker_client import Subjects
 from broker_client.codec import JSON, MSGPACK, decode, detect
 from broker_client.runtime import ERROR_CODE_HEADER, ERROR_HEADER
 from registry_service import Registry
+from tests._registry import definition
 from tests.conftest import POSTGRES_ADMIN_URL, NatsServer, _postgres_available
-from tests.test_registry import definition
 
 T = TypeVar("T")
 S = Subjects("fuzz")

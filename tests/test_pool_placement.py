@@ -17,7 +17,7 @@ from broker_client.runtime import Transport
 from registry_service import Registry
 from registry_service.memory import GIB, estimate_bytes, format_bytes
 from registry_service.placement import place_replicas
-from tests.test_registry import (
+from tests._registry import (
     TIMEOUT,
     FakeWorker,
     definition,
@@ -136,57 +136,15 @@ def test_a_pinned_worker_without_room_is_a_503() -> None:
 
 
 @pytest.fixture
-def prefix(unique: str) -> str:
-    return f"p{unique}"
-
-
-@pytest.fixture
-def subjects(prefix: str) -> Subjects:
-    return Subjects(prefix)
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NATS]:
-    import nats
-
-    conn = await nats.connect(nats_url)
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
-async def transport(nc: NATS) -> AsyncIterator[Transport]:
-    t = Transport(nc)
-    await t.start()
-    yield t
-    await t.close()
-
-
-@pytest.fixture
-async def registry(nats_url: str, sqlite_url: str, prefix: str) -> AsyncIterator[Registry]:
+def registry_options() -> dict[str, Any]:
     # A dead window of 1 s; replicas are judged 0.3 s after start.
-    reg = Registry(
-        nats_url=nats_url, db_url=sqlite_url, prefix=prefix, heartbeat_dead_after=1.0, resync_window=0.3
-    )
-    await reg.start()
-    yield reg
-    await reg.stop()
+    return {"heartbeat_dead_after": 1.0, "resync_window": 0.3}
 
 
 @pytest.fixture
-async def workers(nats_url: str, prefix: str) -> AsyncIterator[Callable[..., Awaitable[FakeWorker]]]:
-    started: list[FakeWorker] = []
-
-    async def make(**options: Any) -> FakeWorker:
-        options.setdefault("beating", True)
-        options.setdefault("heartbeat_interval", 0.2)
-        w = await FakeWorker(nats_url, prefix, **options).start()
-        started.append(w)
-        return w
-
-    yield make
-    for w in started:
-        await w.stop()
+def worker_options() -> dict[str, Any]:
+    # Workers that beat on their own, five times a second: silenced, they die within the window.
+    return {"beating": True, "heartbeat_interval": 0.2}
 
 
 @contextlib.asynccontextmanager
