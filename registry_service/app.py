@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import logging
 from types import TracebackType
-from typing import Any
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker_client import DEFAULT_PREFIX, NatsAuth, connect_options
@@ -42,7 +42,7 @@ class Registry:
         migrate: bool = True,
         name: str = "natserve-registry",
         auth: NatsAuth | None = None,
-        metrics_registry: Any = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.nats_url = nats_url
         self.auth = auth
@@ -120,7 +120,7 @@ async def run_registry(
     heartbeat_dead_after: float | None = None,
     migrate: bool = True,
     auth: NatsAuth | None = None,
-    metrics_registry: Any = None,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> None:
     """Serve the registry until ``stop`` is set; ``ready`` is set once it answers requests.
 

@@ -5,7 +5,8 @@ A :class:`LaunchPlan` is built either from a launch request and its registration
 when liveness re-places a lost replica). Both give the same plan, so a re-placed replica is
 created exactly as its launch created it: :meth:`LaunchPlan.row` is what the launch stores, and
 every field of the :class:`~broker_client.WorkerLaunch` command (:meth:`LaunchPlan.command`)
-but the device comes from it. A plan is pure data: no I/O.
+comes from the plan but the replica index and the device, which are the placement's. A plan is
+pure data: no I/O.
 """
 
 from __future__ import annotations

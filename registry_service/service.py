@@ -34,7 +34,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import CollectorRegistry
 
 from broker_client import Subjects, __version__
 from broker_client.runtime import NATSConnection, ServiceHost, Transport
@@ -69,7 +72,7 @@ async def other_registries(nc: NATSConnection, prefix: str, *, window: float = 0
     inbox = nc.new_inbox()
     found: list[str] = []
 
-    async def on_reply(msg: Any) -> None:
+    async def on_reply(msg: Msg) -> None:
         try:
             info = json.loads(msg.data)
         except ValueError:
@@ -102,7 +105,7 @@ class RegistryService:
         resync_window: float | None = None,
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
         terminate_timeout: float = 30.0,
-        metrics_registry: Any = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.nc = nc
         self.repo = repository
@@ -134,7 +137,7 @@ class RegistryService:
         )
         self.metrics.attach(self.directory, self.launcher.launches_in_flight)
         self._host: ServiceHost | None = None
-        self._heartbeat_sub: Any = None
+        self._heartbeat_sub: Subscription | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
 
     @property
