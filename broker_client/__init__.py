@@ -6,9 +6,9 @@
     client.get_model(uid).generate("SELECT")
 
 Workers and the registry import the protocol from here: errors, wire models, definitions,
-subjects and auth from this package, the pure codec from ``broker_client.codec`` and the NATS
-runtime (connect, transport, responder, service host) from ``broker_client.runtime``. This
-package imports neither of them.
+subjects and auth from this package, the pure codec and wire rules from ``broker_client.codec``
+and ``broker_client.wire``, and the NATS runtime (connect, transport, responder, service host)
+from ``broker_client.runtime``. This package imports neither of them.
 
 Tests of code that uses the client need no server: ``AsyncClient(transport=MemoryTransport(...))``
 answers each subject with a handler in the same process (``ClientTransport`` is the interface).

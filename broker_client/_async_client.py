@@ -42,7 +42,7 @@ from ._messages import LaunchRequest
 from ._nats_transport import NatsTransport
 from ._progress import LaunchFollower, ProgressCallback, make_progress
 from ._subjects import DEFAULT_PREFIX, Subjects, check_name
-from ._wire import malformed
+from .wire import malformed
 
 __all__ = ["DEFAULT_URL", "AsyncClient"]
 

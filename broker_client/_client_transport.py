@@ -5,7 +5,7 @@ subscription to events, the bookkeeping that ends the requests of a worker that 
 them when the connection drops), and close. Two implementations: ``NatsTransport`` (the real
 one, ``broker_client.runtime``) and ``MemoryTransport`` (handlers per subject in the same
 process, for tests that need no server, as httpx's ``MockTransport``). Both apply the same wire
-rules to what comes back (``_wire``), so the client cannot tell them apart.
+rules to what comes back (``wire``), so the client cannot tell them apart.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from ._definition import format_validation_error
 from ._errors import BadRequest, NoResponders, NotFound, RequestTimeout, TransportError, Unavailable
 from ._messages import GenerateConfig
 from ._subjects import Subjects
-from ._wire import malformed
+from .wire import malformed
 
 __all__ = [
     "AsyncChatModelHandle",

@@ -18,7 +18,7 @@ A handler gets a :class:`MemoryRequest` and answers by what it returns, or by th
 
 Subjects are matched as NATS does (``*`` one token, ``>`` the rest); a request nobody routes
 gets "no responders". Replies travel as encoded messages and are read by the same wire rules as
-over NATS (``_multiplexer``, ``_wire``), so errors, parts, stream order and malformed replies
+over NATS (``_multiplexer``, ``broker_client.wire``), so errors, parts, stream order and malformed replies
 behave as they would over the network. ``requests`` and ``published`` record what was sent.
 """
 
@@ -34,7 +34,7 @@ from . import codec
 from ._client_transport import EventHandler
 from ._errors import BadRequest, TransportError
 from ._multiplexer import Multiplexer
-from ._wire import (
+from .wire import (
     ACCEPTED_HEADER,
     HEADER_ROOM,
     SEQ_HEADER,

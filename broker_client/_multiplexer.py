@@ -4,7 +4,7 @@ Each request gets a token under the transport's inbox prefix; the replies that c
 ``<prefix>.<token>`` go to its queue, so a reply may be one message, several parts of a large
 payload, or a stream of chunks ended by an empty message, and every wait is bounded by the
 call's timeout. Sending is the subclass's (``NatsTransport`` over NATS, ``MemoryTransport`` in
-process); what comes back is read by the wire rules (``_wire``) here, once for both.
+process); what comes back is read by the wire rules (``wire``) here, once for both.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ._errors import (
     ServiceError,
     TransportError,
 )
-from ._wire import (
+from .wire import (
     ACCEPTED_HEADER,
     PARTS_HEADER,
     WireMessage,

@@ -21,7 +21,7 @@ from . import codec
 from ._definition import format_validation_error
 from ._errors import BadRequest, ServiceError
 from ._request_task import _CURRENT_REQUEST
-from ._wire import (
+from .wire import (
     ACCEPTED_HEADER,
     ACK_HEADER,
     HEADER_ROOM,

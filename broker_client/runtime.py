@@ -12,7 +12,7 @@ one of its private modules.
 - ``ServiceHost``: a NATS micro service of bounded request tasks that answers the micro
   protocol itself (``_service_host``, ``_micro``); ``current_request`` and ``RequestTask``
   say which task runs a request (``_request_task``).
-- the wire headers natserve reads and writes (``_wire``).
+- the wire headers natserve reads and writes (``wire``).
 """
 
 from ._connect import NATSConnection, connect
@@ -21,7 +21,7 @@ from ._nats_transport import NatsTransport
 from ._request_task import RequestTask, current_request
 from ._responder import ACK_DELAY, Responder
 from ._service_host import EndpointInfo, Handler, RequestObserver, RequestOutcome, ServiceHost
-from ._wire import (
+from .wire import (
     ACCEPTED_HEADER,
     ACK_HEADER,
     ERROR_CODE_HEADER,

@@ -1,7 +1,8 @@
 """The wire rules that sit above the codec: header names, errors, reply parts, stream order.
 
-Pure: no I/O and no ``nats`` import, so that both ends (the client's transports, the service's
-``Responder``) apply one set of rules, and the rules are tested without a server.
+Pure, like ``broker_client.codec``: no I/O and no ``nats`` import, so that both ends (the
+client's transports, the service's ``Responder``) and anything else that speaks natserve's
+protocol apply one set of rules, and the rules are tested without a server.
 
 Wire headers:
     Content-Type            application/json | application/msgpack, on stream chunks, parts and
