@@ -98,6 +98,8 @@ class MemoryRequest:
         self.body: Any = codec.decode(data, self.content_type)
         self.streamed = 0
         self.replied = False
+        # What went to the reply subject: (data, headers) per message.
+        self.sent: list[tuple[bytes, dict[str, str]]] = []
 
     def __repr__(self) -> str:
         return f"<MemoryRequest {self.subject!r} {self.body!r}>"
@@ -106,6 +108,7 @@ class MemoryRequest:
         """Send one raw message to the reply subject, as it is (for malformed replies)."""
         if self.reply is not None:
             self.replied = True
+            self.sent.append((data, dict(headers or {})))
             await self.transport._on_reply(_Message(self.reply, data, dict(headers) if headers else None))
 
     async def respond(self, obj: Any) -> None:
