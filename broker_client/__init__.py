@@ -21,7 +21,7 @@ from ._auth import (
     NatsAuth,
     connect_options,
 )
-from ._client_transport import ClientTransport, EventSubscription
+from ._client_transport import ClientTransport, EventHandler, EventSubscription
 from ._definition import (
     ABILITIES,
     MODEL_TYPES,
@@ -148,6 +148,7 @@ __all__ = [
     "EmbeddingDefinition",
     "EmbeddingList",
     "EmbeddingModelHandle",
+    "EventHandler",
     "EventSubscription",
     "GenerateConfig",
     "GenerateModelHandle",
