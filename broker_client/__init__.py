@@ -6,18 +6,22 @@
     client.get_model(uid).generate("SELECT")
 
 Workers and the registry import the protocol from here: errors, wire models, definitions,
-subjects and auth from this package, the pure codec from ``broker_client.codec`` and the NATS
-runtime (connect, transport, responder, service host) from ``broker_client.runtime``. This
-package imports neither of them.
+subjects and auth from this package, the pure codec and wire rules from ``broker_client.codec``
+and ``broker_client.wire``, and the NATS runtime (connect, transport, responder, service host)
+from ``broker_client.runtime``. This package imports neither of them.
+
+Tests of code that uses the client need no server: ``AsyncClient(transport=MemoryTransport(...))``
+answers each subject with a handler in the same process (``ClientTransport`` is the interface).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._async_client import AsyncClient
 from ._auth import (
     NatsAuth,
     connect_options,
 )
-from ._client import AsyncClient, Client, ProgressCallback
+from ._client_transport import ClientTransport, EventHandler, EventSubscription
 from ._definition import (
     ABILITIES,
     MODEL_TYPES,
@@ -39,6 +43,7 @@ from ._errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    ProtocolError,
     RequestTimeout,
     ServerTimeout,
     ServiceError,
@@ -52,12 +57,9 @@ from ._handles import (
     AsyncGenerateModelHandle,
     AsyncModelHandle,
     AsyncStream,
-    ChatModelHandle,
-    EmbeddingModelHandle,
-    GenerateModelHandle,
-    ModelHandle,
-    Stream,
+    check_generate_config,
 )
+from ._memory_transport import MemoryHandler, MemoryRequest, MemoryTransport
 from ._messages import (
     ChatChoice,
     ChatChunkChoice,
@@ -92,11 +94,20 @@ from ._messages import (
     WorkerLaunchReply,
     WorkerTerminate,
 )
+from ._progress import ProgressCallback
 from ._subjects import (
     DEFAULT_PREFIX,
     NAME_PATTERN,
     Subjects,
     check_name,
+)
+from ._sync_client import (
+    ChatModelHandle,
+    Client,
+    EmbeddingModelHandle,
+    GenerateModelHandle,
+    ModelHandle,
+    Stream,
 )
 
 try:
@@ -125,6 +136,7 @@ __all__ = [
     "ChatModelHandle",
     "ChatRequest",
     "Client",
+    "ClientTransport",
     "Completion",
     "CompletionChoice",
     "CompletionChunk",
@@ -136,6 +148,8 @@ __all__ = [
     "EmbeddingDefinition",
     "EmbeddingList",
     "EmbeddingModelHandle",
+    "EventHandler",
+    "EventSubscription",
     "GenerateConfig",
     "GenerateModelHandle",
     "GenerateRequest",
@@ -145,6 +159,9 @@ __all__ = [
     "LaunchReply",
     "LaunchRequest",
     "ListRegistrationsRequest",
+    "MemoryHandler",
+    "MemoryRequest",
+    "MemoryTransport",
     "ModelDefinition",
     "ModelEvent",
     "ModelHandle",
@@ -157,6 +174,7 @@ __all__ = [
     "PayloadTooLarge",
     "ProgressCallback",
     "PromptStyle",
+    "ProtocolError",
     "RegisterReply",
     "RegisterRequest",
     "ReplicaInfo",
@@ -176,6 +194,7 @@ __all__ = [
     "WorkerLaunchReply",
     "WorkerTerminate",
     "__version__",
+    "check_generate_config",
     "check_name",
     "connect_options",
     "error_from_wire",

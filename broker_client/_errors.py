@@ -2,6 +2,8 @@
 
     NatserveError                    root of everything natserve raises
     ├── TransportError               the NATS connection itself failed (no server, closed)
+    ├── ProtocolError                a reply broke the wire rules: bytes that do not decode,
+    │                                a body of the wrong shape, a field the client needs missing
     ├── RequestTimeout        504    no reply within the call's timeout
     ├── NoResponders          503    nobody subscribes to the subject (unknown uid, service down)
     └── ServiceError                 a reply carried an error; ``code`` holds the wire code
@@ -17,6 +19,9 @@
 Servers raise the same classes; the service layer turns them into the
 ``Nats-Service-Error-Code`` / ``Nats-Service-Error`` headers and the
 ``{"error": {"type", "code", "message"}}`` body, and the client turns them back.
+``ProtocolError`` is the client's own verdict on a reply, never sent: it is no ``ServiceError``
+(the service sent no error) and no ``BadRequest`` (the request was fine); a service that gets one
+from a service it called answers a 500.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "ProtocolError",
     "RequestTimeout",
     "ServerTimeout",
     "ServiceError",
@@ -55,6 +61,17 @@ class TransportError(NatserveError):
     """The NATS connection failed: no server reachable, connection closed, draining."""
 
     code = 503
+
+
+class ProtocolError(NatserveError):
+    """A reply that breaks the wire rules: it does not decode, has the wrong shape, or lacks a
+    field the client needs. A bug or a version mismatch on the other side, not a bad request."""
+
+    code = 500
+
+    def __init__(self, message: str, *, subject: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
 
 
 class RequestTimeout(NatserveError):

@@ -1,11 +1,11 @@
-"""Model handles: what ``client.get_model(uid)`` returns.
+"""Model handles: what ``AsyncClient.get_model(uid)`` returns.
 
     AsyncGenerateModelHandle   generate()                   LLM without the chat ability
     AsyncChatModelHandle       generate(), chat()           LLM with the chat ability
     AsyncEmbeddingModelHandle  create_embedding()           embedding models
 
-and the sync ``GenerateModelHandle``, ``ChatModelHandle``, ``EmbeddingModelHandle`` with the same
-methods, run on the sync ``Client``'s private loop.
+The sync ``Client`` wraps them (``_sync_client``). A handle needs of its client only the
+transport, the subjects and the default timeout (``HandleClient``), so it does not import it.
 
 Every request carries a ``request_id`` (a uuid unless the caller gives one) in its body, so one
 request can be followed through worker logs. When a caller
@@ -33,18 +33,17 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from ._client_transport import ClientTransport
 from ._definition import format_validation_error
 from ._errors import BadRequest, NoResponders, NotFound, RequestTimeout, TransportError, Unavailable
 from ._messages import GenerateConfig
-from ._transport import Transport
-
-if TYPE_CHECKING:
-    from ._client import AsyncClient, _LoopThread
+from ._subjects import Subjects
+from .wire import malformed
 
 __all__ = [
     "AsyncChatModelHandle",
@@ -52,11 +51,8 @@ __all__ = [
     "AsyncGenerateModelHandle",
     "AsyncModelHandle",
     "AsyncStream",
-    "ChatModelHandle",
-    "EmbeddingModelHandle",
-    "GenerateModelHandle",
-    "ModelHandle",
-    "Stream",
+    "HandleClient",
+    "check_generate_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,8 +105,10 @@ def _plain_config(config: Mapping[str, Any]) -> bool:
     return True
 
 
-def _check_generate_config(generate_config: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Validate locally so a typo fails before anything is sent, naming the key."""
+def check_generate_config(generate_config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A ``generate_config`` as the handles send it, checked here so that a typo fails before
+    anything is sent, naming the key (a BadRequest); what the wire model would take unchanged
+    passes as it is, without pydantic."""
     if generate_config is None:
         return None
     if not isinstance(generate_config, Mapping):
@@ -149,12 +147,18 @@ class AsyncStream:
     """
 
     def __init__(
-        self, chunks: AsyncIterator[Any], first: Any, request_id: str, accepted: list[str] | None = None
+        self,
+        chunks: AsyncGenerator[Any, None],
+        first: Any,
+        request_id: str,
+        accepted: list[str] | None = None,
+        subject: str = "",
     ) -> None:
         self._chunks = chunks
         self._first = first
         self.request_id = request_id
         self._accepted = accepted if accepted is not None else []
+        self._subject = subject
 
     @property
     def worker_id(self) -> str | None:
@@ -166,13 +170,18 @@ class AsyncStream:
 
     async def __anext__(self) -> dict[str, Any]:
         if self._first is not _END:
-            first, self._first = self._first, _END
-            return first  # type: ignore[no-any-return]
-        return await self._chunks.__anext__()  # type: ignore[no-any-return]
+            chunk, self._first = self._first, _END
+        else:
+            chunk = await self._chunks.__anext__()
+        if type(chunk) is dict:
+            return chunk
+        # Not a chunk: the replica is broken, and stopping to read it cancels it.
+        await self.aclose()
+        raise malformed(self._subject, f"a stream chunk must be an object, got {type(chunk).__name__}")
 
     async def aclose(self) -> None:
         self._first = _END
-        await self._chunks.aclose()  # type: ignore[attr-defined]
+        await self._chunks.aclose()
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -181,10 +190,23 @@ class AsyncStream:
         await self.aclose()
 
 
+class HandleClient(Protocol):
+    """What a handle uses of its client (``AsyncClient``)."""
+
+    subjects: Subjects
+    timeout: float
+    # The transport once connected: read directly on each request, a coroutine call less.
+    _transport: ClientTransport | None
+
+    async def _get_transport(self) -> ClientTransport: ...
+
+
 class AsyncModelHandle:
     """Shared plumbing: subjects, request ids, timeouts, cancel on abandon."""
 
-    def __init__(self, client: AsyncClient, model_uid: str, description: Mapping[str, Any] | None = None):
+    def __init__(
+        self, client: HandleClient, model_uid: str, description: Mapping[str, Any] | None = None
+    ) -> None:
         self._client = client
         self.model_uid = model_uid
         self.description: dict[str, Any] = dict(description or {})
@@ -205,7 +227,7 @@ class AsyncModelHandle:
             "(launch it, or check `natserve models`)"
         )
 
-    async def _cancel(self, transport: Transport, request_id: str) -> None:
+    async def _cancel(self, transport: ClientTransport, request_id: str) -> None:
         try:
             await transport.publish(self._subject("cancel"), {"request_id": request_id})
         except Exception as exc:  # the connection may be the reason the request was abandoned
@@ -213,7 +235,7 @@ class AsyncModelHandle:
 
     async def _call(
         self, operation: str, body: dict[str, Any], timeout: float | None, request_id: str | None
-    ) -> Any:
+    ) -> dict[str, Any]:
         request_id = request_id or _new_request_id()
         subject = self._subject(operation)
         budget = self._client.timeout if timeout is None else timeout
@@ -225,11 +247,14 @@ class AsyncModelHandle:
             body["request_id"] = request_id
             transport = self._client._transport or await self._client._get_transport()
             try:
-                return await transport.request(
+                reply = await transport.request(
                     subject,
                     body,
                     timeout=max(deadline - time.monotonic(), 0.001) if attempt > 1 else budget,
                 )
+                if type(reply) is dict:
+                    return reply
+                raise malformed(subject, f"the reply must be an object, got {type(reply).__name__}")
             except NoResponders as exc:
                 raise self._not_running(exc) from exc
             except (RequestTimeout, asyncio.CancelledError):
@@ -237,7 +262,7 @@ class AsyncModelHandle:
                 await asyncio.shield(self._cancel(transport, request_id))
                 raise
             except (Unavailable, TransportError) as exc:
-                if attempt > 1 or transport.nc.is_closed or deadline - time.monotonic() <= 0:
+                if attempt > 1 or transport.is_closed or deadline - time.monotonic() <= 0:
                     raise
                 if isinstance(exc, TransportError):
                     # The replica may still be generating: stop it (sent once reconnected).
@@ -258,8 +283,9 @@ class AsyncModelHandle:
             await self._cancel(transport, request_id)
 
         accepted: list[str] = []
+        subject = self._subject(operation)
         chunks = transport.stream(
-            self._subject(operation),
+            subject,
             body,
             timeout=self._client.timeout if timeout is None else timeout,
             on_abandon=on_abandon,
@@ -274,9 +300,9 @@ class AsyncModelHandle:
         except NoResponders as exc:
             raise self._not_running(exc) from exc
         except BaseException:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
             raise
-        return AsyncStream(chunks, first, request_id, accepted)
+        return AsyncStream(chunks, first, request_id, accepted, subject)
 
     async def _generation(
         self,
@@ -287,12 +313,12 @@ class AsyncModelHandle:
         request_id: str | None,
     ) -> dict[str, Any] | AsyncStream:
         """Send a generate or chat ``body`` with its checked config: streamed when it asks."""
-        config = _check_generate_config(generate_config)
+        config = check_generate_config(generate_config)
         if config is not None:
             body["generate_config"] = config
         if config and config.get("stream"):
             return await self._stream(operation, body, timeout, request_id)
-        return await self._call(operation, body, timeout, request_id)  # type: ignore[no-any-return]
+        return await self._call(operation, body, timeout, request_id)
 
 
 class AsyncGenerateModelHandle(AsyncModelHandle):
@@ -362,155 +388,4 @@ class AsyncEmbeddingModelHandle(AsyncModelHandle):
             input = list(input)
             if not input:
                 raise BadRequest("input must hold at least one string")
-        return await self._call("embed", {"input": input}, timeout, request_id)  # type: ignore[no-any-return]
-
-
-# ---------------------------------------------------------------------------- sync facade
-
-
-class Stream:
-    """The chunks of one streamed reply, as an iterator (sync ``Client``).
-
-    Closing it — ``close()``, ``with``, breaking out of a ``for`` over it, or dropping it —
-    closes the async stream underneath, which tells the replica to cancel.
-    """
-
-    def __init__(self, loop_thread: _LoopThread, stream: AsyncStream, owner: object = None) -> None:
-        self._loop_thread = loop_thread
-        # The sync Client: it closes its connection when collected, so it must outlive us.
-        self._owner = owner
-        self._stream: AsyncStream | None = stream
-        self.request_id = stream.request_id
-        self._accepted = stream._accepted
-
-    @property
-    def worker_id(self) -> str | None:
-        """The worker generating this stream, when known."""
-        return self._accepted[-1] if self._accepted else None
-
-    def __iter__(self) -> Stream:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        stream = self._stream
-        if stream is None:
-            raise StopIteration
-        try:
-            return self._loop_thread.run(_anext(stream))
-        except StopAsyncIteration:
-            self._stream = None
-            raise StopIteration from None
-        except BaseException:
-            # The async stream has already sent the cancel if one was due.
-            self._stream = None
-            raise
-
-    def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            self._loop_thread.run(stream.aclose())
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        stream, self._stream = getattr(self, "_stream", None), None
-        if stream is not None:
-            # Never block in a finalizer: it may run on any thread, the loop's included.
-            self._loop_thread.submit(stream.aclose())
-
-
-async def _anext(stream: AsyncStream) -> dict[str, Any]:
-    return await stream.__anext__()
-
-
-class ModelHandle:
-    """Base of the sync handles; ``owner`` (the sync Client) is kept alive as long as the handle."""
-
-    def __init__(self, loop_thread: _LoopThread, handle: AsyncModelHandle, owner: object = None) -> None:
-        self._loop_thread = loop_thread
-        self._handle = handle
-        self._owner = owner
-
-    @property
-    def model_uid(self) -> str:
-        return self._handle.model_uid
-
-    @property
-    def description(self) -> dict[str, Any]:
-        return self._handle.description
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} model_uid={self.model_uid!r}>"
-
-    def _result(self, value: Any) -> Any:
-        if isinstance(value, AsyncStream):
-            return Stream(self._loop_thread, value, self._owner)
-        return value
-
-
-class GenerateModelHandle(ModelHandle):
-    _handle: AsyncGenerateModelHandle
-
-    def generate(
-        self,
-        prompt: str,
-        generate_config: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> dict[str, Any] | Stream:
-        """A completion dict, or with ``{"stream": True}`` an iterator of chunk dicts."""
-        return self._result(  # type: ignore[no-any-return]
-            self._loop_thread.run(
-                self._handle.generate(prompt, generate_config, timeout=timeout, request_id=request_id)
-            )
-        )
-
-
-class ChatModelHandle(GenerateModelHandle):
-    _handle: AsyncChatModelHandle
-
-    def chat(
-        self,
-        messages: Sequence[Mapping[str, Any]] | str | None = None,
-        generate_config: Mapping[str, Any] | None = None,
-        *,
-        prompt: str | None = None,
-        system_prompt: str | None = None,
-        chat_history: Sequence[Mapping[str, Any]] | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> dict[str, Any] | Stream:
-        """A ``chat.completion`` dict, or with ``{"stream": True}`` an iterator of chunk dicts."""
-        return self._result(  # type: ignore[no-any-return]
-            self._loop_thread.run(
-                self._handle.chat(
-                    messages,
-                    generate_config,
-                    prompt=prompt,
-                    system_prompt=system_prompt,
-                    chat_history=chat_history,
-                    timeout=timeout,
-                    request_id=request_id,
-                )
-            )
-        )
-
-
-class EmbeddingModelHandle(ModelHandle):
-    _handle: AsyncEmbeddingModelHandle
-
-    def create_embedding(
-        self,
-        input: str | Sequence[str],
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> dict[str, Any]:
-        return self._loop_thread.run(  # type: ignore[no-any-return]
-            self._handle.create_embedding(input, timeout=timeout, request_id=request_id)
-        )
+        return await self._call("embed", {"input": input}, timeout, request_id)

@@ -4,16 +4,25 @@ Workers, the registry and the CLI import from here (and from ``broker_client`` i
 errors, wire models, definitions, subjects and auth); nothing outside this package imports
 one of its private modules.
 
-- ``connect``: a NATS connection with natserve's reconnect and refusal rules.
-- ``Transport``: the client side, every request of a connection over one inbox.
-- ``Responder``: one incoming request, answered in its encoding, in parts or as a stream.
-- ``ServiceHost``: a NATS micro service of bounded request tasks.
-- the wire headers natserve reads and writes.
+- ``connect``: a NATS connection with natserve's reconnect and refusal rules (``_connect``).
+- ``NatsTransport`` (also ``Transport``, its former name): the client side, every request of a
+  connection over one inbox (``_multiplexer``, ``_nats_transport``).
+- ``Responder``: one incoming request, answered in its encoding, in parts or as a stream
+  (``_responder``).
+- ``ServiceHost``: a NATS micro service of bounded request tasks that answers the micro
+  protocol itself (``_service_host``, ``_micro``); ``current_request`` and ``RequestTask``
+  say which task runs a request (``_request_task``).
+- the wire headers natserve reads and writes (``wire``).
 """
 
-from ._transport import (
+from ._connect import NATSConnection, connect
+from ._micro import INFO_RESPONSE_TYPE, PING_RESPONSE_TYPE, STATS_RESPONSE_TYPE
+from ._nats_transport import NatsTransport
+from ._request_task import RequestTask, current_request
+from ._responder import ACK_DELAY, Responder
+from ._service_host import EndpointInfo, Handler, RequestObserver, RequestOutcome, ServiceHost
+from .wire import (
     ACCEPTED_HEADER,
-    ACK_DELAY,
     ACK_HEADER,
     ERROR_CODE_HEADER,
     ERROR_HEADER,
@@ -22,16 +31,11 @@ from ._transport import (
     PARTS_HEADER,
     REQUEST_ID_HEADER,
     SEQ_HEADER,
-    EndpointInfo,
-    NATSConnection,
-    RequestOutcome,
-    RequestTask,
-    Responder,
-    ServiceHost,
-    Transport,
-    connect,
-    current_request,
 )
+
+# The concrete NATS transport's name before there was a transport protocol; kept while callers
+# still use it.
+Transport = NatsTransport
 
 __all__ = [
     "ACCEPTED_HEADER",
@@ -40,12 +44,18 @@ __all__ = [
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
     "HOPS_HEADER",
+    "INFO_RESPONSE_TYPE",
     "PARTS_HEADER",
     "PART_HEADER",
+    "PING_RESPONSE_TYPE",
     "REQUEST_ID_HEADER",
     "SEQ_HEADER",
+    "STATS_RESPONSE_TYPE",
     "EndpointInfo",
+    "Handler",
     "NATSConnection",
+    "NatsTransport",
+    "RequestObserver",
     "RequestOutcome",
     "RequestTask",
     "Responder",

@@ -178,7 +178,7 @@ class FakeWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def _on_launch(self, msg: Msg) -> None:
-        resp = Responder(msg)
+        resp = Responder(msg, self.nc)
         command = resp.parse(WorkerLaunch)
         self.launches.append(command)
         self.launched.set()
@@ -206,7 +206,7 @@ class FakeWorker:
         )
 
     async def _on_terminate(self, msg: Msg) -> None:
-        resp = Responder(msg)
+        resp = Responder(msg, self.nc)
         command = resp.parse(WorkerTerminate)
         self.terminates.append(command)
         for key in [k for k in self.replicas if k[0] == command.model_uid]:

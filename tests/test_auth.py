@@ -1,8 +1,8 @@
 """NATS authentication and TLS (``broker_client.NatsAuth``) against real nats-servers.
 
 Each kind of auth gets a server configured for it alone, and a connection made exactly as
-natserve makes it: ``_transport.connect(url, name=..., **connect_options(auth))``. A refused
-first connect must fail fast with a TransportError (nats-py alone retries it forever).
+natserve makes it: ``broker_client.runtime.connect(url, name=..., **connect_options(auth))``.
+A refused first connect must fail fast with a TransportError (nats-py alone retries it forever).
 
 Key material is made in the test: NKeys with the ``nkeys`` package (nats-py's optional
 dependency for NKey/JWT auth), a decentralized-auth JWT chain (operator → account → user,

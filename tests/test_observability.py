@@ -330,7 +330,7 @@ class Records(logging.Handler):
 @pytest.fixture
 def transport_records() -> Iterator[Records]:
     handler = Records()
-    logger = logging.getLogger("broker_client._transport")
+    logger = logging.getLogger("broker_client._service_host")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
@@ -383,7 +383,7 @@ async def test_logs_carry_model_uid_request_id_and_worker_id(
         line = json.loads(JsonFormatter().format(record))
         assert line["request_id"] == "bad-one" and line["model_uid"] == uid
         assert line["worker_id"] == h.worker.worker_id
-        assert line["level"] == "DEBUG" and line["logger"] == "broker_client._transport"
+        assert line["level"] == "DEBUG" and line["logger"] == "broker_client._service_host"
         assert "max_tokens 99" in line["message"] and line["ts"].endswith("+00:00")
 
         # The worker's own endpoints carry the worker id, and no model uid.

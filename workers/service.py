@@ -386,9 +386,9 @@ class Worker:
 
     async def _on_resync(self, msg: Any) -> None:
         self._beat_now.set()
-        if msg.reply:
+        if msg.reply and self.nc is not None:
             with contextlib.suppress(Exception):
-                await Responder(msg).respond(self.info().model_dump(mode="json"))
+                await Responder(msg, self.nc).respond(self.info().model_dump(mode="json"))
 
     async def _event(self, launch: WorkerLaunch, stage: str, **fields: Any) -> None:
         await self._model_event(launch.model_uid, launch.model_name, launch.replica_index, stage, **fields)
