@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests._tiny import build_tiny_llama_and_tokenizer
-from workers.engines._detok import IncrementalDetokenizer, StopMatcher
+from workers.engines.detokenizer import IncrementalDetokenizer, StopMatcher
 from workers.engines.batching import (
     BatchingEngine,
     Delta,

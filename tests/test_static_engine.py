@@ -28,8 +28,10 @@ from tests.test_engine import (
     prompts_of,
     reference,
 )
-from workers.engines.batching import RequestCancelledError, SamplingParams
-from workers.engines.static import SlotCache, SlotLayer, StaticBatchingEngine, default_buckets
+from workers.engines.api import RequestCancelledError, SamplingParams
+from workers.engines.kv_slots import SlotCache, SlotLayer
+from workers.engines.runner import BucketRunners
+from workers.engines.static import StaticBatchingEngine, default_buckets
 
 GREEDY = functools.partial(SamplingParams, temperature=0)
 MAX_SEQ = 192  # the tiny model's context is 512; a shorter cache keeps each step cheap
@@ -278,13 +280,13 @@ async def test_runner_per_bucket_built_once_and_reused(
     _, tokenizer = tiny
     eng = _engine(tiny, max_batch_size=8, eos_token_ids=())
     builds: Counter[int] = Counter()
-    build = eng._build_runner
+    build = BucketRunners.build
 
-    def counting(bucket: int) -> Any:
+    def counting(self: BucketRunners, bucket: int) -> Any:
         builds[bucket] += 1
-        return build(bucket)
+        return build(self, bucket)
 
-    monkeypatch.setattr(eng, "_build_runner", counting)
+    monkeypatch.setattr(BucketRunners, "build", counting)
     eng.start()
     try:
         prompts = prompts_of(tokenizer, 6, seed=19)
@@ -333,7 +335,7 @@ def test_decode_step_is_capturable(tiny: tuple[Any, Any]) -> None:
         with FakeTensorMode(allow_non_fake_inputs=True):
             with pytest.raises(DataDependentOutputException):  # the check does catch a sync
                 (torch.ones(2) + 1).sum().item()
-            logits, tokens = eng._decode_step(4)
+            logits, tokens = eng.decode_step(4)
         assert logits.shape == (4, model.config.vocab_size) and tokens.shape == (4,)
 
         control = _OpLog()
@@ -342,7 +344,7 @@ def test_decode_step_is_capturable(tiny: tuple[Any, Any]) -> None:
         assert control.ops["lift_fresh"] == 1
         log = _OpLog()
         with log:
-            eng._decode_step(4)
+            eng.decode_step(4)
     forbidden = {"lift_fresh", "_local_scalar_dense", "nonzero", "masked_select", "item"}
     assert not forbidden & set(log.ops), log.ops
     assert log.ops["scatter_"] == 2 * model.config.num_hidden_layers  # K and V of every layer

@@ -9,9 +9,11 @@ being loaded (the worker dispatches on it; the loader never sees the URI)::
 
 Words stand in for tokens: the prompt's whitespace-separated words are its tokens and the
 completion is the first ``max_tokens`` of them, streamed one word per ``Delta`` (a request that is
-not streamed gets them at once when unpaced). Everything else
-(admission, streaming, cancellation, the wire) runs the same code as a real model, so the echo
-model measures natserve's own overhead; that is why the hot path below stays minimal.
+not streamed gets them at once when unpaced). It satisfies the same
+:class:`~workers.engines.api.Engine` contract as the model engines (checks, stops, cancellation,
+closing, statistics), and everything else (admission, streaming, the wire) runs the same code as a
+real model, so the echo model measures natserve's own overhead; that is why the hot path below
+stays minimal.
 
 Options in the URI's query make it behave like a model with a cost, for tests and drills of the
 pool (load balancing, faults, launch cancel) without a real model:
@@ -29,10 +31,18 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .api import Delta, EngineClosedError, EngineStats, RequestCancelledError, SamplingParams
+from .api import (
+    Delta,
+    EngineClosedError,
+    EngineStats,
+    RequestCancelledError,
+    SamplingParams,
+    check_length,
+    check_sampling,
+)
 
 __all__ = ["ECHO_SCHEME", "EchoEngine", "EchoOptions", "echo_options", "is_echo_uri"]
 
@@ -74,7 +84,7 @@ def echo_options(model_uri: str) -> EchoOptions:
 
 
 class _EchoStream:
-    """Yields one word per step; checks its cancel flag between words."""
+    """Yields one word per step; checks its cancel flag between words (a ``DeltaStream``)."""
 
     __slots__ = (
         "_block",
@@ -124,13 +134,21 @@ class _EchoStream:
         n = self._n
         if i > n:
             raise StopAsyncIteration
-        if engine._paced and n:
-            await self._pace()
-        elif i and (self._block > 1 or not i % _BLOCK):
-            # A very long echo lets other requests (and cancels) run now and then; yielding on
-            # every word would cost more loop turns than the rest of the request.
-            await asyncio.sleep(0)
+        try:
+            if engine._paced and n:
+                await self._pace()
+            elif i and (self._block > 1 or not i % _BLOCK):
+                # A very long echo lets other requests (and cancels) run now and then; yielding on
+                # every word would cost more loop turns than the rest of the request.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            # The reading task was cancelled: the request ends, its slot goes to the next one.
+            self._finish(cancelled=True)
+            raise
         if self.request_id in engine._cancelled:
+            if engine._closed:
+                self._finish(cancelled=False)
+                raise EngineClosedError(f"the echo engine was closed; request {self.request_id!r} ended")
             self._finish(cancelled=True)
             raise RequestCancelledError(f"request {self.request_id!r} was cancelled")
         if i == 0:
@@ -182,7 +200,11 @@ class _EchoStream:
 
 
 class EchoEngine:
-    """Same interface as :class:`~workers.engines.batching.BatchingEngine`, with words as tokens."""
+    """An :class:`~workers.engines.api.Engine` with words as tokens (see the module doc).
+
+    It serves without ``start()``; ``close()`` ends the pending requests with
+    ``EngineClosedError`` at their next word.
+    """
 
     tokenizer = None
 
@@ -204,6 +226,12 @@ class EchoEngine:
         self._ttft_sum = 0.0
         self._ttft_n = 0
         self._closed = False
+        self._limit_text = f"the context length {context_length}"
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The ``slots`` option: how many requests generate at once (None: no bound)."""
+        return self.slots
 
     def start(self) -> None:
         return None
@@ -226,10 +254,10 @@ class EchoEngine:
         *,
         request_id: str | None = None,
         stream: bool = True,
-    ) -> AsyncIterator[Delta]:
+    ) -> _EchoStream:
         """``stream=False``: an unpaced echo hands its words over in one Delta (blocks of 256)."""
-        if params.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {params.max_tokens}")
+        check_sampling(params)
+        check_length(len(prompt_ids), params.max_tokens, self.context_length, self._limit_text)
         if self._closed:
             raise EngineClosedError("the echo engine is closed")
         rid = request_id or f"echo-{time.monotonic_ns()}"
