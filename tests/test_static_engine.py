@@ -2,7 +2,7 @@
 through slots, buckets, queueing and compaction; the static cache and mask; the decode step being
 capturable; and, on a CUDA machine only, captured graphs against eager steps.
 
-Helpers come from test_engine.py: the engine keeps BatchingEngine's semantics, so the same
+Helpers come from tests/_engines.py: the engine keeps BatchingEngine's semantics, so the same
 checks apply. Every wait is bounded by ``asyncio.wait_for``; nothing sleeps to synchronise."""
 
 from __future__ import annotations
@@ -18,22 +18,13 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests._engines import GREEDY, TIMEOUT, Result, collect, next_delta, prompts_of, reference, split_stop
 from tests._tiny import build_tiny_llama_and_tokenizer
-from tests.test_engine import (
-    TIMEOUT,
-    Result,
-    _split_stop,
-    collect,
-    next_delta,
-    prompts_of,
-    reference,
-)
 from workers.engines.api import RequestCancelledError, SamplingParams
 from workers.engines.kv_slots import SlotCache, SlotLayer
 from workers.engines.runner import BucketRunners
 from workers.engines.static import StaticBatchingEngine, default_buckets
 
-GREEDY = functools.partial(SamplingParams, temperature=0)
 MAX_SEQ = 192  # the tiny model's context is 512; a shorter cache keeps each step cheap
 
 
@@ -433,7 +424,7 @@ async def test_stop_strings(tiny: tuple[Any, Any], free_engine: StaticBatchingEn
     _, tokenizer = tiny
     prompt = tokenizer("the people write water").input_ids
     free = await collect(free_engine.generate(prompt, GREEDY(max_tokens=40)))
-    stop, n_tokens = _split_stop(tokenizer, free.ids)
+    stop, n_tokens = split_stop(tokenizer, free.ids)
     full = tokenizer.decode(free.ids, skip_special_tokens=True)
     got = await collect(free_engine.generate(prompt, GREEDY(max_tokens=40, stop=("zzz-never", stop))))
     assert (got.last.finish_reason, got.last.completion_tokens) == ("stop", n_tokens)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,7 @@ class _EchoStream:
         "_slot",
         "_stop_at",
         "_t0",
+        "_wait",
         "_words",
         "request_id",
     )
@@ -116,6 +118,8 @@ class _EchoStream:
             self._apply_stop(params.stop)
         self._i = 0
         self._slot = False
+        # While it queues for a slot: the future that hands it one (True) or wakes it (False).
+        self._wait: asyncio.Future[bool] | None = None
 
     def _apply_stop(self, stops: tuple[str, ...]) -> None:
         text = " ".join(self._words)
@@ -137,6 +141,8 @@ class _EchoStream:
         try:
             if engine._paced and n:
                 await self._pace()
+                if self._i > n:  # closed by aclose() while it queued
+                    raise StopAsyncIteration
             elif i and (self._block > 1 or not i % _BLOCK):
                 # A very long echo lets other requests (and cancels) run now and then; yielding on
                 # every word would cost more loop turns than the rest of the request.
@@ -171,12 +177,36 @@ class _EchoStream:
 
     async def _pace(self) -> None:
         engine = self._engine
-        if not self._slot and engine._slots is not None:
-            await engine._slots.acquire()
+        if not self._slot and engine.slots is not None:
+            if engine._free and not engine._queue:
+                engine._free -= 1
+            elif not await self._queue_for_slot():
+                return  # woken without a slot: cancelled or closed, which the caller checks
             self._slot = True
             engine._running += 1
         if engine.delay:
             await asyncio.sleep(engine.delay)
+
+    async def _queue_for_slot(self) -> bool:
+        """Waits for a slot, first come first served; False when woken without one."""
+        engine = self._engine
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._wait = fut
+        engine._queue.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.result():
+                engine._hand_on_slot()  # handed over just before the cancel: pass it on
+            raise
+        finally:
+            self._wait = None
+
+    def _wake(self) -> None:
+        """Ends its wait for a slot (cancel, close): it looks at why when it runs."""
+        wait = self._wait
+        if wait is not None and not wait.done():
+            wait.set_result(False)
 
     def _finish(self, *, cancelled: bool) -> None:
         engine = self._engine
@@ -184,8 +214,9 @@ class _EchoStream:
         if self._slot:
             self._slot = False
             engine._running -= 1
-            assert engine._slots is not None
-            engine._slots.release()
+            engine._hand_on_slot()
+        elif self._wait is not None:
+            self._wake()
         # A cancel that raced with the end must not hit a later request reusing the id.
         engine._cancelled.discard(self.request_id)
         if engine._active.pop(self.request_id, None) is not None:
@@ -214,7 +245,9 @@ class EchoEngine:
         self.context_length = context_length
         self.delay = delay
         self.slots = slots
-        self._slots = asyncio.Semaphore(slots) if slots else None
+        # Free slots, and the requests queued for one (their futures, oldest first).
+        self._free = slots or 0
+        self._queue: deque[asyncio.Future[bool]] = deque()
         self._paced = bool(delay or slots)
         self._running = 0
         self._active: dict[str, _EchoStream] = {}
@@ -239,6 +272,8 @@ class EchoEngine:
     def close(self) -> None:
         self._closed = True
         self._cancelled.update(self._active)
+        for stream in self._active.values():
+            stream._wake()
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[str]:
         """The 'tokens' of ``text``: its words."""
@@ -268,10 +303,23 @@ class EchoEngine:
         return stream_
 
     def cancel(self, request_id: str) -> bool:
-        if request_id not in self._active:
+        stream = self._active.get(request_id)
+        if stream is None:
             return False
         self._cancelled.add(request_id)
+        # One queued for a slot ends now, not once it gets one.
+        stream._wake()
         return True
+
+    def _hand_on_slot(self) -> None:
+        """A slot came free: to the oldest request still queued for one, or back to the pool."""
+        queue = self._queue
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                return
+        self._free += 1
 
     def _ttft(self, value: float) -> None:
         self._ttft_last = value
@@ -280,7 +328,7 @@ class EchoEngine:
 
     @property
     def stats(self) -> EngineStats:
-        running = self._running if self._slots is not None else len(self._active)
+        running = self._running if self.slots is not None else len(self._active)
         return EngineStats(
             forward_passes=0,
             running=running,
