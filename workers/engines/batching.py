@@ -14,11 +14,19 @@ slower than a padded static batch for small models; this loop stays close to sta
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .api import Delta, EngineClosedError, EngineError, EngineStats, RequestCancelledError, SamplingParams
+from .api import (
+    Delta,
+    Engine,
+    EngineClosedError,
+    EngineError,
+    EngineStats,
+    RequestCancelledError,
+    SamplingParams,
+)
 from .bridge import GenerationStream
 from .core import DEFAULT_PREFILL_TOKEN_BUDGET, EngineCore
 from .kv_padded import PaddedKV, PaddedPrefill
@@ -105,3 +113,9 @@ class BatchingEngine(EngineCore):
             eos_token_ids=eos_token_ids,
             prefill_token_budget=prefill_token_budget,
         )
+
+
+if TYPE_CHECKING:  # mypy holds the engine to the protocol the replica uses
+
+    def _is_an_engine(engine: BatchingEngine) -> Engine:
+        return engine

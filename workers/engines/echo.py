@@ -34,9 +34,11 @@ import urllib.parse
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .api import (
     Delta,
+    Engine,
     EngineClosedError,
     EngineStats,
     RequestCancelledError,
@@ -339,3 +341,9 @@ class EchoEngine:
             ttft_avg_s=self._ttft_sum / self._ttft_n if self._ttft_n else None,
             generated_tokens=self._generated,
         )
+
+
+if TYPE_CHECKING:  # mypy holds the engine to the protocol the replica uses
+
+    def _is_an_engine(engine: EchoEngine) -> Engine:
+        return engine

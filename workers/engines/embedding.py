@@ -13,12 +13,14 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from broker_client import BadRequest, InternalError, Unavailable
+
+from .api import Embedder
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +189,9 @@ class EmbeddingEngine:
             lock = self._async_locks.setdefault(loop, asyncio.Lock())
         async with lock:
             return await asyncio.to_thread(self.embed, texts)
+
+
+if TYPE_CHECKING:  # mypy holds the engine to the protocol the replica uses
+
+    def _is_an_embedder(engine: EmbeddingEngine) -> Embedder:
+        return engine

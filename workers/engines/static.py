@@ -45,10 +45,11 @@ import logging
 import types
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .api import Engine
 from .core import DEFAULT_PREFILL_TOKEN_BUDGET, EngineCore
 from .kv_padded import PaddedPrefill
 from .kv_slots import SEQ_ALIGN, SlotCache, SlotKV, SlotLayer
@@ -342,3 +343,9 @@ def _check_full_attention(text_config: Any, max_seq: int) -> None:
             f"the model has sliding-window attention (window {window}) shorter than max_seq {max_seq}; "
             "pass max_seq_len <= the window"
         )
+
+
+if TYPE_CHECKING:  # mypy holds the engine to the protocol the replica uses
+
+    def _is_an_engine(engine: StaticBatchingEngine) -> Engine:
+        return engine
