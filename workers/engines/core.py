@@ -72,7 +72,8 @@ class Executor(Protocol):
     def release(self) -> None:
         """Frees what only the stopped generation thread used."""
 
-    def prefill(self, reqs: Sequence[Request]) -> PaddedPrefill: ...
+    def prefill(self, reqs: Sequence[Request]) -> PaddedPrefill:
+        """One forward over the prompts of ``reqs``, left-padded together."""
 
     def join(self, first: int, reqs: Sequence[Request], prefill: PaddedPrefill) -> None:
         """Adds the prefilled ``reqs`` as rows ``first..`` (``prefill`` holds exactly them)."""
@@ -80,11 +81,9 @@ class Executor(Protocol):
     def decode(self, rows: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode forward of every row: logits ``[n, V]``, and the argmax when the step
         computed it anyway."""
-        ...
 
     def keep(self, rows: list[Request], keep: list[int]) -> list[Request]:
         """Drops every row but ``keep`` (increasing, not empty); the rows in their new order."""
-        ...
 
     def reset(self) -> None:
         """Forgets every row (the batch is lost)."""
