@@ -622,6 +622,7 @@ class Worker:
     def _llm_replica(
         launch: WorkerLaunch, definition: LLMDefinition, loaded: Any, common: dict[str, Any]
     ) -> LLMReplica:
+        from .engines.api import Engine
         from .engines.batching import BatchingEngine
 
         context = loaded.context_length
@@ -629,7 +630,7 @@ class Worker:
             # The definition may narrow the model's window (memory), never widen it.
             context = min(context, definition.context_length)
         max_batch_size = launch.max_batch_size or 32
-        engine: BatchingEngine
+        engine: Engine
         if loaded.device.type == "cuda":
             # On a GPU kernel launches dominate an ungraphed decode step, so the engine with
             # static KV slots and one CUDA graph per batch-size bucket wins there; on the CPU
