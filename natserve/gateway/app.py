@@ -85,41 +85,56 @@ def _scan(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | Non
     return authorization, rid, length
 
 
-async def _json_body(receive: Receive, length: bytes | None, limit: int) -> Any:
-    """The request's JSON body, refused (a 400 naming the limit) past ``limit`` bytes, before
-    it is all read when the Content-Length says so."""
-    if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise InvalidField(
-                f"Content-Length {length[:40]!r} is not a number", param="Content-Length"
-            ) from None
-        if declared > limit:
+def _check_length(length: bytes, limit: int) -> None:
+    """Refuse a body whose Content-Length is above ``limit`` before reading any of it."""
+    try:
+        declared = int(length)
+    except ValueError:
+        raise InvalidField(
+            f"Content-Length {length[:40]!r} is not a number", param="Content-Length"
+        ) from None
+    if declared > limit:
+        raise PayloadTooLarge(
+            f"the request body of {declared} bytes is above the gateway's limit of {limit} bytes "
+            "(NATSERVE_HTTP_MAX_BODY_BYTES)"
+        )
+
+
+async def _rest_of_body(receive: Receive, first: bytes, limit: int) -> bytes:
+    """The body that came in more than one message, refused past ``limit`` bytes."""
+    parts, size, more = [first], len(first), True
+    while more:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
             raise PayloadTooLarge(
-                f"the request body of {declared} bytes is above the gateway's limit of {limit} bytes "
+                f"the request body is above the gateway's limit of {limit} bytes "
                 "(NATSERVE_HTTP_MAX_BODY_BYTES)"
             )
-    message = await receive()
-    data = message.get("body", b"")
-    if message.get("more_body"):
-        parts, size = [data], len(data)
-        while message.get("more_body"):
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"the request body is above the gateway's limit of {limit} bytes "
-                    "(NATSERVE_HTTP_MAX_BODY_BYTES)"
-                )
-            parts.append(chunk)
-        data = b"".join(parts)
+        parts.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(parts)
+
+
+def _decode(data: bytes) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         what = "empty" if not data else "not valid JSON"
         raise InvalidField(f"the request body is {what}: {exc}", param=None, code="invalid_json") from None
+
+
+async def _json_body(receive: Receive, length: bytes | None, limit: int) -> Any:
+    """The request's JSON body, refused (a 400 naming the limit) past ``limit`` bytes, before
+    it is all read when the Content-Length says so."""
+    if length is not None:
+        _check_length(length, limit)
+    message = await receive()
+    data = message.get("body", b"")
+    if message.get("more_body"):
+        data = await _rest_of_body(receive, data, limit)
+    return _decode(data)
 
 
 async def _send_json(
@@ -146,12 +161,20 @@ class _Inference:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         series = self.series
+        gate = self.gate
         authorization, rid_header, length = _scan(scope["headers"])
         rid = None
         try:
             rid = request_id(rid_header)
-            self.gate.api_keys.check(authorization)
-            body = await _json_body(receive, length, self.gate.max_body_bytes)
+            gate.api_keys.check(authorization)
+            # The body, read here rather than in a helper: one coroutine less per request.
+            if length is not None:
+                _check_length(length, gate.max_body_bytes)
+            message = await receive()
+            data = message.get("body", b"")
+            if message.get("more_body"):
+                data = await _rest_of_body(receive, data, gate.max_body_bytes)
+            body = _decode(data)
             reply = await self.operation(body, rid)
         except Exception as exc:
             status, payload = error_reply(exc)
@@ -161,7 +184,19 @@ class _Inference:
             series.done(status, time.perf_counter() - started)
             return
         if type(reply) is dict:
-            await _send_json(send, 200, reply, rid)
+            data = orjson.dumps(reply)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        _JSON,
+                        (b"content-length", b"%d" % len(data)),
+                        (b"x-request-id", rid.encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": data})
             series.done(200, time.perf_counter() - started)
             return
         # The handle returned once the first chunk was in: the stream has started.
@@ -315,4 +350,32 @@ def create_app(
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.service = service
     app.state.metrics = metrics
-    return app
+    hot = {route.path: route.endpoint for route in routes if isinstance(route.endpoint, _Inference)}
+    return _HotPaths(app, hot)  # type: ignore[return-value]
+
+
+class _HotPaths:
+    """``POST`` to an inference route goes straight to its endpoint; the rest to Starlette.
+
+    Starlette's middleware stack and router cost a request about as much as the rest of the
+    gateway's own work (``bench/gateway.py``); its routes still answer every other method on
+    these paths (a 405) and everything else.
+    """
+
+    __slots__ = ("app", "hot")
+
+    def __init__(self, app: Starlette, hot: dict[str, Any]) -> None:
+        self.app = app
+        self.hot = hot
+
+    @property
+    def state(self) -> Any:
+        return self.app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.hot.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)  # type: ignore[arg-type]
