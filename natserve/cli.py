@@ -448,7 +448,13 @@ def _http_listener(host: str, port: int, settings: Any, taken: Callable[[int], s
     with its API keys; ``taken(free_port)`` says what to do instead."""
     import errno
 
-    from .gateway import HttpListener, bind_listener, load_api_keys
+    try:
+        from .gateway import HttpListener, bind_listener, load_api_keys
+    except ImportError as exc:
+        raise CommandError(
+            f"the HTTP gateway needs the gateway extra ({exc.name or exc} is missing): "
+            "pip install 'natserve[gateway]', or start without it: natserve up --no-http"
+        ) from exc
 
     if not 0 <= port < 65536:
         raise CommandError(f"HTTP port {port} is not a TCP port", EXIT_USAGE)

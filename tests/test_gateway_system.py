@@ -203,8 +203,10 @@ def pool(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterato
             chat_uid,
             embed_uid,
         )
+        stopping = time.monotonic()
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(timeout=60) == 0, "".join(up.stderr[-30:])
+        print(f"natserve up stopped in {time.monotonic() - stopping:.1f} s:", "".join(up.stderr[-12:]))
         assert "Traceback" not in "".join(up.stderr), "".join(up.stderr[-60:])
     finally:
         up.kill()
