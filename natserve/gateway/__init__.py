@@ -15,7 +15,7 @@ Layers, each its own module:
 - :mod:`.server`: the listening socket and uvicorn, run as one of natserve's services.
 """
 
-from .app import DEFAULT_MAX_BODY_BYTES, create_app
+from .app import DEFAULT_MAX_BODY_BYTES, GatewayApp, create_app
 from .auth import ApiKeys, load_api_keys
 from .errors import InvalidField, Unauthorized, error_body, error_reply
 from .metrics import GatewayMetrics
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_HTTP_PORT",
     "DEFAULT_MAX_BODY_BYTES",
     "ApiKeys",
+    "GatewayApp",
     "GatewayMetrics",
     "GatewayService",
     "HttpListener",

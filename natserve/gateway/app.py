@@ -48,7 +48,7 @@ from .request_ids import new_request_id, request_id
 from .service import GatewayService, Reply
 from .sse import send_events
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "GatewayApp", "create_app"]
 
 # Above NATS's usual max_payload (1 MiB by default, 8 MiB the recommended most): a body the
 # gateway takes can still be too large for the server, and then the natserve client says so.
@@ -183,7 +183,7 @@ class _Inference:
             )
             series.done(status, time.perf_counter() - started)
             return
-        if type(reply) is dict:
+        if isinstance(reply, dict):
             data = orjson.dumps(reply)
             await send(
                 {
@@ -203,7 +203,7 @@ class _Inference:
         series.first_event.observe(time.perf_counter() - started)
         series.streams += 1
         try:
-            outcome = await send_events(send, receive, reply, [(b"x-request-id", rid.encode())])  # type: ignore[arg-type]
+            outcome = await send_events(send, receive, reply, [(b"x-request-id", rid.encode())])
         finally:
             series.streams -= 1
         series.done(outcome.code, time.perf_counter() - started)
@@ -212,10 +212,13 @@ class _Inference:
 Handler = Callable[[Request, str], Awaitable[Any]]
 
 
-def _endpoint(handler: Handler, gate: _Gate, series: RouteSeries, *, page: bool = False, open_: bool = False):  # type: ignore[no-untyped-def]
+def _endpoint(
+    handler: Handler, gate: _Gate, series: RouteSeries, *, page: bool = False, keyless: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
     """A Starlette endpoint around ``handler(request, request_id)``: key, id, errors, metrics.
 
-    ``handler`` returns what to send as JSON (None is ``null``) or a ready Response.
+    ``handler`` returns what to send as JSON (None is ``null``) or a ready Response; ``page``: a
+    401 asks a browser for Basic credentials; ``keyless``: no key needed (health, auth probe).
     """
 
     async def endpoint(request: Request) -> Response:
@@ -224,7 +227,7 @@ def _endpoint(handler: Handler, gate: _Gate, series: RouteSeries, *, page: bool 
         rid = None
         try:
             rid = request_id(rid_header)
-            if not open_:
+            if not keyless:
                 gate.api_keys.check(authorization)
             result = await handler(request, rid)
             response = (
@@ -251,7 +254,7 @@ def create_app(
     api_keys: ApiKeys | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: GatewayMetrics | None = None,
-) -> Starlette:
+) -> GatewayApp:
     """The gateway's ASGI app; ``metrics`` counts its requests (a private one when not given)."""
     gate = _Gate(api_keys or ApiKeys(), max_body_bytes)
     metrics = metrics or GatewayMetrics()
@@ -320,8 +323,8 @@ def create_app(
         route("/v1/model_registrations/{model_type}", "registrations", registrations, "GET"),
         route("/v1/model_registrations/{model_type}/{model_name}", "registration", registration, "GET"),
         route("/v1/model_registrations/{model_type}/{model_name}", "unregister", unregister, "DELETE"),
-        route("/v1/cluster/auth", "cluster_auth", cluster_auth, "GET", open_=True),
-        route("/healthz", "healthz", healthz, "GET", open_=True),
+        route("/v1/cluster/auth", "cluster_auth", cluster_auth, "GET", keyless=True),
+        route("/healthz", "healthz", healthz, "GET", keyless=True),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -351,11 +354,12 @@ def create_app(
     app.state.service = service
     app.state.metrics = metrics
     hot = {route.path: route.endpoint for route in routes if isinstance(route.endpoint, _Inference)}
-    return _HotPaths(app, hot)  # type: ignore[return-value]
+    return GatewayApp(app, hot)
 
 
-class _HotPaths:
-    """``POST`` to an inference route goes straight to its endpoint; the rest to Starlette.
+class GatewayApp:
+    """The gateway's ASGI app: a ``POST`` to an inference route goes straight to its endpoint,
+    everything else to the Starlette app (``.app``).
 
     Starlette's middleware stack and router cost a request about as much as the rest of the
     gateway's own work (``bench/gateway.py``); its routes still answer every other method on
