@@ -405,6 +405,13 @@ def test_bad_input_is_an_openai_error_naming_the_problem(pool: Pool) -> None:
     huge = error(httpx.post(url, content=b"x" * (20 * 1024 * 1024), timeout=60), 400)
     assert huge["code"] == "payload_too_large" and str(8 * 1024 * 1024) in huge["message"]
     print(f"a 20 MB body was refused in {time.monotonic() - started:.2f} s")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the gateway counts as it reads
+        for _ in range(10):
+            yield b"x" * (1024 * 1024)
+
+    chunked = error(httpx.post(url, content=chunks(), timeout=60), 400)
+    assert chunked["code"] == "payload_too_large"
     no_route = error(httpx.get(f"{pool.v1}/nothing-here"), 404)
     assert "/v1/nothing-here" in no_route["message"]
     # The pool still serves.
