@@ -245,11 +245,14 @@ async def run_services(
     force: asyncio.Event | None = None,
     on_ready: Callable[[], None] | None = None,
     auth: NatsAuth | None = None,
+    gateway: Any = None,
 ) -> None:
-    """Run the registry and/or a worker until ``stop``; raise ServiceFailed if one dies.
+    """Run the registry and/or a worker (and the HTTP gateway on ``gateway``, a bound
+    ``natserve.gateway.HttpListener``) until ``stop``; raise ServiceFailed if one dies.
 
-    Stopping goes worker first (it drains in-flight requests), then the registry. With
-    ``settings.metrics_port`` set, both share one ``/metrics`` endpoint on that port.
+    Stopping goes gateway first (no new HTTP requests), then the worker (it drains in-flight
+    requests), then the registry. With ``settings.metrics_port`` set, they share one
+    ``/metrics`` endpoint on that port.
     """
     force = force or asyncio.Event()
     services: list[_Service] = []
@@ -314,6 +317,8 @@ async def run_services(
             )
 
         services.append(_Service("worker", worker_factory))
+    if gateway is not None:
+        services.append(_gateway_service(settings, gateway, nats_url, auth, metrics_registry))
 
     failure: ServiceFailed | None = None
     try:
@@ -342,6 +347,27 @@ async def run_services(
             metrics_server.stop()
     if failure is not None:
         raise failure
+
+
+def _gateway_service(
+    settings: Settings, listener: Any, nats_url: str, auth: NatsAuth | None, metrics_registry: Any
+) -> _Service:
+    from .gateway import run_gateway
+
+    def factory(s: asyncio.Event, r: asyncio.Event) -> Coroutine[Any, Any, None]:
+        return run_gateway(
+            nats_url=nats_url,
+            listener=listener,
+            stop=s,
+            ready=r,
+            prefix=settings.prefix,
+            auth=auth,
+            max_body_bytes=settings.http_max_body_bytes,
+            drain_timeout=settings.drain_timeout,
+            metrics_registry=metrics_registry,
+        )
+
+    return _Service("gateway", factory)
 
 
 def worker_limits(settings: Settings) -> Any:

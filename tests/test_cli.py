@@ -26,6 +26,7 @@ from tests.test_client import NSQL_2B, FakeNats, completion, replier, streamer
 
 COMMANDS = [
     "up",
+    "gateway",
     "registry",
     "worker",
     "register",
@@ -269,7 +270,7 @@ def test_up_end_to_end(tmp_path: Path, hf_cache: Path) -> None:
         HF_HUB_OFFLINE="1",
         NATSERVE_LOG_LEVEL="INFO",
     )
-    up = Running(["up", "--port", str(port), "--device", "cpu"], env)
+    up = Running(["up", "--port", str(port), "--device", "cpu", "--no-http"], env)
     try:
         started = time.monotonic()
         ready = up.wait_ready(timeout=60)

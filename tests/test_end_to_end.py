@@ -57,7 +57,7 @@ def test_persist_survives_restarting_up_and_ephemeral_does_not(tmp_path: Path) -
     env = _env(tmp_path)
     url = f"nats://127.0.0.1:{port}"
     for round_ in (1, 2):
-        up = Running(["up", "--port", str(port), "--device", "cpu"], env)
+        up = Running(["up", "--port", str(port), "--device", "cpu", "--no-http"], env)
         try:
             up.wait_ready(timeout=60)
             with Client(url, timeout=60) as client:

@@ -461,7 +461,9 @@ def test_configure_logging_json_lines() -> None:
 def test_up_serves_json_logs_and_one_metrics_endpoint(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     env = _env(tmp_path, NATSERVE_LOG_LEVEL="INFO", NATSERVE_LOG_FORMAT="json")
-    up = Running(["up", "--port", str(port), "--device", "cpu", "--metrics-port", str(metrics_port)], env)
+    up = Running(
+        ["up", "--port", str(port), "--device", "cpu", "--metrics-port", str(metrics_port), "--no-http"], env
+    )
     try:
         up.wait_ready(timeout=60)
         samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
