@@ -198,16 +198,16 @@ async def _harness(nats_url: str, prefix: str, limits: WorkerLimits) -> AsyncIte
 async def test_trust_remote_code_needs_both_switches(
     nats_url: str, prefix: str, unique: str, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.loader
+    import workers.loading
 
     seen: list[bool] = []
-    real_load = workers.loader.load_llm
+    real_load = workers.loading.load_llm
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs["trust_remote_code"])
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(workers.loader, "load_llm", spy)
+    monkeypatch.setattr(workers.loading, "load_llm", spy)
     asking = llm_definition("remote", str(tiny_llama_dir), trust_remote_code=True)
 
     async with _harness(nats_url, prefix, WorkerLimits()) as h:

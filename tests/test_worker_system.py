@@ -197,7 +197,7 @@ def test_a_pool_answers_before_torch_is_imported(
 
 
 def test_warm_up_runs_once_per_process() -> None:
-    from workers.loader import warm_up
+    from workers.loading import warm_up
 
     warm_up()
     assert "transformers.modeling_utils" in sys.modules

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from broker_client import BadRequest, Overloaded, PayloadTooLarge
 
-from .loader import parse_model_uri
+from .loading.sources import parse_model_uri
 
 __all__ = [
     "ReplicaLimits",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import re
@@ -62,7 +61,7 @@ from broker_client import (
 )
 from broker_client.runtime import NATSConnection, Responder, ServiceHost, connect
 
-from .devices import best_device, list_devices
+from .devices import best_device, free_memory, list_devices
 from .engines.echo import is_echo_uri
 from .limits import WorkerLimits
 from .metrics import WorkerMetrics
@@ -101,15 +100,6 @@ class _Pending:
         )
 
 
-def _free_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        with contextlib.suppress(Exception):
-            import torch
-
-            torch.cuda.empty_cache()
-
-
 class Worker:
     """One worker process's service. ``await start()``, then ``await stop()`` to drain and leave."""
 
@@ -134,7 +124,7 @@ class Worker:
         default, see :mod:`workers.limits`); ``metrics_registry``: the prometheus_client
         ``CollectorRegistry`` for this worker's metrics (a private one by default); ``warm_up``:
         import torch and the model-loading code on a thread once the worker answers
-        (:func:`workers.loader.warm_up`), so that a launch after it (3 s or more on two cores) pays
+        (:func:`workers.loading.warm_up`), so that a launch after it (3 s or more on two cores) pays
         only for its model; a launch that comes sooner waits for it. ``warm_up_after``: start it
         only once this event is set (``natserve up``: once the registry answers too, since the
         imports hold the GIL for most of their time). ``on_warm`` runs once those imports are
@@ -181,7 +171,7 @@ class Worker:
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="natserve-heartbeat")
         if self.warm_up:
-            # On a thread of its own: nothing waits for it but loads (loader.warm_up).
+            # On a thread of its own: nothing waits for it but loads (loading.warm_up).
             self._warming = asyncio.ensure_future(self._warm_up())
         logger.info(
             "worker %s serving on %s (prefix %r, device %s)",
@@ -192,7 +182,7 @@ class Worker:
         )
 
     async def _warm_up(self) -> None:
-        from .loader import warm_up
+        from .loading import warm_up
 
         if self._warm_up_after is not None:
             await self._warm_up_after.wait()
@@ -497,7 +487,7 @@ class Worker:
                 await served.close_endpoints()
                 self._models.pop(uid, None)
             replica = None
-            _free_memory(device)
+            free_memory(device)
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             if isinstance(exc, asyncio.CancelledError):
                 message = "launch was cancelled"
@@ -550,7 +540,7 @@ class Worker:
                 cancelled=lambda: pending.cancelled,
             )
 
-        from .loader import load_embedding, load_llm, resolve_source, warm_up
+        from .loading import load_embedding, load_llm, resolve_source, warm_up
 
         # Without a warm-up (or before it is over) the imports happen here, and on_warm follows
         # them before the model is built, as it would have after the warm-up.
@@ -615,7 +605,7 @@ class Worker:
             if loaded is not None:
                 loaded.unload()
             del loaded
-            _free_memory(device)
+            free_memory(device)
             raise
 
     @staticmethod

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from broker_client import BadRequest, InternalError, Unavailable
-from workers.loader import LoadedEmbedding
+from workers.loading import LoadedEmbedding
 
 logger = logging.getLogger(__name__)
 
