@@ -20,7 +20,7 @@ from broker_client import AsyncClient, BadRequest, NotFound, Overloaded, Payload
 from natserve.embedded import worker_limits
 from natserve.settings import Settings
 from tests.test_worker import Harness, client_connection, llm_definition, within
-from workers import Worker
+from workers import Worker, WorkerSettings
 from workers.limits import (
     ReplicaLimits,
     TokenBucket,
@@ -186,7 +186,9 @@ def prefix(unique: str) -> str:
 async def _harness(nats_url: str, prefix: str, limits: WorkerLimits) -> AsyncIterator[Harness]:
     async with client_connection(nats_url) as (nc, transport):
         worker = Worker(
-            nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=5, limits=limits
+            WorkerSettings(
+                nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=5, limits=limits
+            )
         )
         await worker.start()
         try:
@@ -325,7 +327,7 @@ async def test_limits_pass_through_the_registry(nats_url: str, sqlite_url: str, 
             run_registry(nats_url=nats_url, db_url=sqlite_url, prefix=prefix, stop=stop, ready=ready[0])
         ),
         asyncio.create_task(
-            run_worker(nats_url=nats_url, prefix=prefix, device="cpu", stop=stop, ready=ready[1])
+            run_worker(WorkerSettings(nats_url, prefix=prefix, device="cpu"), stop=stop, ready=ready[1])
         ),
     ]
     client = AsyncClient(nats_url, prefix=prefix, timeout=60)

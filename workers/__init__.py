@@ -4,6 +4,7 @@ from .app import run_worker, stop_on_signals
 from .devices import best_device, list_devices
 from .replica import EmbeddingReplica, LLMReplica, Replica, ServedModel
 from .service import SERVICE_NAME, Worker, default_worker_id
+from .settings import WorkerSettings
 
 __all__ = [
     "SERVICE_NAME",
@@ -12,6 +13,7 @@ __all__ = [
     "Replica",
     "ServedModel",
     "Worker",
+    "WorkerSettings",
     "best_device",
     "default_worker_id",
     "list_devices",

@@ -29,21 +29,18 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import nats.errors
 from pydantic import ValidationError
 
 from broker_client import (
-    DEFAULT_PREFIX,
     BadRequest,
     Conflict,
     EmbeddingDefinition,
     LLMDefinition,
     ModelEvent,
     ModelSpec,
-    NatsAuth,
     NotFound,
     ReplicaInfo,
     Subjects,
@@ -63,9 +60,9 @@ from broker_client.runtime import NATSConnection, Responder, ServiceHost, connec
 
 from .devices import best_device, free_memory, list_devices
 from .engines.echo import is_echo_uri
-from .limits import WorkerLimits
 from .metrics import WorkerMetrics
 from .replica import EmbeddingReplica, LLMReplica, Replica, ServedModel
+from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -105,47 +102,27 @@ class Worker:
 
     def __init__(
         self,
-        nats_url: str | list[str],
+        settings: WorkerSettings,
         *,
-        prefix: str = DEFAULT_PREFIX,
-        device: str | None = None,
-        worker_id: str | None = None,
-        heartbeat_interval: float = 2.0,
-        drain_timeout: float = 30.0,
-        cache_dir: str | Path | None = None,
-        auth: NatsAuth | None = None,
-        limits: WorkerLimits | None = None,
-        metrics_registry: Any = None,
-        warm_up: bool = False,
         on_warm: Callable[[], None] | None = None,
         warm_up_after: asyncio.Event | None = None,
     ) -> None:
-        """``limits``: the operator's policy (remote code, model roots, request limits; none by
-        default, see :mod:`workers.limits`); ``metrics_registry``: the prometheus_client
-        ``CollectorRegistry`` for this worker's metrics (a private one by default); ``warm_up``:
-        import torch and the model-loading code on a thread once the worker answers
-        (:func:`workers.loading.warm_up`), so that a launch after it (3 s or more on two cores) pays
-        only for its model; a launch that comes sooner waits for it. ``warm_up_after``: start it
-        only once this event is set (``natserve up``: once the registry answers too, since the
-        imports hold the GIL for most of their time). ``on_warm`` runs once those imports are
-        done (by the warm-up, or by the first launch without one), before any model is built."""
-        if heartbeat_interval <= 0:
-            raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval}")
-        self.nats_url = nats_url
-        self.subjects = Subjects(prefix)
-        self.worker_id = check_name(worker_id, "worker_id") if worker_id else default_worker_id()
+        """``settings``: what the worker is configured with (:class:`WorkerSettings`).
+        ``warm_up_after``: start the warm-up only once this event is set (``natserve up``: once
+        the registry answers too, since the imports hold the GIL for most of their time).
+        ``on_warm`` runs once those imports are done (by the warm-up, or by the first launch
+        without one), before any model is built."""
+        self.settings = settings
+        self.subjects = Subjects(settings.prefix)
+        self.worker_id = settings.worker_id or default_worker_id()
         self.host = socket.gethostname()
-        self.device = device
-        self.heartbeat_interval = heartbeat_interval
-        self.drain_timeout = drain_timeout
-        self.cache_dir = cache_dir
-        self.auth = auth
-        self.limits = limits or WorkerLimits()
-        self.warm_up = warm_up
+        # The default device of launches; resolved (the best local one) at start.
+        self.device = settings.device
+        self.limits = settings.limits
         self._on_warm = on_warm
         self._warm_up_after = warm_up_after
         self._warming: asyncio.Future[None] | None = None
-        self.metrics = WorkerMetrics(metrics_registry)
+        self.metrics = WorkerMetrics(settings.metrics_registry)
         self.metrics.attach(self)
         self.started_at = time.time()
         self.nc: NATSConnection | None = None
@@ -170,13 +147,13 @@ class Worker:
         self._status = "running"
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="natserve-heartbeat")
-        if self.warm_up:
+        if self.settings.warm_up:
             # On a thread of its own: nothing waits for it but loads (loading.warm_up).
             self._warming = asyncio.ensure_future(self._warm_up())
         logger.info(
             "worker %s serving on %s (prefix %r, device %s)",
             self.worker_id,
-            self.nats_url,
+            self.settings.nats_url,
             self.subjects.prefix,
             self.device,
         )
@@ -211,7 +188,9 @@ class Worker:
             self.device = wanted
         try:
             self.nc = await connect(
-                self.nats_url, name=f"{SERVICE_NAME}-{self.worker_id}", **connect_options(self.auth)
+                self.settings.nats_url,
+                name=f"{SERVICE_NAME}-{self.worker_id}",
+                **connect_options(self.settings.auth),
             )
         except BaseException:
             self._status = "stopped"
@@ -253,7 +232,7 @@ class Worker:
         self._status = "stopping"
         if self._warming is not None:
             self._warming.cancel()  # its thread runs on to its end; nobody waits for it now
-        grace = self.drain_timeout if drain_timeout is None else drain_timeout
+        grace = self.settings.drain_timeout if drain_timeout is None else drain_timeout
         service = self.service
         assert service is not None
         # New launches and new requests go elsewhere from here on.
@@ -334,7 +313,7 @@ class Worker:
                 "replicas": replicas,
                 "started_at": self.started_at,
                 "last_seen": time.time(),
-                "heartbeat_interval": self.heartbeat_interval,
+                "heartbeat_interval": self.settings.heartbeat_interval,
                 # Extra keys WorkerInfo keeps: "stopping" tells the registry to place elsewhere.
                 "status": status or self._status,
                 "default_device": self.device,
@@ -361,7 +340,7 @@ class Worker:
             # asyncio.timeout rather than wait_for: on 3.11, wait_for can swallow a cancel that
             # arrives together with the event.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.heartbeat_interval):
+                async with asyncio.timeout(self.settings.heartbeat_interval):
                     await self._beat_now.wait()
             if self._heartbeat_task is not me:
                 return
@@ -564,7 +543,7 @@ class Worker:
         ref = spec.model_uri or spec.model_id
         await self._event(launch, "download", message=f"resolving {ref}")
         # Read at launch time, not import time, like HF_HUB_OFFLINE in the loader.
-        cache_dir = self.cache_dir or os.environ.get("HF_HUB_CACHE") or None
+        cache_dir = self.settings.cache_dir or os.environ.get("HF_HUB_CACHE") or None
         source = await asyncio.to_thread(
             resolve_source,
             spec.model_id,
