@@ -507,10 +507,10 @@ async def test_heartbeats_and_resync(nats_url: str, prefix: str, client: tuple[A
 
 
 def test_loading_replicas_are_reported() -> None:
-    from workers.service import _Pending
+    from workers.builder import PendingLaunch
 
     launch = WorkerLaunch.model_validate(launch_message("u", llm_definition("m", "echo:")))
-    info = _Pending(launch, "cpu").info()
+    info = PendingLaunch(launch, "cpu").info()
     assert (info.model_uid, info.status, info.device) == ("u", "loading", "cpu")
 
 

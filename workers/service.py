@@ -1,34 +1,29 @@
-"""The worker's NATS service: launch and terminate commands, heartbeats, model replicas.
+"""The worker: one NATS service that loads model replicas and serves them, and its heartbeats.
 
 One :class:`Worker` is one ``nats.micro`` service named ``natserve-worker`` (metadata:
-``worker_id``, ``host``) answering
+``worker_id``, ``host``). Its endpoints (:mod:`workers.endpoints`) take launch and terminate
+commands from the registry and the model requests of the replicas it serves; it publishes its
+``WorkerInfo`` on ``<prefix>.workers.heartbeat`` every ``heartbeat_interval``, at once on start,
+on every message to ``<prefix>.workers.resync`` and whenever its replicas change. Launch
+progress goes to ``<prefix>.events.models.<uid>`` as ``ModelEvent``s (stages ``download``,
+``loading``, ``ready``, ``failed``, ``terminated``).
 
-* ``<prefix>.worker.<id>.launch``     ``WorkerLaunch`` → ``WorkerLaunchReply`` once the replica serves
-* ``<prefix>.worker.<id>.terminate``  ``WorkerTerminate`` → ``{}``
-* ``<prefix>.worker.<id>.info``       → ``WorkerInfo``
-
-and publishing its ``WorkerInfo`` on ``<prefix>.workers.heartbeat`` every ``heartbeat_interval``,
-at once on start, on every message to ``<prefix>.workers.resync`` and whenever its replicas
-change. Launch progress goes to ``<prefix>.events.models.<uid>`` as ``ModelEvent``s (stages
-``download``, ``loading``, ``ready``, ``failed``, ``terminated``).
-
-Loading runs on a thread (``asyncio.to_thread``) so the worker keeps answering while a model
-loads; a spec whose ``model_uri`` starts with ``echo:`` gets the model-less
-:class:`~workers.engines.echo.EchoEngine` instead.
+A launch's replica is built by :mod:`workers.builder` (which engine, on what); loading runs on a
+thread so the worker keeps answering while a model loads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
 import secrets
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
@@ -37,18 +32,14 @@ from pydantic import ValidationError
 from broker_client import (
     BadRequest,
     Conflict,
-    EmbeddingDefinition,
-    LLMDefinition,
     ModelEvent,
     ModelSpec,
     NotFound,
-    ReplicaInfo,
     Subjects,
     Unavailable,
     WorkerInfo,
     WorkerLaunch,
     WorkerLaunchReply,
-    WorkerTerminate,
     __version__,
     check_name,
     codec,
@@ -56,12 +47,14 @@ from broker_client import (
     format_validation_error,
     parse_definition,
 )
-from broker_client.runtime import NATSConnection, Responder, ServiceHost, connect
+from broker_client.runtime import NATSConnection, ServiceHost, connect
 
+from .builder import PendingLaunch, build_replica
 from .devices import best_device, free_memory, list_devices
-from .engines.echo import is_echo_uri
+from .endpoints import ModelEndpoints, WorkerEndpoints
 from .metrics import WorkerMetrics
-from .replica import EmbeddingReplica, LLMReplica, Replica, ServedModel
+from .replicas import Replica
+from .served import ServedModel
 from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -76,25 +69,6 @@ def default_worker_id(host: str | None = None) -> str:
     base = re.sub(r"[^A-Za-z0-9_-]+", "-", (host or socket.gethostname()).split(".")[0])
     base = base.strip("-_")[:120] or "worker"
     return f"{base}-{secrets.token_hex(3)}"
-
-
-@dataclass
-class _Pending:
-    """A replica being loaded: shown in heartbeats, and where a terminate can reach it."""
-
-    launch: WorkerLaunch
-    device: str
-    cancelled: str | None = None
-
-    def info(self) -> ReplicaInfo:
-        return ReplicaInfo(
-            model_uid=self.launch.model_uid,
-            replica_index=self.launch.replica_index,
-            model_name=self.launch.model_name,
-            model_type=self.launch.model_type,
-            device=self.device,
-            status="loading",
-        )
 
 
 class Worker:
@@ -127,12 +101,12 @@ class Worker:
         self.started_at = time.time()
         self.nc: NATSConnection | None = None
         self.service: ServiceHost | None = None
+        self._endpoints: WorkerEndpoints | None = None
         self._models: dict[str, ServedModel] = {}
-        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._pending: dict[tuple[str, int], PendingLaunch] = {}
         self._beat_now = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._resync_sub: Any = None
         self._status = "created"
         self._stopped = asyncio.Event()
 
@@ -205,17 +179,8 @@ class Worker:
             )
             self.service.observer = self.metrics.observe_request
             await self.service.start()
-            meta = {"worker_id": self.worker_id}
-            for verb, handler in (
-                ("launch", self._on_launch),
-                ("terminate", self._on_terminate),
-                ("info", self._on_info),
-            ):
-                await self.service.add_endpoint(
-                    verb, self.subjects.worker(self.worker_id, verb), handler, metadata=meta
-                )
-            self._resync_sub = await self.nc.subscribe(self.subjects.workers_resync, cb=self._on_resync)
-            await self.service.until_subscribed()
+            self._endpoints = WorkerEndpoints(self.service, self.nc, self.subjects, self.worker_id, self)
+            await self._endpoints.open()
         except BaseException:
             self._status = "stopped"
             await self._close_connection()
@@ -233,10 +198,10 @@ class Worker:
         if self._warming is not None:
             self._warming.cancel()  # its thread runs on to its end; nobody waits for it now
         grace = self.settings.drain_timeout if drain_timeout is None else drain_timeout
-        service = self.service
-        assert service is not None
+        service, endpoints = self.service, self._endpoints
+        assert service is not None and endpoints is not None
         # New launches and new requests go elsewhere from here on.
-        await service.remove_endpoints({self.subjects.worker(self.worker_id, "launch")})
+        await endpoints.stop_launches()
         for served in self._models.values():
             await served.stop_accepting()
         for pending in self._pending.values():
@@ -274,10 +239,8 @@ class Worker:
         logger.info("worker %s stopped", self.worker_id)
 
     async def _close_connection(self) -> None:
-        if self._resync_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._resync_sub.unsubscribe()
-            self._resync_sub = None
+        if self._endpoints is not None:
+            await self._endpoints.close()
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:
@@ -353,11 +316,9 @@ class Worker:
             except Exception:
                 logger.exception("heartbeat failed")
 
-    async def _on_resync(self, msg: Any) -> None:
+    def resync(self) -> None:
+        """Send a heartbeat now (a registry asked, on ``workers.resync``)."""
         self._beat_now.set()
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await Responder(msg).respond(self.info().model_dump(mode="json"))
 
     async def _event(self, launch: WorkerLaunch, stage: str, **fields: Any) -> None:
         await self._model_event(launch.model_uid, launch.model_name, launch.replica_index, stage, **fields)
@@ -379,21 +340,19 @@ class Worker:
         except Exception:
             logger.debug("publishing %s event for %s failed", stage, model_uid, exc_info=True)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # ------------------------------------------------------------------ handlers
+    # ------------------------------------------------------------------ launch
 
-    async def _on_info(self, resp: Responder) -> None:
-        await resp.respond(self.info().model_dump(mode="json"))
-
-    async def _on_launch(self, resp: Responder) -> None:
-        launch = resp.parse(WorkerLaunch)
+    async def launch(self, launch: WorkerLaunch) -> WorkerLaunchReply:
+        """Load one replica and serve it; errors are the loader's (404, 400, 503...) unchanged.
+        Counted in the launch metrics either way, a failure among the recent errors."""
         started = time.monotonic()
         try:
-            reply = await self.launch(launch)
+            reply = await self._launch(launch)
         except BaseException as exc:
             self.metrics.observe_launch(time.monotonic() - started, exc)
             self.metrics.note_error(
@@ -404,17 +363,9 @@ class Worker:
             )
             raise
         self.metrics.observe_launch(time.monotonic() - started, None)
-        await resp.respond(reply.model_dump(mode="json"))
+        return reply
 
-    async def _on_terminate(self, resp: Responder) -> None:
-        req = resp.parse(WorkerTerminate)
-        await self.terminate(req.model_uid, req.replica_index)
-        await resp.respond({})
-
-    # ------------------------------------------------------------------ launch
-
-    async def launch(self, launch: WorkerLaunch) -> WorkerLaunchReply:
-        """Load one replica and serve it; errors are the loader's (404, 400, 503...) unchanged."""
+    async def _launch(self, launch: WorkerLaunch) -> WorkerLaunchReply:
         if self._status != "running":
             raise Unavailable(f"worker {self.worker_id} is {self._status} and takes no launches")
         uid = check_name(launch.model_uid, "model_uid")
@@ -440,20 +391,23 @@ class Worker:
             worker_id=self.worker_id,
         )
         device = launch.device or self.device or "cpu"
-        pending = _Pending(launch, device)
+        pending = PendingLaunch(launch, device)
         self._pending[key] = pending
         self._beat_now.set()
         replica: Replica | None = None
         try:
-            replica = await self._build_replica(launch, definition, spec, device, pending)
-            if pending.cancelled:
-                raise Unavailable(f"launch of replica {launch.replica_index} of {uid!r}: {pending.cancelled}")
-            served = self._models.get(uid)
-            if served is None:
-                assert self.service is not None
-                served = ServedModel(self.service, self.subjects, uid, self.worker_id, limits=self.limits)
-                self._models[uid] = served
-            await served.add(replica)
+            replica = await build_replica(
+                pending,
+                definition,
+                spec,
+                settings=self.settings,
+                event=functools.partial(self._event, launch),
+                spawn=self._spawn,
+                on_first_token=self.metrics.first_token_observer(uid),
+                on_warm=self._on_warm,
+            )
+            pending.check()
+            await self._served(uid).add(replica)
         except BaseException as exc:
             served = self._models.get(uid)
             if replica is not None:
@@ -485,148 +439,14 @@ class Worker:
             memory_bytes=replica.memory_bytes,
         )
 
-    async def _build_replica(
-        self,
-        launch: WorkerLaunch,
-        definition: LLMDefinition | EmbeddingDefinition,
-        spec: ModelSpec,
-        device: str,
-        pending: _Pending,
-    ) -> Replica:
-        common: dict[str, Any] = {
-            "model_uid": launch.model_uid,
-            "replica_index": launch.replica_index,
-            "model_name": launch.model_name,
-            "definition": definition,
-            "device": device,
-            "request_limits": launch.request_limits,
-            "limits": self.limits.for_replica(
-                max_tokens_limit=launch.max_tokens_limit, rate_limit=launch.rate_limit
-            ),
-            "on_first_token": self.metrics.first_token_observer(launch.model_uid),
-        }
-        if is_echo_uri(spec.model_uri):
-            if not isinstance(definition, LLMDefinition):
-                raise BadRequest("model_uri 'echo:' serves LLM models only")
-            from .echo_launch import build_echo_replica
-
-            return await build_echo_replica(
-                launch,
-                definition,
-                spec,
-                common,
-                event=lambda stage, **fields: self._event(launch, stage, **fields),
-                cancelled=lambda: pending.cancelled,
-            )
-
-        from .loading import load_embedding, load_llm, resolve_source, warm_up
-
-        # Without a warm-up (or before it is over) the imports happen here, and on_warm follows
-        # them before the model is built, as it would have after the warm-up.
-        await asyncio.to_thread(warm_up, self._on_warm)
-        loop = asyncio.get_running_loop()
-
-        def progress(update: dict[str, Any]) -> None:
-            # Called on download threads.
-            total = update.get("total") or 0
-            fraction = update.get("bytes", 0) / total if total else None
-            loop.call_soon_threadsafe(
-                self._spawn,
-                self._event(
-                    launch,
-                    "download",
-                    fraction=fraction,
-                    message=f"{update.get('bytes', 0)} of {total} bytes",
-                ),
-            )
-
-        ref = spec.model_uri or spec.model_id
-        await self._event(launch, "download", message=f"resolving {ref}")
-        # Read at launch time, not import time, like HF_HUB_OFFLINE in the loader.
-        cache_dir = self.settings.cache_dir or os.environ.get("HF_HUB_CACHE") or None
-        source = await asyncio.to_thread(
-            resolve_source,
-            spec.model_id,
-            spec.model_uri,
-            revision=spec.model_revision,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-        if pending.cancelled:
-            raise Unavailable(f"launch of {launch.model_uid!r}: {pending.cancelled}")
-        await self._event(launch, "loading", message=f"loading {source.path} on {device}")
-
-        loaded: Any = None
-        try:
-            if isinstance(definition, LLMDefinition):
-                loaded = await asyncio.to_thread(
-                    load_llm,
-                    source,
-                    quantization=launch.quantization,
-                    device=device,
-                    # Both switches: the definition asks, the operator allows (checked at launch).
-                    trust_remote_code=self.limits.trust_remote_code(definition.trust_remote_code),
-                )
-                return self._llm_replica(launch, definition, loaded, common)
-            loaded = await asyncio.to_thread(load_embedding, source, device=device)
-            from .engines.embedding import EmbeddingEngine
-
-            embedder = EmbeddingEngine(loaded, max_batch_size=launch.max_batch_size or 64)
-            return EmbeddingReplica(
-                engine=embedder,
-                dimensions=loaded.dimensions,
-                max_length=loaded.max_length,
-                memory_bytes=loaded.memory_bytes,
-                loaded=loaded,
-                **common,
-            )
-        except BaseException:
-            if loaded is not None:
-                loaded.unload()
-            del loaded
-            free_memory(device)
-            raise
-
-    @staticmethod
-    def _llm_replica(
-        launch: WorkerLaunch, definition: LLMDefinition, loaded: Any, common: dict[str, Any]
-    ) -> LLMReplica:
-        from .engines.batching import BatchingEngine
-
-        context = loaded.context_length
-        if "context_length" in definition.model_fields_set:
-            # The definition may narrow the model's window (memory), never widen it.
-            context = min(context, definition.context_length)
-        max_batch_size = launch.max_batch_size or 32
-        engine: BatchingEngine
-        if loaded.device.type == "cuda":
-            # On a GPU kernel launches dominate an ungraphed decode step, so the engine with
-            # static KV slots and one CUDA graph per batch-size bucket wins there; on the CPU
-            # the left-padded dynamic cache measured as fast and needs no per-slot memory.
-            from .engines.static import StaticBatchingEngine
-
-            engine = StaticBatchingEngine(
-                loaded.model,
-                loaded.tokenizer,
-                max_batch_size=max_batch_size,
-                context_length=context,
-                max_seq_len=context,
-                capture_at_start=True,
-            )
-            context = engine.context_length
-        else:
-            engine = BatchingEngine(
-                loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, context_length=context
-            )
-        return LLMReplica(
-            engine=engine,
-            tokenizer=loaded.tokenizer,
-            context_length=context,
-            max_batch_size=max_batch_size,
-            memory_bytes=loaded.memory_bytes,
-            loaded=loaded,
-            **common,
-        )
+    def _served(self, model_uid: str) -> ServedModel:
+        """The served model of ``model_uid``, made with its endpoints when it is new."""
+        served = self._models.get(model_uid)
+        if served is None:
+            assert self.service is not None
+            served = self._models[model_uid] = ServedModel(model_uid, self.worker_id)
+            served.endpoints = ModelEndpoints(self.service, self.subjects, served, limits=self.limits)
+        return served
 
     # ------------------------------------------------------------------ terminate
 
