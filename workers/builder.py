@@ -41,7 +41,7 @@ from .engines import EchoEngine, echo_options, is_echo_uri
 from .replicas import EmbeddingReplica, LLMReplica, Replica
 from .settings import WorkerSettings
 
-__all__ = ["DEFAULT_EMBEDDING_BATCH", "DEFAULT_LLM_BATCH", "PendingLaunch", "build_replica"]
+__all__ = ["DEFAULT_EMBEDDING_BATCH", "DEFAULT_LLM_BATCH", "PendingLaunch", "build_replica", "warm_up"]
 
 DEFAULT_LLM_BATCH = 32
 DEFAULT_EMBEDDING_BATCH = 64
@@ -50,6 +50,18 @@ _LOAD_TICK = 0.1
 
 # Publishes one progress event of the launch (a ModelEvent's stage and fields).
 EventSink = Callable[..., Awaitable[None]]
+
+
+def warm_up(then: Callable[[], None] | None = None) -> float:
+    """The loader's warm-up (:func:`workers.loading.warm_up`), the LLM engine's module included:
+    what every launch of a model imports, once per process; the seconds it took."""
+    from . import loading
+
+    return loading.warm_up(then, imports=_import_engine)
+
+
+def _import_engine() -> None:
+    from .engines import BatchingEngine  # noqa: F401
 
 
 @dataclass
@@ -164,7 +176,7 @@ async def _loaded_replica(
     device = pending.device
     # Without a warm-up (or before it is over) the imports happen here, and on_warm follows
     # them before the model is built, as it would have after the warm-up.
-    await asyncio.to_thread(loading.warm_up, on_warm)
+    await asyncio.to_thread(warm_up, on_warm)
     loop = asyncio.get_running_loop()
 
     def progress(update: dict[str, Any]) -> None:

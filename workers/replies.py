@@ -59,20 +59,39 @@ _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
-def _made(cls: type[M], values: dict[str, Any], fields_set: set[str] | None = None) -> M:
+def _every_field(cls: type[BaseModel]) -> set[str]:
+    return set(cls.model_fields)
+
+
+# The fields set of a model made with every field given: one set per class, shared by all of
+# them. pydantic only ever adds to a model's fields set (an assignment adds the field's name),
+# which changes nothing in a set that holds every name already; a model made with some fields
+# unset gets a set of its own.
+_USAGE = _every_field(Usage)
+_COMPLETION_CHOICE = _every_field(CompletionChoice)
+_COMPLETION = _every_field(Completion)
+_CHAT_CHOICE = _every_field(ChatChoice)
+_CHAT_CHUNK_CHOICE = _every_field(ChatChunkChoice)
+_CHAT_COMPLETION = _every_field(ChatCompletion)
+_EMBEDDING = _every_field(Embedding)
+_EMBEDDING_LIST = _every_field(EmbeddingList)
+_CHUNK = _every_field(CompletionChunk)
+assert _CHUNK == _every_field(ChatCompletionChunk)
+# What a chunk without usage and an embedding list's usage have set.
+_CHUNK_WITHOUT_USAGE = frozenset(_CHUNK - {"usage"})
+_EMBEDDING_USAGE = frozenset(_USAGE - {"completion_tokens"})
+
+
+def _made(cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
     """``cls.model_construct(**values)`` for ``values`` that hold every field of ``cls`` in its
-    order (``fields_set``: the ones that count as given, when not all of them do)."""
+    order; ``fields_set``: the ones that count as given."""
     model = _new(cls)
     _set_dict(model, values)
-    _set_fields_set(model, set(values) if fields_set is None else fields_set)
+    _set_fields_set(model, fields_set)
     # The reply models keep extra keys (extra="allow"): model_construct gives them a dict.
     _set_extra(model, {})
     _set_private(model, None)
     return model
-
-
-_EMBEDDING_USAGE_FIELDS = frozenset(("prompt_tokens", "total_tokens"))
-_CHUNK_FIELDS = frozenset(("id", "object", "created", "model", "choices"))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -83,12 +102,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         },
+        _USAGE,
     )
 
 
 def completion(cid: str, created: int, model: str, text: str, finish_reason: str, used: Usage) -> Completion:
     choice = _made(
-        CompletionChoice, {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        CompletionChoice,
+        {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason},
+        _COMPLETION_CHOICE,
     )
     return _made(
         Completion,
@@ -100,6 +122,7 @@ def completion(cid: str, created: int, model: str, text: str, finish_reason: str
             "choices": [choice],
             "usage": used,
         },
+        _COMPLETION,
     )
 
 
@@ -108,7 +131,9 @@ def completion_chunk(
 ) -> CompletionChunk:
     """One streamed piece of a completion; only the last one carries ``used``."""
     choice = _made(
-        CompletionChoice, {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        CompletionChoice,
+        {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason},
+        _COMPLETION_CHOICE,
     )
     values: dict[str, Any] = {
         "id": cid,
@@ -118,7 +143,7 @@ def completion_chunk(
         "choices": [choice],
         "usage": used,
     }
-    return _made(CompletionChunk, values, None if used is not None else set(_CHUNK_FIELDS))
+    return _made(CompletionChunk, values, _CHUNK if used is not None else set(_CHUNK_WITHOUT_USAGE))
 
 
 def chat_completion(
@@ -131,6 +156,7 @@ def chat_completion(
             "message": {"role": "assistant", "content": content},
             "finish_reason": finish_reason,
         },
+        _CHAT_CHOICE,
     )
     return _made(
         ChatCompletion,
@@ -142,6 +168,7 @@ def chat_completion(
             "choices": [choice],
             "usage": used,
         },
+        _CHAT_COMPLETION,
     )
 
 
@@ -154,7 +181,9 @@ def chat_chunk(
     used: Usage | None = None,
 ) -> ChatCompletionChunk:
     """One streamed piece of a chat completion; only the last one carries ``used``."""
-    choice = _made(ChatChunkChoice, {"index": 0, "delta": delta, "finish_reason": finish_reason})
+    choice = _made(
+        ChatChunkChoice, {"index": 0, "delta": delta, "finish_reason": finish_reason}, _CHAT_CHUNK_CHOICE
+    )
     values: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
@@ -163,20 +192,22 @@ def chat_chunk(
         "choices": [choice],
         "usage": used,
     }
-    return _made(ChatCompletionChunk, values, None if used is not None else set(_CHUNK_FIELDS))
+    return _made(ChatCompletionChunk, values, _CHUNK if used is not None else set(_CHUNK_WITHOUT_USAGE))
 
 
 def embedding_list(model: str, vectors: Sequence[list[float]], prompt_tokens: int) -> EmbeddingList:
     data = [
-        _made(Embedding, {"object": "embedding", "index": i, "embedding": vector})
+        _made(Embedding, {"object": "embedding", "index": i, "embedding": vector}, _EMBEDDING)
         for i, vector in enumerate(vectors)
     ]
     used = _made(
         Usage,
         {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens},
-        set(_EMBEDDING_USAGE_FIELDS),
+        set(_EMBEDDING_USAGE),
     )
-    return _made(EmbeddingList, {"object": "list", "data": data, "model": model, "usage": used})
+    return _made(
+        EmbeddingList, {"object": "list", "data": data, "model": model, "usage": used}, _EMBEDDING_LIST
+    )
 
 
 # ----------------------------------------------------------------------------- wire form
@@ -196,8 +227,8 @@ def _given(model: BaseModel) -> dict[str, Any]:
 def _with_choices(
     reply: Completion | CompletionChunk | ChatCompletion | ChatCompletionChunk,
 ) -> dict[str, Any]:
-    body = dict(_given(reply))
-    body["choices"] = [_given(choice) for choice in body["choices"]]
+    body = _given(reply).copy()
+    body["choices"] = list(map(_given, body["choices"]))
     used = body.get("usage")
     if used is not None:
         body["usage"] = _given(used)
@@ -205,8 +236,8 @@ def _with_choices(
 
 
 def _embeddings(reply: EmbeddingList) -> dict[str, Any]:
-    body = dict(_given(reply))
-    body["data"] = [_given(item) for item in body["data"]]
+    body = _given(reply).copy()
+    body["data"] = list(map(_given, body["data"]))
     body["usage"] = _given(body["usage"])
     return body
 

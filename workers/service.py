@@ -49,7 +49,7 @@ from broker_client import (
 )
 from broker_client.runtime import NATSConnection, ServiceHost, connect
 
-from .builder import PendingLaunch, build_replica
+from .builder import PendingLaunch, build_replica, warm_up
 from .devices import best_device, free_memory, list_devices
 from .endpoints import ModelEndpoints, WorkerEndpoints
 from .metrics import WorkerMetrics
@@ -122,7 +122,7 @@ class Worker:
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="natserve-heartbeat")
         if self.settings.warm_up:
-            # On a thread of its own: nothing waits for it but loads (loading.warm_up).
+            # On a thread of its own: nothing waits for it but loads (builder.warm_up).
             self._warming = asyncio.ensure_future(self._warm_up())
         logger.info(
             "worker %s serving on %s (prefix %r, device %s)",
@@ -133,8 +133,6 @@ class Worker:
         )
 
     async def _warm_up(self) -> None:
-        from .loading import warm_up
-
         if self._warm_up_after is not None:
             await self._warm_up_after.wait()
         try:

@@ -41,7 +41,7 @@ class WorkerSettings:
     * ``metrics_registry``: the prometheus_client ``CollectorRegistry`` the worker's metrics go
       to (a private one by default).
     * ``warm_up``: import torch and the model-loading code on a thread once the worker answers
-      (:func:`workers.loading.warm_up`), so that a launch after it (3 s or more on two cores)
+      (:func:`workers.builder.warm_up`), so that a launch after it (3 s or more on two cores)
       pays only for its model; a launch that comes sooner waits for it.
     """
 

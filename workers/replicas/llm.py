@@ -211,8 +211,13 @@ class LLMReplica(Replica):
                 top_p=1.0 if config.top_p is None else config.top_p,
                 top_k=config.top_k or 0,
                 seed=config.seed,
-                stop=_stop_union(config.stop, stop),
-                stop_token_ids=_stop_union(config.stop_token_ids, stop_token_ids),
+                # Most requests stop on nothing but eos: no call for them.
+                stop=_stop_union(config.stop, stop) if config.stop or stop else (),
+                stop_token_ids=(
+                    _stop_union(config.stop_token_ids, stop_token_ids)
+                    if config.stop_token_ids or stop_token_ids
+                    else ()
+                ),
             )
         except ValueError as exc:
             raise BadRequest(f"generate_config: {exc}") from exc
