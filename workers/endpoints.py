@@ -284,7 +284,7 @@ class ModelEndpoints:
     async def _pass_on(self, resp: Responder, operation: str) -> bool:
         """Saturated here: hand the request to another replica of the uid (balancing.py)."""
         subject = self.subjects.model_overflow(self.model_uid, operation)
-        if await balancing.pass_on(resp.msg, subject, self.served.replicas.values()):
+        if await balancing.pass_on(resp.nc, resp.msg, subject, self.served.replicas.values()):
             self.served.passed_on += 1
             return True
         return False
