@@ -1,7 +1,7 @@
 """The worker's endpoints: the only code that reads requests from and writes replies to NATS.
 
 Each handler decodes its request, calls the worker, the served model or a replica, and encodes
-the typed reply in the request's encoding (:mod:`workers.replies`); an error it raises is
+the typed reply (:mod:`workers.replies`) in the request's encoding; an error it raises is
 answered by the service host (``broker_client.runtime.ServiceHost``) as a natserve error.
 
 :class:`WorkerEndpoints`, the worker's own subjects:
@@ -54,7 +54,6 @@ from broker_client.runtime import NATSConnection, Responder, ServiceHost
 
 from . import balancing
 from .limits import WorkerLimits
-from .replies import wire
 from .served import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -262,14 +261,14 @@ class ModelEndpoints:
         with replica.track(self._request_id(resp, req.request_id)) as flight:
             resp.accept(self.worker_id, req.ack)
             if isinstance(req, EmbedRequest):
-                await resp.respond(wire(await replica.embed(req, flight)))
+                await resp.respond(await replica.embed(req, flight))
                 return
             config = req.generate_config
             if config is None or not config.stream:
                 if isinstance(req, GenerateRequest):
-                    await resp.respond(wire(await replica.generate(req, flight)))
+                    await resp.respond(await replica.generate(req, flight))
                 else:
-                    await resp.respond(wire(await replica.chat(req, flight)))
+                    await resp.respond(await replica.chat(req, flight))
                 return
             chunks = await (
                 replica.generate_stream(req, flight)
@@ -278,7 +277,7 @@ class ModelEndpoints:
             )
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
-                    await resp.chunk(wire(chunk))
+                    await resp.chunk(chunk)
             await resp.end_stream()
 
     async def _pass_on(self, resp: Responder, operation: str) -> bool:

@@ -17,14 +17,9 @@ from typing import Any
 
 from broker_client import (
     BadRequest,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatRequest,
-    Completion,
-    CompletionChunk,
     Conflict,
     EmbeddingDefinition,
-    EmbeddingList,
     EmbedRequest,
     GenerateRequest,
     LLMDefinition,
@@ -37,6 +32,13 @@ from broker_client.runtime import RequestTask, current_request
 
 from ..engines import RequestCancelledError
 from ..limits import ReplicaLimits
+from ..replies import (
+    ChatCompletionBody,
+    ChatCompletionChunkBody,
+    CompletionBody,
+    CompletionChunkBody,
+    EmbeddingListBody,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -225,26 +227,26 @@ class Replica:
 
     # -- operations (the typed replies; workers/endpoints.py sends them)
 
-    async def generate(self, req: GenerateRequest, flight: Flight) -> Completion:
+    async def generate(self, req: GenerateRequest, flight: Flight) -> CompletionBody:
         raise self.wrong_ability("generate")
 
     async def generate_stream(
         self, req: GenerateRequest, flight: Flight
-    ) -> AsyncGenerator[CompletionChunk, None]:
+    ) -> AsyncGenerator[CompletionChunkBody, None]:
         """The chunks of a streamed completion: checks first (their errors come before any
         chunk), then an iterator the caller closes."""
         raise self.wrong_ability("generate")
 
-    async def chat(self, req: ChatRequest, flight: Flight) -> ChatCompletion:
+    async def chat(self, req: ChatRequest, flight: Flight) -> ChatCompletionBody:
         raise self.wrong_ability("chat")
 
     async def chat_stream(
         self, req: ChatRequest, flight: Flight
-    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+    ) -> AsyncGenerator[ChatCompletionChunkBody, None]:
         """As :meth:`generate_stream`, for a chat."""
         raise self.wrong_ability("chat")
 
-    async def embed(self, req: EmbedRequest, flight: Flight) -> EmbeddingList:
+    async def embed(self, req: EmbedRequest, flight: Flight) -> EmbeddingListBody:
         raise self.wrong_ability("embed")
 
     def wrong_ability(self, ability: str) -> BadRequest:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker_client import BadRequest, EmbeddingList, EmbedRequest
+from broker_client import BadRequest, EmbedRequest
 
-from .. import replies
+from ..replies import EmbeddingListBody
 from .base import Flight, Replica
 
 __all__ = ["MAX_EMBED_INPUTS", "EmbeddingReplica"]
@@ -36,7 +36,7 @@ class EmbeddingReplica(Replica):
     async def _close_engine(self) -> None:
         self.engine = None
 
-    async def embed(self, req: EmbedRequest, flight: Flight) -> EmbeddingList:
+    async def embed(self, req: EmbedRequest, flight: Flight) -> EmbeddingListBody:
         texts = [req.input] if isinstance(req.input, str) else req.input
         if len(texts) > MAX_EMBED_INPUTS:
             raise BadRequest(
@@ -45,4 +45,11 @@ class EmbeddingReplica(Replica):
             )
         vectors, prompt_tokens = await self.engine.aembed(texts)
         self.prompt_tokens += prompt_tokens
-        return replies.embedding_list(self.model_uid, vectors, prompt_tokens)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)
+            ],
+            "model": self.model_uid,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }

@@ -19,21 +19,22 @@ from typing import Any, TypeVar
 
 from broker_client import (
     BadRequest,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatRequest,
-    Completion,
-    CompletionChunk,
     GenerateConfig,
     GenerateRequest,
     LLMDefinition,
     Unavailable,
-    Usage,
 )
 
-from .. import replies
 from ..chat import ChatPrompt, build_chat_prompt
 from ..engines import Delta, EngineClosedError, SamplingParams
+from ..replies import (
+    ChatCompletionBody,
+    ChatCompletionChunkBody,
+    CompletionBody,
+    CompletionChunkBody,
+    UsageBody,
+)
 from .base import Flight, Replica
 
 __all__ = ["DEFAULT_MAX_TOKENS", "LLMReplica"]
@@ -43,7 +44,7 @@ DEFAULT_MAX_TOKENS = 256
 _INLINE_TOKENIZE_CHARS = 16_384
 # The config of a request that gives none (never changed: read only).
 _NO_CONFIG = GenerateConfig()
-C = TypeVar("C", CompletionChunk, ChatCompletionChunk)
+C = TypeVar("C", CompletionChunkBody, ChatCompletionChunkBody)
 
 # Completion ids: a random prefix per process and a counter (a uuid4 per request reads
 # os.urandom every time).
@@ -275,9 +276,13 @@ class LLMReplica(Replica):
             return self._encode_inline(text, add_special_tokens)
         return None
 
-    def _usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> UsageBody:
         self.completion_tokens += completion_tokens
-        return replies.usage(prompt_tokens, completion_tokens)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     async def _prompt(self, text: str, add_special_tokens: bool) -> Sequence[Any]:
         """The prompt's token ids: at once for a short text (no coroutine), on a thread for a
@@ -292,7 +297,7 @@ class LLMReplica(Replica):
         tokens: Sequence[Any],
         params: SamplingParams,
         flight: Flight,
-        piece: Callable[[str, str | None, Usage | None], C],
+        piece: Callable[[str, str | None, UsageBody | None], C],
         first: C | None = None,
     ) -> AsyncGenerator[C, None]:
         """A streamed reply: ``first`` (if any), one ``piece`` per delta with text, then the last
@@ -319,7 +324,7 @@ class LLMReplica(Replica):
 
     # -- generate
 
-    async def generate(self, req: GenerateRequest, flight: Flight) -> Completion:
+    async def generate(self, req: GenerateRequest, flight: Flight) -> CompletionBody:
         config = req.generate_config or _NO_CONFIG
         tokens = self._tokens_now(req.prompt, True)
         if tokens is None:
@@ -328,20 +333,35 @@ class LLMReplica(Replica):
         cid = _completion_id("cmpl")
         created = int(time.time())
         text, last = await self._complete(tokens, params, flight)
-        used = self._usage(len(tokens), last.completion_tokens if last else 0)
-        return replies.completion(cid, created, self.model_uid, text, _finish(last), used)
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_uid,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(last)}],
+            "usage": self._usage(len(tokens), last.completion_tokens if last else 0),
+        }
 
     async def generate_stream(
         self, req: GenerateRequest, flight: Flight
-    ) -> AsyncGenerator[CompletionChunk, None]:
+    ) -> AsyncGenerator[CompletionChunkBody, None]:
         tokens = await self._prompt(req.prompt, True)
         params = self._sampling(req.generate_config or _NO_CONFIG, len(tokens))
         cid = _completion_id("cmpl")
         created = int(time.time())
         uid = self.model_uid
 
-        def piece(text: str, finish: str | None, used: Usage | None) -> CompletionChunk:
-            return replies.completion_chunk(cid, created, uid, text, finish, used)
+        def piece(text: str, finish: str | None, used: UsageBody | None) -> CompletionChunkBody:
+            chunk: CompletionChunkBody = {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": uid,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            }
+            if used is not None:
+                chunk["usage"] = used
+            return chunk
 
         return self._chunks(tokens, params, flight, piece)
 
@@ -365,7 +385,7 @@ class LLMReplica(Replica):
             _stop_union(prompt.stop_token_ids, definition.stop_token_ids),
         )
 
-    async def chat(self, req: ChatRequest, flight: Flight) -> ChatCompletion:
+    async def chat(self, req: ChatRequest, flight: Flight) -> ChatCompletionBody:
         prompt, stop, stop_ids = self._chat_prompt(req)
         tokens = self._tokens_now(prompt.text, prompt.add_special_tokens)
         if tokens is None:
@@ -375,12 +395,24 @@ class LLMReplica(Replica):
         cid = _completion_id("chatcmpl")
         created = int(time.time())
         text, last = await self._complete(tokens, params, flight)
-        used = self._usage(len(tokens), last.completion_tokens if last else 0)
-        return replies.chat_completion(cid, created, self.model_uid, text, _finish(last), used)
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model_uid,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": _finish(last),
+                }
+            ],
+            "usage": self._usage(len(tokens), last.completion_tokens if last else 0),
+        }
 
     async def chat_stream(
         self, req: ChatRequest, flight: Flight
-    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+    ) -> AsyncGenerator[ChatCompletionChunkBody, None]:
         prompt, stop, stop_ids = self._chat_prompt(req)
         tokens = await self._prompt(prompt.text, prompt.add_special_tokens)
         config = req.generate_config or _NO_CONFIG
@@ -389,11 +421,22 @@ class LLMReplica(Replica):
         created = int(time.time())
         uid = self.model_uid
 
-        def piece(text: str, finish: str | None, used: Usage | None) -> ChatCompletionChunk:
-            return replies.chat_chunk(cid, created, uid, {"content": text} if text else {}, finish, used)
+        def chunk(delta: dict[str, Any], finish: str | None) -> ChatCompletionChunkBody:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": uid,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
 
-        role = replies.chat_chunk(cid, created, uid, {"role": "assistant"}, None)
-        return self._chunks(tokens, params, flight, piece, role)
+        def piece(text: str, finish: str | None, used: UsageBody | None) -> ChatCompletionChunkBody:
+            body = chunk({"content": text} if text else {}, finish)
+            if used is not None:
+                body["usage"] = used
+            return body
+
+        return self._chunks(tokens, params, flight, piece, chunk({"role": "assistant"}, None))
 
 
 def _finish(last: Delta | None) -> str:
