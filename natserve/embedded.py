@@ -22,11 +22,17 @@ import sysconfig
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker_client import NatsAuth
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from workers.limits import WorkerLimits
+    from workers.settings import WorkerSettings
 
 __all__ = [
     "EmbeddedNats",
@@ -36,6 +42,7 @@ __all__ = [
     "port_in_use",
     "run_services",
     "worker_limits",
+    "worker_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -295,22 +302,15 @@ async def run_services(
     if worker:
         from workers.app import run_worker
 
-        limits = worker_limits(settings)
+        configured = worker_settings(
+            settings, nats_url=nats_url, auth=auth, metrics_registry=metrics_registry
+        )
 
         def worker_factory(s: asyncio.Event, r: asyncio.Event) -> Coroutine[Any, Any, None]:
             return run_worker(
-                nats_url=nats_url,
-                prefix=settings.prefix,
-                device=settings.device,
-                worker_id=settings.worker_id,
+                configured,
                 stop=s,
                 ready=r,
-                heartbeat_interval=settings.heartbeat_interval,
-                drain_timeout=settings.drain_timeout,
-                auth=auth,
-                limits=limits,
-                metrics_registry=metrics_registry,
-                warm_up=settings.warm_up,
                 # The warm-up's imports (160,000 objects) join start-up's out of the collector's reach.
                 on_warm=freeze_heap,
                 warm_up_after=all_ready,
@@ -370,7 +370,7 @@ def _gateway_service(
     return _Service("gateway", factory)
 
 
-def worker_limits(settings: Settings) -> Any:
+def worker_limits(settings: Settings) -> WorkerLimits:
     """The worker policy of ``settings``; model paths are always confined here, by default to
     ``$NATSERVE_HOME/models`` and the Hugging Face cache."""
     from workers.limits import WorkerLimits, default_model_roots, parse_model_roots
@@ -389,6 +389,30 @@ def worker_limits(settings: Settings) -> Any:
         max_tokens_limit=settings.max_tokens_limit,
         rate_limit=settings.rate_limit,
         max_request_bytes=settings.max_request_bytes,
+    )
+
+
+def worker_settings(
+    settings: Settings,
+    *,
+    nats_url: str,
+    auth: NatsAuth | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+) -> WorkerSettings:
+    """The worker of ``natserve up`` and ``natserve worker``, configured from ``settings``."""
+    from workers.settings import WorkerSettings
+
+    return WorkerSettings(
+        nats_url,
+        prefix=settings.prefix,
+        worker_id=settings.worker_id,
+        device=settings.device,
+        heartbeat_interval=settings.heartbeat_interval,
+        drain_timeout=settings.drain_timeout,
+        auth=auth,
+        limits=worker_limits(settings),
+        metrics_registry=metrics_registry,
+        warm_up=settings.warm_up,
     )
 
 

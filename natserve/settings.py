@@ -43,8 +43,8 @@ class Settings(BaseSettings):
     max_tokens_limit: int | None = Field(default=None, ge=1)
     rate_limit: float | None = Field(default=None, gt=0, le=1e6)
     max_request_bytes: int | None = Field(default=None, ge=1)
-    # Import torch and the model-loading code on a thread once a worker answers (workers/loader.py
-    # warm_up): a launch after it does not pay seconds of imports.
+    # Import torch and the model-loading code on a thread once a worker answers (workers/loading/
+    # warmup.py): a launch after it does not pay seconds of imports.
     warm_up: bool = True
     # The HTTP gateway (natserve/gateway): `natserve gateway --host/--port`; `natserve up` starts
     # one on http_host:http_port unless `--no-http` (NATSERVE_HTTP=0).

@@ -32,7 +32,7 @@ from .api import (
     RequestCancelledError,
     SamplingParams,
 )
-from .echo import EchoEngine, is_echo_uri
+from .echo import EchoEngine, echo_options, is_echo_uri
 
 if TYPE_CHECKING:
     from .batching import BatchingEngine
@@ -53,6 +53,7 @@ __all__ = [
     "RequestCancelledError",
     "SamplingParams",
     "StaticBatchingEngine",
+    "echo_options",
     "is_echo_uri",
 ]
 
