@@ -31,7 +31,7 @@ from broker_client import (
     BadRequest,
     Unavailable,
 )
-from broker_client.runtime import NATSConnection, Transport, connect
+from broker_client.runtime import NATSConnection, NatsTransport, connect
 
 from ..status import build_status
 from .openai import (
@@ -70,7 +70,7 @@ class GatewayService:
         self._llms: dict[str, AsyncChatModelHandle] = {}
         self._embedders: dict[str, AsyncEmbeddingModelHandle] = {}
         self._status_nc: NATSConnection | None = None
-        self._status_transport: Transport | None = None
+        self._status_transport: NatsTransport | None = None
         self._status_lock = asyncio.Lock()
 
     async def close(self) -> None:
@@ -176,7 +176,7 @@ class GatewayService:
 
     # ------------------------------------------------------------------ the pool page
 
-    async def _transport(self) -> Transport:
+    async def _transport(self) -> NatsTransport:
         if self._status_transport is not None:
             return self._status_transport
         async with self._status_lock:
@@ -190,7 +190,7 @@ class GatewayService:
                     raise Unavailable(
                         f"cannot reach NATS at {self.client.url} within {_CONNECT_TIMEOUT:g} s"
                     ) from None
-                transport = Transport(nc)
+                transport = NatsTransport(nc)
                 await transport.start()
                 self._status_nc, self._status_transport = nc, transport
         return self._status_transport

@@ -27,7 +27,7 @@ from broker_client import (
 )
 
 from ..chat import ChatPrompt, build_chat_prompt
-from ..engines import Delta, EngineClosedError, SamplingParams
+from ..engines import Delta, Engine, EngineClosedError, SamplingParams
 from ..replies import (
     ChatCompletionBody,
     ChatCompletionChunkBody,
@@ -78,7 +78,7 @@ class LLMReplica(Replica):
     def __init__(
         self,
         *,
-        engine: Any,
+        engine: Engine,
         tokenizer: Any | None,
         context_length: int,
         max_batch_size: int | None = None,
@@ -86,7 +86,7 @@ class LLMReplica(Replica):
     ) -> None:
         super().__init__(**kwargs)
         assert isinstance(self.definition, LLMDefinition)
-        self.engine = engine
+        self.engine: Engine | None = engine
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_batch_size = max_batch_size
@@ -152,9 +152,15 @@ class LLMReplica(Replica):
             self._max_token_chars = max(longest, 1)
         return self._max_token_chars
 
+    def _engine(self) -> Engine:
+        engine = self.engine
+        if engine is None:
+            raise Unavailable(f"{self.label} is shutting down")
+        return engine
+
     def _encode_inline(self, text: str, add_special_tokens: bool) -> Sequence[Any]:
         if self.tokenizer is None:
-            return self.engine.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
+            return self._engine().encode(text, add_special_tokens=add_special_tokens)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
 
     async def _tokenize(self, text: str, *, add_special_tokens: bool) -> Sequence[Any]:
@@ -166,7 +172,7 @@ class LLMReplica(Replica):
                 f"{self.model_uid!r} ({context} tokens) can hold"
             )
         if self.tokenizer is None:
-            encoded: Sequence[Any] = self.engine.encode(text, add_special_tokens=add_special_tokens)
+            encoded: Sequence[Any] = self._engine().encode(text, add_special_tokens=add_special_tokens)
         elif len(text) <= _INLINE_TOKENIZE_CHARS:
             encoded = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         else:
@@ -228,7 +234,7 @@ class LLMReplica(Replica):
     ) -> Any:
         """The engine's stream of Deltas for this request (an async iterator with ``aclose``)."""
         try:
-            return self.engine.generate(tokens, params, request_id=flight.request_id, stream=stream)
+            return self._engine().generate(tokens, params, request_id=flight.request_id, stream=stream)
         except ValueError as exc:
             raise BadRequest(f"request to model {self.model_uid!r} rejected: {exc}") from exc
         except EngineClosedError as exc:
