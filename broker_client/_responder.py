@@ -28,7 +28,9 @@ from .wire import (
     REQUEST_ID_HEADER,
     SEQ_HEADER,
     as_service_error,
+    error_body,
     error_headers,
+    headers_size,
     split_parts,
 )
 
@@ -208,7 +210,10 @@ class Responder:
         err = exc if isinstance(exc, ServiceError) else as_service_error(exc, self.subject)
         self.error = err
         headers = error_headers(err, self.content_type, self._seq)
-        await self._send(codec.encode(err.to_wire(), self.content_type), headers)
+        # The server counts the headers against max_payload too; a body over it would be
+        # refused, and the caller left waiting for its timeout.
+        limit = self.nc.max_payload - headers_size(headers)
+        await self._send(error_body(err, self.content_type, limit), headers)
 
 
 class _AckClock:
