@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from pydantic import ValidationError
 
@@ -170,9 +170,11 @@ class Launcher:
         n_gpu: int | str | None = "auto",
         what: str,
         first_index: int = 0,
+        siblings: Mapping[str, int] | None = None,
     ) -> list[Placement]:
         """Places ``replica`` replicas of ``plan`` on the live workers, counting the memory
-        promised to replicas still loading; ``Unavailable`` or ``NotFound`` when it cannot."""
+        promised to replicas still loading and the model's replicas already placed
+        (``siblings``, per worker); ``Unavailable`` or ``NotFound`` when it cannot."""
         return place_replicas(
             self.directory.alive(),
             replica,
@@ -183,6 +185,7 @@ class Launcher:
             reserved=self.memory.snapshot(),
             what=what,
             first_index=first_index,
+            siblings=siblings,
         )
 
     # ------------------------------------------------------------------ launch
