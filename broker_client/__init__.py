@@ -21,6 +21,7 @@ from ._auth import (
     NatsAuth,
     connect_options,
 )
+from ._bounds import MAX_DEFINITION_BYTES
 from ._client_transport import ClientTransport, EventHandler, EventSubscription
 from ._definition import (
     ABILITIES,
@@ -82,6 +83,7 @@ from ._messages import (
     LaunchRequest,
     ListRegistrationsRequest,
     ModelEvent,
+    RecentError,
     RegisterReply,
     RegisterRequest,
     ReplicaInfo,
@@ -118,6 +120,7 @@ except PackageNotFoundError:  # a source tree that is not installed
 __all__ = [
     "ABILITIES",
     "DEFAULT_PREFIX",
+    "MAX_DEFINITION_BYTES",
     "MODEL_TYPES",
     "NAME_PATTERN",
     "QUANTIZATIONS",
@@ -175,6 +178,7 @@ __all__ = [
     "ProgressCallback",
     "PromptStyle",
     "ProtocolError",
+    "RecentError",
     "RegisterReply",
     "RegisterRequest",
     "ReplicaInfo",
