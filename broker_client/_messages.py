@@ -57,7 +57,6 @@ __all__ = [
     "LaunchRequest",
     "ListRegistrationsRequest",
     "ModelEvent",
-    "RecentError",
     "RegisterReply",
     "RegisterRequest",
     "ReplicaInfo",
@@ -346,7 +345,7 @@ class ReplicaInfo(_Heartbeat):
     waiting: Count = 0
 
 
-class RecentError(_Heartbeat):
+class _RecentError(_Heartbeat):
     """One of a worker's last errors (a 5xx reply, a failed launch), in its heartbeat."""
 
     ts: Seconds
@@ -373,13 +372,20 @@ class WorkerInfo(_Heartbeat):
     started_at: Seconds
     last_seen: Seconds
     heartbeat_interval: float = Field(gt=0, le=MAX_HEARTBEAT_INTERVAL)
-    # The worker's last errors (5xx replies, failed launches), newest last.
-    recent_errors: list[RecentError] = Field(default_factory=list, max_length=MAX_RECENT_ERRORS)
+    # The worker's last errors (5xx replies, failed launches), newest last:
+    # {"ts", "model_uid", "endpoint", "code", "message", "request_id"}, each checked.
+    recent_errors: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_RECENT_ERRORS)
     # What the worker is doing: "stopping" tells the registry to place elsewhere, "stopped"
     # that it is gone (its last beat). None: an older worker, taken as running.
     status: Literal["created", "starting", "running", "stopping", "stopped"] | None = None
     # The device a launch without one loads on.
     default_device: Device | None = None
+
+    @field_validator("recent_errors", mode="after")
+    @classmethod
+    def _errors(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Checked one by one, kept as the plain dicts `natserve status` reads.
+        return [_RecentError.model_validate(error).model_dump() for error in value]
 
 
 class WorkerLaunch(Request):

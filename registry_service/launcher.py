@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAUNCH_TIMEOUT = 600.0
 # Failed launches remembered so that describe can say why a uid is gone.
 _FAILURES_KEPT = 256
+_FAILURE_CHARS = 4000
 
 
 class Launcher:
@@ -112,6 +113,8 @@ class Launcher:
         return NotFound(f"model_uid {uid!r} is not running")
 
     def _remember_failure(self, uid: str, message: str) -> None:
+        # Kept for describe and status: bounded, as a worker's error message may be huge.
+        message = message if len(message) <= _FAILURE_CHARS else message[:_FAILURE_CHARS] + " ..."
         self.metrics.note_failure(uid, message)
         failures = self._failures
         failures[uid] = message

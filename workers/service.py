@@ -7,7 +7,7 @@ One :class:`Worker` is one ``nats.micro`` service named ``natserve-worker`` (met
 * ``<prefix>.worker.<id>.terminate``  ``WorkerTerminate`` → ``{}``
 * ``<prefix>.worker.<id>.info``       → ``WorkerInfo``
 
-and publishing its ``WorkerInfo`` on ``<prefix>.workers.heartbeat`` every ``heartbeat_interval``,
+and publishing its ``WorkerInfo`` on ``<prefix>.workers.<id>.heartbeat`` every ``heartbeat_interval``,
 at once on start, on every message to ``<prefix>.workers.resync`` and whenever its replicas
 change. Launch progress goes to ``<prefix>.events.models.<uid>`` as ``ModelEvent``s (stages
 ``download``, ``loading``, ``ready``, ``failed``, ``terminated``).
@@ -363,7 +363,7 @@ class Worker:
     async def _publish_heartbeat(self, *, status: str | None = None) -> None:
         # list_devices reads /proc and asks CUDA: cheap, but not free; fine at heartbeat rates.
         info = self.info(status=status)
-        await self._publish(self.subjects.workers_heartbeat, info.model_dump(mode="json"))
+        await self._publish(self.subjects.worker_heartbeat(self.worker_id), info.model_dump(mode="json"))
 
     async def _heartbeat_loop(self) -> None:
         me = asyncio.current_task()
