@@ -18,8 +18,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._async_client import AsyncClient
 from ._auth import (
+    LOCAL_TOKEN_FILE,
     NatsAuth,
     connect_options,
+    local_token,
+    with_local_token,
 )
 from ._bounds import MAX_DEFINITION_BYTES
 from ._client_transport import ClientTransport, EventHandler, EventSubscription
@@ -119,6 +122,7 @@ except PackageNotFoundError:  # a source tree that is not installed
 __all__ = [
     "ABILITIES",
     "DEFAULT_PREFIX",
+    "LOCAL_TOKEN_FILE",
     "MAX_DEFINITION_BYTES",
     "MODEL_TYPES",
     "NAME_PATTERN",
@@ -201,5 +205,7 @@ __all__ = [
     "connect_options",
     "error_from_wire",
     "format_validation_error",
+    "local_token",
     "parse_definition",
+    "with_local_token",
 ]

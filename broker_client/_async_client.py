@@ -15,7 +15,9 @@ disconnects are retried by nats-py while calls wait within their own timeouts. N
 nats-py's 0.5 s request default.
 
 Other keyword arguments go to nats-py's ``connect()``: credentials and TLS, e.g.
-``AsyncClient(url, **connect_options(NatsAuth(user="client", password=...)))``. With
+``AsyncClient(url, **connect_options(NatsAuth(user="client", password=...)))``. Given none, a
+client of servers on this machine uses the token ``natserve up`` keeps in
+``$NATSERVE_HOME/nats.token`` when it is there (``_auth.with_local_token``). With
 ``transport=`` (a ``ClientTransport``, such as ``MemoryTransport``) the client uses it instead of
 connecting to NATS.
 
@@ -33,6 +35,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import codec
+from ._auth import with_local_token
 from ._client_transport import ClientTransport
 from ._connect import NATSConnection, connect
 from ._definition import format_validation_error, parse_definition
@@ -182,7 +185,8 @@ class AsyncClient:
             logger.warning("worker %s %s: %d request(s) in flight on it failed", worker_id, why, failed)
 
     async def _connect(self) -> NATSConnection:
-        options = dict(self._nats_options)
+        # A local pool that `natserve up` runs needs its token, kept in NATSERVE_HOME.
+        options = with_local_token(self.url, self._nats_options)
         bound = float(options.get("connect_timeout", _CONNECT_TIMEOUT))
         options.setdefault("connect_timeout", bound)
         last_error: list[BaseException] = []

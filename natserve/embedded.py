@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 
 from broker_client import NatsAuth
 
+from .pool_token import write_private
 from .settings import Settings
 
 __all__ = [
@@ -87,14 +89,20 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 class EmbeddedNats:
-    """A nats-server child process on 127.0.0.1 with JetStream, its store under ``home``."""
+    """A nats-server child process on 127.0.0.1 with JetStream, its store under ``home``.
 
-    def __init__(self, port: int, home: Path, *, host: str = "127.0.0.1") -> None:
+    With a ``token`` (``pool_token.py``) it takes only connections that give it; the token goes
+    to the server in a config file only this user can read, never on its command line.
+    """
+
+    def __init__(self, port: int, home: Path, *, host: str = "127.0.0.1", token: str | None = None) -> None:
         self.port = port
         self.host = host
         self.home = home
+        self.token = token
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = home / "nats-server.log"
+        self.config_path = home / "nats-server.conf"
 
     @property
     def url(self) -> str:
@@ -105,6 +113,10 @@ class EmbeddedNats:
         store = self.home / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
         args = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(store), "-n", "natserve"]
+        if self.token is not None:
+            # JSON quoting is valid in NATS config; the token is URL-safe base64 anyway.
+            write_private(self.config_path, f"authorization {{ token: {json.dumps(self.token)} }}\n")
+            args += ["-c", str(self.config_path)]
         logger.debug("starting %s", " ".join(args))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
