@@ -391,6 +391,7 @@ def _run_services(
     worker: bool,
     banner: Callable[[], str],
     auth: Any = None,
+    nats: Any = None,
 ) -> int:
     from .embedded import install_signal_handlers, run_services
 
@@ -413,6 +414,7 @@ def _run_services(
                 stop=stop,
                 force=force,
                 on_ready=on_ready,
+                nats=nats,
             )
         finally:
             undo()
@@ -470,7 +472,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
 
     try:
-        return _run_services(args, nats_url=nats_url, registry=True, worker=True, banner=banner, auth=auth)
+        return _run_services(
+            args, nats_url=nats_url, registry=True, worker=True, banner=banner, auth=auth, nats=embedded
+        )
     finally:
         if embedded is not None:
             embedded.stop()

@@ -315,7 +315,9 @@ class Worker:
                 # Drain flushes what is still buffered (final replies, the last heartbeat).
                 await asyncio.wait_for(nc.drain(), timeout=5)
             except Exception:
-                await nc.close()
+                # No server to drain to (it died first): closing is all that is left.
+                with contextlib.suppress(Exception):
+                    await nc.close()
 
     async def __aenter__(self) -> Worker:
         await self.start()
