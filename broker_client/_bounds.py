@@ -18,6 +18,7 @@ __all__ = [
     "MAX_DEFINITION_BYTES",
     "MAX_DEVICES",
     "MAX_HEARTBEAT_INTERVAL",
+    "MAX_KEEPALIVE",
     "MAX_LIST",
     "MAX_RECENT_ERRORS",
     "MAX_REPLICAS",
@@ -49,6 +50,8 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_REPLICAS = 64
 MAX_REQUEST_LIMITS = 1 << 16
 MAX_BATCH_SIZE = 1024
+# The most chunks a stream's reader may take between two keepalive acks (_keepalive.py).
+MAX_KEEPALIVE = 1024
 # Heartbeats: devices and replicas of one worker, its recent errors, the longest interval (the
 # dead window is three of them: a forged interval must not keep a worker alive for years).
 MAX_DEVICES = 64

@@ -23,6 +23,7 @@ from ._bounds import (
     MAX_BATCH_SIZE,
     MAX_DEVICES,
     MAX_HEARTBEAT_INTERVAL,
+    MAX_KEEPALIVE,
     MAX_RECENT_ERRORS,
     MAX_REPLICAS,
     MAX_REQUEST_LIMITS,
@@ -121,6 +122,9 @@ class GenerateConfig(Request):
 # ``ack`` on a model request: the replica that takes it says which worker it is (an empty
 # ``Natserve-Accepted`` message once it has run for a while), so that the client can fail the
 # request at once if that worker dies. The body's form of the ``Natserve-Ack: 1`` header.
+# ``keepalive`` on a streamed one: the reader acknowledges every N chunks, and the stream stops
+# when it goes silent (_keepalive.py); without it a stream runs to its end.
+Keepalive = Annotated[int, Field(ge=1, le=MAX_KEEPALIVE)]
 
 
 class GenerateRequest(Request):
@@ -128,6 +132,7 @@ class GenerateRequest(Request):
     generate_config: GenerateConfig | None = None
     request_id: str | None = Field(default=None, max_length=128)
     ack: bool = False
+    keepalive: Keepalive | None = None
 
 
 class ChatMessage(BaseModel):
@@ -142,6 +147,7 @@ class ChatRequest(Request):
     generate_config: GenerateConfig | None = None
     request_id: str | None = Field(default=None, max_length=128)
     ack: bool = False
+    keepalive: Keepalive | None = None
 
 
 class EmbedRequest(Request):

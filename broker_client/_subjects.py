@@ -128,6 +128,11 @@ class Subjects:
             raise ValueError(f"unknown model operation {operation!r}")
         return f"{self.prefix}.model.{model_uid}.overflow.{operation}"
 
+    def model_keepalive(self, model_uid: str, worker_id: str) -> str:
+        """Where the readers of a worker's streams of ``model_uid`` acknowledge them
+        (``Natserve-Keepalive`` names it on a stream's first chunk)."""
+        return f"{self.prefix}.model.{model_uid}.keepalive.{worker_id}"
+
     def model_queue_group(self, model_uid: str) -> str:
         return f"{self.prefix}.model.{model_uid}"
 

@@ -23,6 +23,9 @@ Wire headers:
                             it admitted the request. A client transport records it (a request
                             whose worker dies is failed with ``fail_worker``) and never yields it.
     Natserve-Hops           n on a request a saturated replica passed on (workers/balancing.py)
+    Natserve-Keepalive      "<N> <ack subject>" on the first chunk of a stream whose reader asked
+                            for the keepalive (``"keepalive": N`` in its body): the reader acks
+                            every N chunks there, or the stream stops (``_keepalive``)
     Nats-Service-Error-Code / Nats-Service-Error   on errors (with an {"error": ...} body)
     Status                  503 with an empty body: NATS itself says nobody subscribes
 """
@@ -55,6 +58,7 @@ __all__ = [
     "ERROR_HEADER",
     "HEADER_ROOM",
     "HOPS_HEADER",
+    "KEEPALIVE_HEADER",
     "PARTS_HEADER",
     "PART_HEADER",
     "REQUEST_ID_HEADER",
@@ -84,6 +88,7 @@ REQUEST_ID_HEADER = "Natserve-Request-Id"
 ACK_HEADER = "Natserve-Ack"
 ACCEPTED_HEADER = "Natserve-Accepted"
 HOPS_HEADER = "Natserve-Hops"
+KEEPALIVE_HEADER = "Natserve-Keepalive"
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 STATUS_HEADER = "Status"

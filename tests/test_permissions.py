@@ -287,8 +287,9 @@ async def test_a_stream_of_50_chunks_reaches_the_client_whole(session: Any) -> N
         )
     ]
     assert [c["seq"] for c in chunks] == list(range(1, 51))
-    # The client may cancel a stream too.
+    # The client may cancel a stream too, and acknowledge its chunks (the keepalive).
     await transport.publish(S.model(uid, "cancel"), {"request_id": "r1"})
+    await transport.publish(S.model_keepalive(uid, "worker"), {"reply": "_INBOX.x.1", "received": 16})
     await client.nc.flush()
     client.assert_no_violation()
     worker.assert_no_violation()
