@@ -159,6 +159,14 @@ class _Definition(_Strict):
     architectures: Texts | None = None
     trust_remote_code: bool = False
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        # A literal compares by equality, even strict: true and 1.0 would pass for 1.
+        if type(value) is not int:
+            raise ValueError(f"must be the integer 1 or 2 (got {_shown(value)})")
+        return value
+
 
 class LLMDefinition(_Definition):
     context_length: int = Field(default=2048, gt=0, le=MAX_CONTEXT_LENGTH)
