@@ -40,7 +40,8 @@ COPY registry_service ./registry_service
 COPY workers ./workers
 COPY natserve ./natserve
 COPY migrations ./migrations
-RUN pip install .
+# The gateway extra: the same image runs `natserve gateway` (compose.yaml's gateway service).
+RUN pip install ".[gateway]"
 
 # ---------------------------------------------------------------------------- runtime
 FROM python:3.11-slim AS runtime

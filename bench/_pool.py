@@ -49,6 +49,7 @@ def run_pool(
 
     from natserve.embedded import freeze_heap
     from registry_service.app import run_registry
+    from workers import WorkerSettings
     from workers.app import run_worker
 
     warm = threading.Event()
@@ -68,13 +69,10 @@ def run_pool(
             ),
             asyncio.create_task(
                 run_worker(
-                    nats_url=url,
-                    device=device,
+                    WorkerSettings(url, device=device, heartbeat_interval=heartbeat_interval, warm_up=True),
                     stop=stop_ev,
                     ready=wrk_ready,
-                    heartbeat_interval=heartbeat_interval,
                     # As natserve up does: the warm-up once both answer.
-                    warm_up=True,
                     on_warm=on_warm,
                     warm_up_after=all_ready,
                 )

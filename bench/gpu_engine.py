@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from workers.engines.api import Engine
 from workers.engines.batching import BatchingEngine, SamplingParams
 from workers.engines.static import StaticBatchingEngine
 
@@ -104,7 +105,7 @@ def run_generate(model: Any, prompts: torch.Tensor, new_tokens: int) -> float:
     return dt
 
 
-async def _engine_run(engine: BatchingEngine, prompts: list[list[int]], new_tokens: int) -> float:
+async def _engine_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
 
     async def one(p: list[int]) -> int:
@@ -120,7 +121,7 @@ async def _engine_run(engine: BatchingEngine, prompts: list[list[int]], new_toke
     return dt
 
 
-def run_engine(engine: BatchingEngine, prompts: torch.Tensor, new_tokens: int) -> float:
+def run_engine(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> float:
     return asyncio.run(_engine_run(engine, prompts.tolist(), new_tokens))
 
 
@@ -176,7 +177,7 @@ def main() -> int:
 
     results: dict[str, dict[int, float]] = {}
     for contender in contenders:
-        engine: BatchingEngine | None = None
+        engine: Engine | None = None
         if contender == "static":
             engine = StaticBatchingEngine(
                 model,

@@ -2,6 +2,7 @@
 
     natserve up                         nats-server + registry + one worker, in the foreground
     natserve registry | worker          one service, on an existing NATS server
+    natserve gateway                    the HTTP gateway (OpenAI and Xinference APIs) over NATS
     natserve register FILE | launch NAME | generate UID PROMPT | models | workers | ...
 
 Settings come from flags, then ``NATSERVE_*`` environment variables (see ``natserve.settings``).
@@ -134,9 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="worker device, cuda:N or cpu (default: the best local one)")
     p.add_argument("--worker-id", help="worker id (default: host name and pid)")
     p.add_argument("--db-url", help="registry database URL (default: SQLite in the home)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="port of the HTTP gateway on 127.0.0.1 (env NATSERVE_HTTP_PORT; default 9997)",
+    )
+    p.add_argument(
+        "--no-http",
+        dest="http",
+        action="store_false",
+        default=None,
+        help="start no HTTP gateway (env NATSERVE_HTTP=0)",
+    )
     _service_options(p)
     _worker_options(p)
     p.set_defaults(func=cmd_up)
+
+    p = add("gateway", "run the HTTP gateway (OpenAI and Xinference APIs) on an existing NATS server")
+    p.add_argument(
+        "--host", dest="http_host", help="address to listen on (env NATSERVE_HTTP_HOST; default 127.0.0.1)"
+    )
+    p.add_argument("--port", dest="http_port", type=int, help="port (env NATSERVE_HTTP_PORT; default 9997)")
+    _service_options(p)
+    p.set_defaults(func=cmd_gateway)
 
     p = add("registry", "run the registry on an existing NATS server")
     p.add_argument("--home", help="state folder, for the default SQLite database")
@@ -261,6 +282,9 @@ def _settings(args: argparse.Namespace) -> Any:
         "rate_limit",
         "max_request_bytes",
         "warm_up",
+        "http",
+        "http_host",
+        "http_port",
     )
     return Settings.build(**{f: getattr(args, f, None) for f in fields})
 
@@ -392,6 +416,8 @@ def _run_services(
     banner: Callable[[], str],
     auth: Any = None,
     nats: Any = None,
+    gateway: Any = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> int:
     from .embedded import install_signal_handlers, run_services
 
@@ -411,6 +437,7 @@ def _run_services(
                 auth=auth,
                 registry=registry,
                 worker=worker,
+                gateway=gateway,
                 stop=stop,
                 force=force,
                 on_ready=on_ready,
@@ -421,8 +448,41 @@ def _run_services(
         return force.is_set()
 
     # A second Ctrl-C cut the clean stop short: say so in the exit status.
-    forced = asyncio.run(serve())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        forced = runner.run(serve())
     return EXIT_INTERRUPTED if forced else EXIT_OK
+
+
+def _http_listener(host: str, port: int, settings: Any, taken: Callable[[int], str]) -> Any:
+    """The gateway's socket, bound now (a taken port is a usage error before anything starts),
+    with its API keys; ``taken(free_port)`` says what to do instead."""
+    import errno
+
+    try:
+        from .gateway import HttpListener, bind_listener, load_api_keys
+    except ImportError as exc:
+        raise CommandError(
+            f"the HTTP gateway needs the gateway extra ({exc.name or exc} is missing): "
+            "pip install 'natserve[gateway]', or start without it: natserve up --no-http"
+        ) from exc
+
+    if not 0 <= port < 65536:
+        raise CommandError(f"HTTP port {port} is not a TCP port", EXIT_USAGE)
+    try:
+        keys = load_api_keys(settings.api_keys, settings.api_keys_file)
+    except ValueError as exc:
+        raise CommandError(f"NATSERVE_API_KEYS_FILE: {exc}", EXIT_USAGE) from exc
+    try:
+        sock = bind_listener(host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CommandError(
+                f"port {port} on {host} is already in use (another natserve gateway, or Xinference?): "
+                f"{taken(_suggest_port(port))}",
+                EXIT_USAGE,
+            ) from exc
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE) from exc
+    return HttpListener(sock, keys)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -437,6 +497,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.nats_url:
         if args.port is not None:
             raise CommandError("give either --port (start a nats-server) or --nats-url (use one)", EXIT_USAGE)
+        listener = _up_listener(settings)
         nats_url = settings.nats_url
         auth = args.auth
     else:
@@ -457,6 +518,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"already there with `natserve up --nats-url nats://127.0.0.1:{port}`",
                 EXIT_USAGE,
             )
+        listener = _up_listener(settings)
         token = ensure_token(settings.home)
         auth = NatsAuth(token=token)
         embedded = EmbeddedNats(port, settings.home, token=token)
@@ -467,18 +529,51 @@ def cmd_up(args: argparse.Namespace) -> int:
         token = f"; its token is in {settings.home / LOCAL_TOKEN_FILE}" if embedded is not None else ""
         return (
             f"natserve ready on {nats_url} in {time.monotonic() - started:.1f} s "
-            f"(prefix {settings.prefix!r}, registry {_hide_password(settings.database_url)}); "
+            f"(prefix {settings.prefix!r}, registry {_hide_password(settings.database_url)})"
+            f"{_http_banner(listener)}; "
             f"clients: export NATSERVE_NATS_URL={nats_url}{token}; Ctrl-C stops"
         )
 
     try:
         return _run_services(
-            args, nats_url=nats_url, registry=True, worker=True, banner=banner, auth=auth, nats=embedded
+            args,
+            nats_url=nats_url,
+            registry=True,
+            worker=True,
+            banner=banner,
+            auth=auth,
+            gateway=listener,
+            nats=embedded,
         )
     finally:
+        if listener is not None:
+            listener.close()
         if embedded is not None:
             embedded.stop()
             logger.info("nats-server stopped")
+
+
+def _up_listener(settings: Any) -> Any:
+    """``natserve up``'s gateway socket, or None with ``--no-http``."""
+    if not settings.http:
+        return None
+    return _http_listener(
+        settings.http_host,
+        settings.http_port,
+        settings,
+        lambda free: (
+            f"start it on a free port with `natserve up --http-port {free}`, "
+            "or without the HTTP gateway with `natserve up --no-http`"
+        ),
+    )
+
+
+def _http_banner(listener: Any) -> str:
+    return (
+        f"; HTTP gateway on {listener.url} (OpenAI base URL {listener.url}/v1)"
+        if listener is not None
+        else ""
+    )
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -507,6 +602,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
         banner=lambda: f"natserve worker ready on {url}",
         auth=args.auth,
     )
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    settings = args.settings
+    _configure_logging(settings.log_level, settings.log_format)
+    url = settings.nats_url
+    listener = _http_listener(
+        settings.http_host,
+        settings.http_port,
+        settings,
+        lambda free: f"pick another with `natserve gateway --port {free}`",
+    )
+    try:
+        return _run_services(
+            args,
+            nats_url=url,
+            registry=False,
+            worker=False,
+            gateway=listener,
+            banner=lambda: (
+                f"natserve gateway ready on {listener.url} (OpenAI base URL {listener.url}/v1), over {url}"
+            ),
+            auth=args.auth,
+            loop_factory=_gateway_loop(),
+        )
+    finally:
+        listener.close()
+
+
+def _gateway_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop for a gateway of its own, when installed: HTTP connections are what
+    its loop is fastest at (bench/gateway.py)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -673,7 +805,7 @@ def cmd_terminate(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    from .status import _bytes
+    from .status import format_bytes
 
     with _client(args) as client:
         workers = client.list_workers()
@@ -684,7 +816,8 @@ def cmd_workers(args: argparse.Namespace) -> int:
     rows = []
     for w in workers:
         devices = ", ".join(
-            f"{d.get('name')} {_bytes(d.get('free_memory'))} free of {_bytes(d.get('total_memory'))}"
+            f"{d.get('name')} {format_bytes(d.get('free_memory'))} free of "
+            f"{format_bytes(d.get('total_memory'))}"
             for d in w.get("devices") or []
         )
         replicas = ", ".join(

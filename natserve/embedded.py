@@ -28,12 +28,18 @@ import sysconfig
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker_client import NatsAuth
 
 from .pool_token import write_private
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from workers.limits import WorkerLimits
+    from workers.settings import WorkerSettings
 
 __all__ = [
     "EmbeddedNats",
@@ -43,6 +49,7 @@ __all__ = [
     "port_in_use",
     "run_services",
     "worker_limits",
+    "worker_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -337,13 +344,16 @@ async def run_services(
     on_ready: Callable[[], None] | None = None,
     auth: NatsAuth | None = None,
     nats: EmbeddedNats | None = None,
+    gateway: Any = None,
 ) -> None:
-    """Run the registry and/or a worker until ``stop``; raise ServiceFailed if one dies.
+    """Run the registry and/or a worker (and the HTTP gateway on ``gateway``, a bound
+    ``natserve.gateway.HttpListener``) until ``stop``; raise ServiceFailed if one dies.
 
-    Stopping goes worker first (it drains in-flight requests), then the registry. With
-    ``settings.metrics_port`` set, both share one ``/metrics`` endpoint on that port. ``nats``,
-    the server ``natserve up`` started, is watched and restarted the while
-    (:meth:`EmbeddedNats.watch`); when it cannot be kept up, everything stops with its error.
+    Stopping goes gateway first (no new HTTP requests), then the worker (it drains in-flight
+    requests), then the registry. With ``settings.metrics_port`` set, they share one
+    ``/metrics`` endpoint on that port. ``nats``, the server ``natserve up`` started, is watched
+    and restarted the while (:meth:`EmbeddedNats.watch`); when it cannot be kept up, everything
+    stops with its error.
     """
     force = force or asyncio.Event()
     services: list[_Service] = []
@@ -390,28 +400,23 @@ async def run_services(
     if worker:
         from workers.app import run_worker
 
-        limits = worker_limits(settings)
+        configured = worker_settings(
+            settings, nats_url=nats_url, auth=auth, metrics_registry=metrics_registry
+        )
 
         def worker_factory(s: asyncio.Event, r: asyncio.Event) -> Coroutine[Any, Any, None]:
             return run_worker(
-                nats_url=nats_url,
-                prefix=settings.prefix,
-                device=settings.device,
-                worker_id=settings.worker_id,
+                configured,
                 stop=s,
                 ready=r,
-                heartbeat_interval=settings.heartbeat_interval,
-                drain_timeout=settings.drain_timeout,
-                auth=auth,
-                limits=limits,
-                metrics_registry=metrics_registry,
-                warm_up=settings.warm_up,
                 # The warm-up's imports (160,000 objects) join start-up's out of the collector's reach.
                 on_warm=freeze_heap,
                 warm_up_after=all_ready,
             )
 
         services.append(_Service("worker", worker_factory))
+    if gateway is not None:
+        services.append(_gateway_service(settings, gateway, nats_url, auth, metrics_registry))
 
     failure: ServiceFailed | None = None
     try:
@@ -452,7 +457,28 @@ async def run_services(
         raise failure
 
 
-def worker_limits(settings: Settings) -> Any:
+def _gateway_service(
+    settings: Settings, listener: Any, nats_url: str, auth: NatsAuth | None, metrics_registry: Any
+) -> _Service:
+    from .gateway import run_gateway
+
+    def factory(s: asyncio.Event, r: asyncio.Event) -> Coroutine[Any, Any, None]:
+        return run_gateway(
+            nats_url=nats_url,
+            listener=listener,
+            stop=s,
+            ready=r,
+            prefix=settings.prefix,
+            auth=auth,
+            max_body_bytes=settings.http_max_body_bytes,
+            drain_timeout=settings.drain_timeout,
+            metrics_registry=metrics_registry,
+        )
+
+    return _Service("gateway", factory)
+
+
+def worker_limits(settings: Settings) -> WorkerLimits:
     """The worker policy of ``settings``; model paths are always confined here, by default to
     ``$NATSERVE_HOME/models`` and the Hugging Face cache."""
     from workers.limits import WorkerLimits, default_model_roots, parse_model_roots
@@ -471,6 +497,30 @@ def worker_limits(settings: Settings) -> Any:
         max_tokens_limit=settings.max_tokens_limit,
         rate_limit=settings.rate_limit,
         max_request_bytes=settings.max_request_bytes,
+    )
+
+
+def worker_settings(
+    settings: Settings,
+    *,
+    nats_url: str,
+    auth: NatsAuth | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+) -> WorkerSettings:
+    """The worker of ``natserve up`` and ``natserve worker``, configured from ``settings``."""
+    from workers.settings import WorkerSettings
+
+    return WorkerSettings(
+        nats_url,
+        prefix=settings.prefix,
+        worker_id=settings.worker_id,
+        device=settings.device,
+        heartbeat_interval=settings.heartbeat_interval,
+        drain_timeout=settings.drain_timeout,
+        auth=auth,
+        limits=worker_limits(settings),
+        metrics_registry=metrics_registry,
+        warm_up=settings.warm_up,
     )
 
 

@@ -43,9 +43,18 @@ class Settings(BaseSettings):
     max_tokens_limit: int | None = Field(default=None, ge=1)
     rate_limit: float | None = Field(default=None, gt=0, le=1e6)
     max_request_bytes: int | None = Field(default=None, ge=1)
-    # Import torch and the model-loading code on a thread once a worker answers (workers/loader.py
-    # warm_up): a launch after it does not pay seconds of imports.
+    # Import torch and the model-loading code on a thread once a worker answers (workers/loading/
+    # warmup.py): a launch after it does not pay seconds of imports.
     warm_up: bool = True
+    # The HTTP gateway (natserve/gateway): `natserve gateway --host/--port`; `natserve up` starts
+    # one on http_host:http_port unless `--no-http` (NATSERVE_HTTP=0).
+    http: bool = True
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=9997, ge=0, le=65535)
+    http_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Optional API keys of the gateway: comma-separated, and/or a file of one key a line.
+    api_keys: str | None = Field(default=None, repr=False)
+    api_keys_file: Path | None = None
 
     @field_validator("home", mode="after")
     @classmethod

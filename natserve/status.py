@@ -18,7 +18,17 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["RECENT_ERRORS_SHOWN", "collect_status", "print_status", "render_status", "watch_status"]
+__all__ = [
+    "RECENT_ERRORS_SHOWN",
+    "build_status",
+    "collect_status",
+    "format_age",
+    "format_bytes",
+    "format_clock",
+    "print_status",
+    "render_status",
+    "watch_status",
+]
 
 RECENT_ERRORS_SHOWN = 10
 
@@ -27,12 +37,17 @@ def collect_status(client: Any) -> dict[str, Any]:
     """The raw status from the registry ``client`` (a sync ``broker_client.Client``) talks to."""
     # The raw workers.list reply: list_workers() returns only its "workers".
     reply = client._run(client._async._request(client.subjects.workers_list, {}))
+    return build_status(reply, client.list_models())
+
+
+def build_status(reply: Any, models: dict[str, Any]) -> dict[str, Any]:
+    """The status dict from a raw ``workers.list`` reply and ``list_models()``: what
+    ``natserve status --json`` prints and the gateway's pool page shows."""
     if isinstance(reply, dict):
         workers = list(reply.get("workers") or [])
         failures = list(reply.get("recent_failures") or [])
     else:  # a registry from before recent_failures
         workers, failures = list(reply or []), []
-    models = client.list_models()
     errors: list[dict[str, Any]] = []
     for worker in workers:
         for error in worker.get("recent_errors") or []:
@@ -46,7 +61,7 @@ def collect_status(client: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- rendering
 
 
-def _bytes(n: Any) -> str:
+def format_bytes(n: Any) -> str:
     try:
         value = float(n)
     except (TypeError, ValueError):
@@ -58,14 +73,14 @@ def _bytes(n: Any) -> str:
     return "?"
 
 
-def _ago(ts: Any, now: float) -> str:
+def format_age(ts: Any, now: float) -> str:
     try:
         return f"{max(0.0, now - float(ts)):.1f} s ago"
     except (TypeError, ValueError):
         return ""
 
 
-def _clock(ts: Any) -> str:
+def format_clock(ts: Any) -> str:
     try:
         return datetime.fromtimestamp(float(ts)).strftime("%H:%M:%S")
     except (TypeError, ValueError, OverflowError, OSError):
@@ -107,7 +122,7 @@ def render_status(data: dict[str, Any], *, errors_shown: int = RECENT_ERRORS_SHO
                 w.get("host"),
                 Text("yes", style="green") if alive else Text("no", style="bold red"),
                 w.get("status") or "",
-                _ago(w.get("last_seen"), now),
+                format_age(w.get("last_seen"), now),
                 len(replicas),
                 in_flight,
             ]
@@ -116,7 +131,14 @@ def render_status(data: dict[str, Any], *, errors_shown: int = RECENT_ERRORS_SHO
             total, free = _int(d.get("total_memory")), _int(d.get("free_memory"))
             used = f"{100 * (total - free) / total:.0f}%" if total else ""
             device_rows.append(
-                [wid, d.get("name"), d.get("description") or "", _bytes(total), _bytes(free), used]
+                [
+                    wid,
+                    d.get("name"),
+                    d.get("description") or "",
+                    format_bytes(total),
+                    format_bytes(free),
+                    used,
+                ]
             )
         for r in replicas:
             status = str(r.get("status") or "?")
@@ -134,7 +156,7 @@ def render_status(data: dict[str, Any], *, errors_shown: int = RECENT_ERRORS_SHO
                     limit if limit is not None else "",
                     _int(r.get("requests")),
                     _int(r.get("errors")),
-                    _bytes(r.get("memory_bytes")),
+                    format_bytes(r.get("memory_bytes")),
                 ]
             )
     model_rows = []
@@ -147,7 +169,7 @@ def render_status(data: dict[str, Any], *, errors_shown: int = RECENT_ERRORS_SHO
     errors = list(data.get("recent_errors") or [])[-errors_shown:][::-1]
     error_rows = [
         [
-            _clock(e.get("ts")),
+            format_clock(e.get("ts")),
             e.get("source") or "",
             e.get("model_uid") or "",
             e.get("endpoint") or "",
@@ -158,7 +180,7 @@ def render_status(data: dict[str, Any], *, errors_shown: int = RECENT_ERRORS_SHO
     ]
     alive = sum(1 for w in workers if w.get("alive", True))
     header = Text(
-        f"natserve at {_clock(now)}: {alive} of {len(workers)} worker(s) alive, "
+        f"natserve at {format_clock(now)}: {alive} of {len(workers)} worker(s) alive, "
         f"{len(model_rows)} model(s), {len(replica_rows)} replica(s)",
         style="bold",
     )
@@ -220,7 +242,9 @@ def watch_status(
                     view: RenderableType = render_status(collect_status(client))
                 except Exception as exc:  # a registry restarting: keep watching
                     message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                    view = Text(f"{_clock(time.time())} cannot get the status: {message}", style="bold red")
+                    view = Text(
+                        f"{format_clock(time.time())} cannot get the status: {message}", style="bold red"
+                    )
                 live.update(view, refresh=True)
                 time.sleep(interval)
     except KeyboardInterrupt:

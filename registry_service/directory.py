@@ -16,6 +16,7 @@ clock of the same moment is kept for display only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -47,6 +48,32 @@ class WorkerDirectory:
     def __init__(self, dead_after: float | None = None) -> None:
         self.dead_after = dead_after
         self._workers: dict[str, WorkerEntry] = {}
+        # Until then (monotonic), a registry that has heard no worker yet may still hear from
+        # the ones that answer its resync: see first_workers().
+        self._settle_until = 0.0
+        self._first = asyncio.Event()
+
+    def settle(self, window: float) -> None:
+        """Workers are expected to answer a resync within ``window`` seconds from now."""
+        self._settle_until = time.monotonic() + window
+
+    async def first_workers(self) -> bool:
+        """While no worker has been heard yet and the resync window is open, wait for the
+        first heartbeat (at most the rest of the window). Whether one came meanwhile.
+
+        A worker that starts together with the registry may send its first heartbeat before
+        the registry listens and answer no resync it subscribed to too late; its next beat
+        comes one interval later. A launch sent in that gap waits for it instead of failing."""
+        if self._workers:
+            return False
+        remaining = self._settle_until - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._first.wait(), remaining)
+        except TimeoutError:
+            return False
+        return True
 
     def window(self, info: WorkerInfo) -> float:
         """The dead window of the worker that sent ``info``."""
@@ -109,5 +136,6 @@ class WorkerDirectory:
                 ", ".join(d.name for d in info.devices) or "no devices",
             )
         self._workers[info.worker_id] = entry
+        self._first.set()
         changed = previous is None or worker_state(previous.info) != worker_state(info)
         return entry, changed

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from broker_client import ModelEvent, Subjects, WorkerInfo
-from broker_client.runtime import Transport
+from broker_client.runtime import NatsTransport
 
 __all__ = ["RegistryEvents"]
 
@@ -30,7 +30,7 @@ _MESSAGE_CHARS = 4000
 class RegistryEvents:
     """Publishes the registry's events over ``transport``, on the subjects of ``subjects``."""
 
-    def __init__(self, transport: Transport, subjects: Subjects) -> None:
+    def __init__(self, transport: NatsTransport, subjects: Subjects) -> None:
         self.transport = transport
         self.subjects = subjects
 

@@ -44,7 +44,7 @@ from broker_client import (
     WorkerLaunchReply,
     WorkerTerminate,
 )
-from broker_client.runtime import Transport
+from broker_client.runtime import NatsTransport
 
 from .directory import WorkerDirectory
 from .events import RegistryEvents
@@ -74,7 +74,7 @@ class Launcher:
         self,
         repository: RegistryRepository,
         directory: WorkerDirectory,
-        transport: Transport,
+        transport: NatsTransport,
         subjects: Subjects,
         events: RegistryEvents,
         metrics: RegistryMetrics,
@@ -209,9 +209,16 @@ class Launcher:
                 raise Conflict(
                     f"model_uid {uid!r} is already running; terminate it first or give another model_uid"
                 )
-            placements = self.place(
-                plan, req.replica, worker_id=req.worker_id, n_gpu=req.n_gpu, what=plan.label
-            )
+            try:
+                placements = self.place(
+                    plan, req.replica, worker_id=req.worker_id, n_gpu=req.n_gpu, what=plan.label
+                )
+            except Unavailable:
+                if not await self.directory.first_workers():
+                    raise
+                placements = self.place(
+                    plan, req.replica, worker_id=req.worker_id, n_gpu=req.n_gpu, what=plan.label
+                )
             await self.repo.create_model(
                 plan.row("launching"),
                 [NewReplica(p.replica_index, p.worker_id, p.device) for p in placements],

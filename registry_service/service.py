@@ -40,7 +40,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import CollectorRegistry
 
 from broker_client import Subjects, __version__
-from broker_client.runtime import NATSConnection, ServiceHost, Transport
+from broker_client.runtime import NATSConnection, NatsTransport, ServiceHost
 
 from .directory import WorkerDirectory
 from .endpoints import RegistryEndpoints
@@ -116,7 +116,7 @@ class RegistryService:
             # Workers answer the resync at once; a configured dead window is a fine bound.
             resync_window = dead_after if dead_after is not None else 2 * DEFAULT_HEARTBEAT_INTERVAL
         self.resync_window = resync_window
-        self.transport = Transport(nc)
+        self.transport = NatsTransport(nc)
         self.directory = WorkerDirectory(dead_after)
         self.events = RegistryEvents(self.transport, self.subjects)
         self.launcher = Launcher(
@@ -182,6 +182,7 @@ class RegistryService:
         self._host = host
         await host.until_subscribed()
         # Workers answer with an immediate heartbeat, so placement works within a round trip.
+        self.directory.settle(self.resync_window)
         await self.transport.publish(self.subjects.workers_resync, {})
         await self.nc.flush()
         self._reconcile_task = asyncio.create_task(

@@ -26,6 +26,7 @@ from tests.test_client import NSQL_2B, FakeNats, completion, replier, streamer
 
 COMMANDS = [
     "up",
+    "gateway",
     "registry",
     "worker",
     "register",
@@ -271,7 +272,7 @@ def test_up_end_to_end(tmp_path: Path, hf_cache: Path, monkeypatch: pytest.Monke
     )
     # This process is the same user's client: it finds the pool's token in the same home.
     monkeypatch.setenv("NATSERVE_HOME", env["NATSERVE_HOME"])
-    up = Running(["up", "--port", str(port), "--device", "cpu"], env)
+    up = Running(["up", "--port", str(port), "--device", "cpu", "--no-http"], env)
     try:
         started = time.monotonic()
         ready = up.wait_ready(timeout=60)

@@ -69,7 +69,7 @@ def depends_on(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"nats", "postgres", "registry", "worker"}
+    assert set(services) == {"nats", "postgres", "registry", "worker", "gateway"}
 
 
 def test_every_service_has_a_health_check(services: dict[str, Any]) -> None:
@@ -142,6 +142,19 @@ def test_worker(compose: dict[str, Any], services: dict[str, Any]) -> None:
     assert health_test(worker) == f"CMD python {IMAGE_HEALTHCHECK} natserve-worker --this-host"
 
 
+def test_gateway(services: dict[str, Any]) -> None:
+    gateway = services["gateway"]
+    assert command_text(gateway) == "gateway --host 0.0.0.0 --port 9997"
+    env = gateway["environment"]
+    assert env["NATSERVE_NATS_USER"] == "client"
+    assert env["NATSERVE_NATS_PASSWORD"].startswith("${NATSERVE_CLIENT_PASSWORD:?")
+    # Bound beyond the loopback: compose refuses to start it without API keys.
+    assert env["NATSERVE_API_KEYS"].startswith("${NATSERVE_API_KEYS:?")
+    assert "9997:9997" in gateway["ports"]
+    assert depends_on(gateway) == {"nats": "service_healthy", "registry": "service_healthy"}
+    assert "/healthz" in health_test(gateway)
+
+
 def test_services_log_in_as_users_of_the_nats_config(services: dict[str, Any]) -> None:
     users = set(re.findall(r"^\s*\{ user: (\w+),", NATS_CONFIG.read_text(), re.M))
     for name in ("registry", "worker"):
@@ -155,7 +168,7 @@ def test_dockerfile() -> None:
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
     assert "download.pytorch.org/whl/${TORCH_VARIANT}" in text
-    assert re.search(r"^RUN pip install \.$", text, re.M)
+    assert re.search(r'^RUN pip install "\.\[gateway\]"$', text, re.M)
     assert re.search(r'^ENTRYPOINT \["natserve"\]$', text, re.M)
     assert re.search(rf"^COPY deploy/healthcheck\.py {re.escape(IMAGE_HEALTHCHECK)}$", text, re.M)
     assert re.search(r"^\s*HF_HOME=/data/hf\b", text, re.M)

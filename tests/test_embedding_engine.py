@@ -15,7 +15,7 @@ import torch
 from broker_client import BadRequest
 from tests.hfmodels import minilm_path
 from workers.engines.embedding import EmbeddingEngine, pool
-from workers.loader import LoadedEmbedding, ModelSource, load_embedding, resolve_source
+from workers.loading import LoadedEmbedding, ModelSource, load_embedding, resolve_source
 
 PARAPHRASES = ("A man is eating food.", "A man is eating a piece of bread.")
 UNRELATED = ("The girl is carrying a baby.", "Quarterly bond yields rose as the central bank raised rates.")

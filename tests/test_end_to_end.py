@@ -61,7 +61,7 @@ def test_persist_survives_restarting_up_and_ephemeral_does_not(
     monkeypatch.setenv("NATSERVE_HOME", env["NATSERVE_HOME"])
     url = f"nats://127.0.0.1:{port}"
     for round_ in (1, 2):
-        up = Running(["up", "--port", str(port), "--device", "cpu"], env)
+        up = Running(["up", "--port", str(port), "--device", "cpu", "--no-http"], env)
         try:
             up.wait_ready(timeout=60)
             with Client(url, timeout=60) as client:

@@ -47,7 +47,7 @@ from tests.test_fuzz_registry import (
 )
 from tests.test_fuzz_registry import check_reply as check_one_reply
 from tests.test_worker import launch_message, llm_definition
-from workers import Worker
+from workers import Worker, WorkerSettings
 from workers.limits import WorkerLimits
 
 T = TypeVar("T")
@@ -81,15 +81,17 @@ class Harness:
         self.server = NatsServer().start()
         self.root = root
         self.worker = Worker(
-            self.server.url,
-            prefix=S.prefix,
-            device="cpu",
-            worker_id=WORKER_ID,
-            heartbeat_interval=30,
-            drain_timeout=5,
-            limits=WorkerLimits(
-                model_roots=(root, tiny_llama_dir, minilm_path()), max_tokens_limit=MAX_TOKENS_LIMIT
-            ),
+            WorkerSettings(
+                self.server.url,
+                prefix=S.prefix,
+                device="cpu",
+                worker_id=WORKER_ID,
+                heartbeat_interval=30,
+                drain_timeout=5,
+                limits=WorkerLimits(
+                    model_roots=(root, tiny_llama_dir, minilm_path()), max_tokens_limit=MAX_TOKENS_LIMIT
+                ),
+            )
         )
         self.nc: Any = None
         self.run(self._start(tiny_llama_dir), timeout=180)

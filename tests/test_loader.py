@@ -1,4 +1,4 @@
-"""workers.loader against real files: a tiny Llama in a Hugging Face cache and on disk."""
+"""workers.loading against real files: a tiny Llama in a Hugging Face cache and on disk."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import torch
 
 from broker_client import BadRequest, InternalError, NotFound
 from tests.hfmodels import NSQL_REPO_ID, build_tiny_llama, install_in_hf_cache
-from workers.loader import (
+from workers.loading import (
     LoadedLLM,
     ModelSource,
-    _progress_tqdm,
     load_llm,
     parse_model_uri,
+    progress_tqdm,
     resolve_source,
 )
 
@@ -264,7 +264,7 @@ def test_parse_model_uri_keeps_plain_paths() -> None:
 def test_download_progress_reports_bytes() -> None:
     """snapshot_download hands its tqdm_class the kwargs below (huggingface_hub 1.x/2.x)."""
     events: list[dict] = []
-    cls = _progress_tqdm(events.append, "org/m")
+    cls = progress_tqdm(events.append, "org/m")
     files = cls(range(3), desc="Fetching 3 files", total=3)
     transfer = cls(desc="Downloading bytes", total=0, initial=0, unit="B", unit_scale=True)
     written = cls(desc="Reconstructing", total=0, initial=0, unit="B", unit_scale=True)

@@ -30,7 +30,7 @@ from registry_service.app import Registry
 from tests.conftest import free_port
 from tests.test_cli import Running, _env
 from tests.test_worker import Harness, client_connection, llm_definition, within
-from workers import Worker
+from workers import Worker, WorkerSettings
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
@@ -43,7 +43,9 @@ def echo_definition(name: str) -> dict[str, Any]:
 async def worker_harness(nats_url: str, prefix: str, **options: Any) -> AsyncIterator[Harness]:
     async with client_connection(nats_url) as (nc, transport):
         worker = Worker(
-            nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=5, **options
+            WorkerSettings(
+                nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=5, **options
+            )
         )
         await worker.start()
         try:
@@ -182,12 +184,14 @@ async def system(
     metrics = new_metrics_registry()
     registry = Registry(nats_url=nats_url, db_url=sqlite_url, prefix=prefix, metrics_registry=metrics)
     worker = Worker(
-        nats_url,
-        prefix=prefix,
-        device="cpu",
-        heartbeat_interval=30,
-        metrics_registry=metrics,
-        drain_timeout=5,
+        WorkerSettings(
+            nats_url,
+            prefix=prefix,
+            device="cpu",
+            heartbeat_interval=30,
+            metrics_registry=metrics,
+            drain_timeout=5,
+        )
     )
     await registry.start()
     await worker.start()
@@ -264,7 +268,7 @@ async def test_prometheus_endpoint_after_requests(
     assert value(samples, "natserve_registry_replicas", status="ready") == 1
 
     # Each worker has a registry of its own unless given one: nothing global.
-    assert Worker("nats://127.0.0.1:1").metrics.registry is not worker.metrics.registry
+    assert Worker(WorkerSettings("nats://127.0.0.1:1")).metrics.registry is not worker.metrics.registry
 
 
 async def test_recent_errors_in_heartbeats_and_the_registry(
@@ -461,7 +465,9 @@ def test_configure_logging_json_lines() -> None:
 def test_up_serves_json_logs_and_one_metrics_endpoint(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     env = _env(tmp_path, NATSERVE_LOG_LEVEL="INFO", NATSERVE_LOG_FORMAT="json")
-    up = Running(["up", "--port", str(port), "--device", "cpu", "--metrics-port", str(metrics_port)], env)
+    up = Running(
+        ["up", "--port", str(port), "--device", "cpu", "--metrics-port", str(metrics_port), "--no-http"], env
+    )
     try:
         up.wait_ready(timeout=60)
         samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")

@@ -20,7 +20,7 @@ import pytest
 from broker_client import AsyncClient
 from registry_service import Registry
 from tests._pool import echo_definition, eventually, words
-from workers import Worker, balancing
+from workers import Worker, WorkerSettings, balancing
 
 FAST_DELAY, SLOW_DELAY, SLOTS, WORDS = 0.01, 0.04, 4, 10
 FAST_RPS = SLOTS / (WORDS * FAST_DELAY)  # 40
@@ -36,7 +36,11 @@ async def two_replicas(
     registry = Registry(nats_url=nats_url, db_url=sqlite_url, prefix=prefix, resync_window=0.3)
     await registry.start()
     workers = [
-        Worker(nats_url, prefix=prefix, device="cpu", worker_id=f"w{i}-{unique}", heartbeat_interval=0.5)
+        Worker(
+            WorkerSettings(
+                nats_url, prefix=prefix, device="cpu", worker_id=f"w{i}-{unique}", heartbeat_interval=0.5
+            )
+        )
         for i in range(2)
     ]
     client = AsyncClient(nats_url, prefix=prefix, timeout=60)

@@ -15,7 +15,7 @@ import pytest
 from broker_client import AsyncClient, Conflict, ModelEvent, NotFound
 from registry_service import Registry
 from tests._pool import echo_definition, eventually, within
-from workers import Worker
+from workers import Worker, WorkerSettings
 
 
 @pytest.fixture
@@ -28,7 +28,11 @@ async def pool(
     )
     await registry.start()
     workers = [
-        Worker(nats_url, prefix=prefix, device="cpu", worker_id=f"w{i}-{unique}", heartbeat_interval=0.5)
+        Worker(
+            WorkerSettings(
+                nats_url, prefix=prefix, device="cpu", worker_id=f"w{i}-{unique}", heartbeat_interval=0.5
+            )
+        )
         for i in range(2)
     ]
     client = AsyncClient(nats_url, prefix=prefix, timeout=60)

@@ -616,3 +616,30 @@ async def test_restart_reconciles_models_with_what_workers_report(
         )
         assert len(worker.launches) == launched + 1
     assert any(stray in r.getMessage() and "does not know" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_launch_as_the_registry_starts_waits_for_the_first_worker(
+    nats_url: str, sqlite_url: str, prefix: str, subjects: Subjects, transport: Transport, unique: str
+) -> None:
+    # A worker that starts together with the registry can miss its resync (it subscribed too
+    # late) and have sent its first heartbeat before the registry listened: the registry hears
+    # of it one heartbeat interval later. A launch sent in that gap waits for the first worker
+    # within the resync window instead of failing with "no live worker".
+    reg = Registry(nats_url=nats_url, db_url=sqlite_url, prefix=prefix, resync_window=TIMEOUT)
+    await reg.start()
+    worker: FakeWorker | None = None
+    try:
+        name = f"m-{unique}"
+        await register(transport, subjects, name)
+        launch = asyncio.create_task(
+            transport.request(subjects.models_launch, {"model_name": name}, timeout=TIMEOUT)
+        )
+        # Connecting takes longer than the launch takes to reach the registry.
+        worker = await FakeWorker(nats_url, prefix).start()
+        reply = await within(launch, "the launch sent before any worker was heard")
+        assert reply["model_uid"] == name
+        assert [c.model_uid for c in worker.launches] == [name]
+    finally:
+        if worker is not None:
+            await worker.stop()
+        await reg.stop()

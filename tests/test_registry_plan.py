@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -156,3 +157,21 @@ def test_states_follow_the_heartbeats_and_the_dead_window() -> None:
     # A stopped worker is stopped at once, and stays stopped, not dead, once its window ends.
     assert directory.state_of("w1", stopped.received + 10) == "stopped"
     assert [e.info.worker_id for e in directory.entries()] == ["w1"]
+
+
+async def test_a_launch_waits_for_the_first_worker_only_inside_the_resync_window() -> None:
+    # Never settled (or the window is over): nothing to wait for.
+    assert await WorkerDirectory().first_workers() is False
+    directory = WorkerDirectory()
+    directory.settle(30.0)
+    waiting = asyncio.create_task(directory.first_workers())
+    await asyncio.sleep(0)  # let the waiter start: it is waiting on the directory's event
+    assert not waiting.done()
+    directory.heard(info("w1"))
+    assert await asyncio.wait_for(waiting, 5.0) is True
+    # Once a worker is known, placement's answer stands: no second wait.
+    assert await directory.first_workers() is False
+    # A window that runs out without a heartbeat: False, after at most the window.
+    quiet = WorkerDirectory()
+    quiet.settle(0.05)
+    assert await asyncio.wait_for(quiet.first_workers(), 5.0) is False

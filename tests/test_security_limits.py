@@ -20,7 +20,7 @@ from broker_client import AsyncClient, BadRequest, NotFound, Overloaded, Payload
 from natserve.embedded import worker_limits
 from natserve.settings import Settings
 from tests.test_worker import Harness, client_connection, llm_definition, within
-from workers import Worker
+from workers import Worker, WorkerSettings
 from workers.limits import (
     ReplicaLimits,
     TokenBucket,
@@ -186,7 +186,9 @@ def prefix(unique: str) -> str:
 async def _harness(nats_url: str, prefix: str, limits: WorkerLimits) -> AsyncIterator[Harness]:
     async with client_connection(nats_url) as (nc, transport):
         worker = Worker(
-            nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=5, limits=limits
+            WorkerSettings(
+                nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=5, limits=limits
+            )
         )
         await worker.start()
         try:
@@ -198,16 +200,16 @@ async def _harness(nats_url: str, prefix: str, limits: WorkerLimits) -> AsyncIte
 async def test_trust_remote_code_needs_both_switches(
     nats_url: str, prefix: str, unique: str, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.loader
+    import workers.loading
 
     seen: list[bool] = []
-    real_load = workers.loader.load_llm
+    real_load = workers.loading.load_llm
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs["trust_remote_code"])
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(workers.loader, "load_llm", spy)
+    monkeypatch.setattr(workers.loading, "load_llm", spy)
     asking = llm_definition("remote", str(tiny_llama_dir), trust_remote_code=True)
 
     async with _harness(nats_url, prefix, WorkerLimits()) as h:
@@ -325,7 +327,7 @@ async def test_limits_pass_through_the_registry(nats_url: str, sqlite_url: str, 
             run_registry(nats_url=nats_url, db_url=sqlite_url, prefix=prefix, stop=stop, ready=ready[0])
         ),
         asyncio.create_task(
-            run_worker(nats_url=nats_url, prefix=prefix, device="cpu", stop=stop, ready=ready[1])
+            run_worker(WorkerSettings(nats_url, prefix=prefix, device="cpu"), stop=stop, ready=ready[1])
         ),
     ]
     client = AsyncClient(nats_url, prefix=prefix, timeout=60)

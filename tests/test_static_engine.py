@@ -2,7 +2,7 @@
 through slots, buckets, queueing and compaction; the static cache and mask; the decode step being
 capturable; and, on a CUDA machine only, captured graphs against eager steps.
 
-Helpers come from test_engine.py: the engine keeps BatchingEngine's semantics, so the same
+Helpers come from tests/_engines.py: the engine keeps BatchingEngine's semantics, so the same
 checks apply. Every wait is bounded by ``asyncio.wait_for``; nothing sleeps to synchronise."""
 
 from __future__ import annotations
@@ -18,20 +18,13 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests._engines import GREEDY, TIMEOUT, Result, collect, next_delta, prompts_of, reference, split_stop
 from tests._tiny import build_tiny_llama_and_tokenizer
-from tests.test_engine import (
-    TIMEOUT,
-    Result,
-    _split_stop,
-    collect,
-    next_delta,
-    prompts_of,
-    reference,
-)
-from workers.engines.batching import RequestCancelledError, SamplingParams
-from workers.engines.static import SlotCache, SlotLayer, StaticBatchingEngine, default_buckets
+from workers.engines.api import RequestCancelledError, SamplingParams
+from workers.engines.kv_slots import SlotCache, SlotLayer
+from workers.engines.runner import BucketRunners
+from workers.engines.static import StaticBatchingEngine, default_buckets
 
-GREEDY = functools.partial(SamplingParams, temperature=0)
 MAX_SEQ = 192  # the tiny model's context is 512; a shorter cache keeps each step cheap
 
 
@@ -278,13 +271,13 @@ async def test_runner_per_bucket_built_once_and_reused(
     _, tokenizer = tiny
     eng = _engine(tiny, max_batch_size=8, eos_token_ids=())
     builds: Counter[int] = Counter()
-    build = eng._build_runner
+    build = BucketRunners.build
 
-    def counting(bucket: int) -> Any:
+    def counting(self: BucketRunners, bucket: int) -> Any:
         builds[bucket] += 1
-        return build(bucket)
+        return build(self, bucket)
 
-    monkeypatch.setattr(eng, "_build_runner", counting)
+    monkeypatch.setattr(BucketRunners, "build", counting)
     eng.start()
     try:
         prompts = prompts_of(tokenizer, 6, seed=19)
@@ -333,7 +326,7 @@ def test_decode_step_is_capturable(tiny: tuple[Any, Any]) -> None:
         with FakeTensorMode(allow_non_fake_inputs=True):
             with pytest.raises(DataDependentOutputException):  # the check does catch a sync
                 (torch.ones(2) + 1).sum().item()
-            logits, tokens = eng._decode_step(4)
+            logits, tokens = eng.decode_step(4)
         assert logits.shape == (4, model.config.vocab_size) and tokens.shape == (4,)
 
         control = _OpLog()
@@ -342,7 +335,7 @@ def test_decode_step_is_capturable(tiny: tuple[Any, Any]) -> None:
         assert control.ops["lift_fresh"] == 1
         log = _OpLog()
         with log:
-            eng._decode_step(4)
+            eng.decode_step(4)
     forbidden = {"lift_fresh", "_local_scalar_dense", "nonzero", "masked_select", "item"}
     assert not forbidden & set(log.ops), log.ops
     assert log.ops["scatter_"] == 2 * model.config.num_hidden_layers  # K and V of every layer
@@ -431,7 +424,7 @@ async def test_stop_strings(tiny: tuple[Any, Any], free_engine: StaticBatchingEn
     _, tokenizer = tiny
     prompt = tokenizer("the people write water").input_ids
     free = await collect(free_engine.generate(prompt, GREEDY(max_tokens=40)))
-    stop, n_tokens = _split_stop(tokenizer, free.ids)
+    stop, n_tokens = split_stop(tokenizer, free.ids)
     full = tokenizer.decode(free.ids, skip_special_tokens=True)
     got = await collect(free_engine.generate(prompt, GREEDY(max_tokens=40, stop=("zzz-never", stop))))
     assert (got.last.finish_reason, got.last.completion_tokens) == ("stop", n_tokens)

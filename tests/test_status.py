@@ -25,6 +25,7 @@ TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 @pytest.fixture
 async def pool(nats_url: str, sqlite_url: str, unique: str) -> AsyncIterator[tuple[AsyncClient, str]]:
     from registry_service.app import run_registry
+    from workers import WorkerSettings
     from workers.app import run_worker
 
     prefix = f"stat{unique}"
@@ -36,13 +37,11 @@ async def pool(nats_url: str, sqlite_url: str, unique: str) -> AsyncIterator[tup
         ),
         asyncio.create_task(
             run_worker(
-                nats_url=nats_url,
-                prefix=prefix,
-                device="cpu",
-                worker_id=f"statw-{unique}",
+                WorkerSettings(
+                    nats_url, prefix=prefix, device="cpu", worker_id=f"statw-{unique}", heartbeat_interval=0.2
+                ),
                 stop=stop,
                 ready=ready[1],
-                heartbeat_interval=0.2,
             )
         ),
     ]

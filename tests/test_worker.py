@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 
 from broker_client import BadRequest, Conflict, NotFound, Overloaded, Subjects, WorkerLaunch
 from broker_client.runtime import Transport, connect
-from workers import Worker, run_worker
+from workers import Worker, WorkerSettings, run_worker
 
 T = TypeVar("T")
 
@@ -173,7 +173,9 @@ async def client_connection(nats_url: str) -> AsyncIterator[tuple[Any, Transport
 async def running_harness(nats_url: str, prefix: str) -> AsyncIterator[Harness]:
     """A started worker (CPU, slow heartbeats) and a client connection, stopped afterwards."""
     async with client_connection(nats_url) as (nc, transport):
-        worker = Worker(nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=5)
+        worker = Worker(
+            WorkerSettings(nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=5)
+        )
         await worker.start()
         try:
             yield Harness(worker, nc, transport)
@@ -458,7 +460,7 @@ async def test_heartbeats_and_resync(nats_url: str, prefix: str, client: tuple[A
     await nc.subscribe(subjects.workers_heartbeats, cb=on_beat)
     await nc.flush()
     # A long interval: any second beat within the test comes from the resync.
-    worker = Worker(nats_url, prefix=prefix, device="cpu", heartbeat_interval=60)
+    worker = Worker(WorkerSettings(nats_url, prefix=prefix, device="cpu", heartbeat_interval=60))
     await worker.start()
     try:
         first = await within(beats.get(), "heartbeat on start", 10)
@@ -505,10 +507,10 @@ async def test_heartbeats_and_resync(nats_url: str, prefix: str, client: tuple[A
 
 
 def test_loading_replicas_are_reported() -> None:
-    from workers.service import _Pending
+    from workers.builder import PendingLaunch
 
     launch = WorkerLaunch.model_validate(launch_message("u", llm_definition("m", "echo:")))
-    info = _Pending(launch, "cpu").info()
+    info = PendingLaunch(launch, "cpu").info()
     assert (info.model_uid, info.status, info.device) == ("u", "loading", "cpu")
 
 
@@ -567,7 +569,9 @@ async def test_echo_engine(harness: Harness, unique: str) -> None:
 async def test_stop_drains_in_flight_requests(
     nats_url: str, prefix: str, tiny_llama_dir: Path, client: tuple[Any, Transport], unique: str
 ) -> None:
-    worker = Worker(nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=30)
+    worker = Worker(
+        WorkerSettings(nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=30)
+    )
     await worker.start()
     harness = Harness(worker, *client)
     uid = f"tiny-{unique}"
@@ -594,7 +598,9 @@ async def test_run_worker_until_stop(nats_url: str, prefix: str, client: tuple[A
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
         run_worker(
-            nats_url=nats_url, prefix=prefix, device="cpu", worker_id=f"w-{prefix}", stop=stop, ready=ready
+            WorkerSettings(nats_url, prefix=prefix, device="cpu", worker_id=f"w-{prefix}"),
+            stop=stop,
+            ready=ready,
         )
     )
     await within(ready.wait(), "run_worker ready", 30)

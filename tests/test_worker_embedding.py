@@ -14,7 +14,7 @@ from broker_client.runtime import Transport, connect
 from tests.conftest import NatsServer
 from tests.hfmodels import minilm_path
 from tests.test_worker import Harness, within
-from workers import Worker
+from workers import Worker, WorkerSettings
 
 SMALL_PAYLOAD = 64 * 1024
 
@@ -30,7 +30,9 @@ def small_payload_server() -> Iterator[NatsServer]:
 
 async def test_embeddings_larger_than_max_payload(small_payload_server: NatsServer, unique: str) -> None:
     url = small_payload_server.url
-    worker = Worker(url, prefix=f"e{unique}", device="cpu", heartbeat_interval=30, drain_timeout=5)
+    worker = Worker(
+        WorkerSettings(url, prefix=f"e{unique}", device="cpu", heartbeat_interval=30, drain_timeout=5)
+    )
     await worker.start()
     nc = await connect(url, name="test-embed")
     transport = Transport(nc)

@@ -19,6 +19,7 @@ from tests.test_worker import llm_definition, within
 @pytest.fixture
 async def system(nats_url: str, sqlite_url: str, unique: str) -> AsyncIterator[AsyncClient]:
     from registry_service.app import run_registry
+    from workers import WorkerSettings
     from workers.app import run_worker
 
     prefix = f"s{unique}"
@@ -29,7 +30,7 @@ async def system(nats_url: str, sqlite_url: str, unique: str) -> AsyncIterator[A
             run_registry(nats_url=nats_url, db_url=sqlite_url, prefix=prefix, stop=stop, ready=registry_ready)
         ),
         asyncio.create_task(
-            run_worker(nats_url=nats_url, prefix=prefix, device="cpu", stop=stop, ready=worker_ready)
+            run_worker(WorkerSettings(nats_url, prefix=prefix, device="cpu"), stop=stop, ready=worker_ready)
         ),
     ]
     client = AsyncClient(nats_url, prefix=prefix, timeout=120)
@@ -89,16 +90,13 @@ def _run_probe(script: str, *args: str) -> dict[str, Any]:
 
 _WARM_UP_PROBE = """
 import asyncio, json, sys
-from workers import Worker
+from workers import Worker, WorkerSettings
 
 async def main():
     warmed = []
     after = asyncio.Event() if sys.argv[4] == "1" else None
     worker = Worker(
-        sys.argv[1],
-        prefix=sys.argv[2],
-        device="cpu",
-        warm_up=sys.argv[3] == "1",
+        WorkerSettings(sys.argv[1], prefix=sys.argv[2], device="cpu", warm_up=sys.argv[3] == "1"),
         # Whole by then: its last class defined, not only entered in sys.modules.
         on_warm=lambda: warmed.append(hasattr(sys.modules["transformers.modeling_utils"], "PreTrainedModel")),
         warm_up_after=after,
@@ -111,7 +109,7 @@ async def main():
             waiting_on = worker._warming.get_coro().cr_await
             held = "torch" not in sys.modules and waiting_on.__qualname__ == "Event.wait"
             after.set()
-        if worker.warm_up:
+        if worker.settings.warm_up:
             await asyncio.wait_for(asyncio.shield(worker._warming), 60)
         imported = "transformers.modeling_utils" in sys.modules
         print(json.dumps({"warmed": warmed, "imported": imported, "held": held}))
@@ -143,6 +141,7 @@ import asyncio, json, sys
 from broker_client import AsyncClient
 from registry_service.app import run_registry
 from tests.test_worker import llm_definition
+from workers import WorkerSettings
 from workers.app import run_worker
 
 async def main():
@@ -150,11 +149,17 @@ async def main():
     warmed = []
     stop = asyncio.Event()
     ready = [asyncio.Event(), asyncio.Event()]
-    common = dict(nats_url=url, prefix=prefix, stop=stop)
     tasks = [
-        asyncio.create_task(run_registry(db_url=db_url, ready=ready[0], **common)),
         asyncio.create_task(
-            run_worker(ready=ready[1], warm_up=False, on_warm=lambda: warmed.append(len(warmed)), **common)
+            run_registry(nats_url=url, prefix=prefix, stop=stop, db_url=db_url, ready=ready[0])
+        ),
+        asyncio.create_task(
+            run_worker(
+                WorkerSettings(url, prefix=prefix, warm_up=False),
+                stop=stop,
+                ready=ready[1],
+                on_warm=lambda: warmed.append(len(warmed)),
+            )
         ),
     ]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 60)
@@ -197,7 +202,7 @@ def test_a_pool_answers_before_torch_is_imported(
 
 
 def test_warm_up_runs_once_per_process() -> None:
-    from workers.loader import warm_up
+    from workers.loading import warm_up
 
     warm_up()
     assert "transformers.modeling_utils" in sys.modules

@@ -12,68 +12,38 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from broker_client import NatsAuth
-
-from .limits import WorkerLimits
 from .service import Worker
+from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Worker", "run_worker", "stop_on_signals"]
+__all__ = ["run_worker", "stop_on_signals"]
 
 
 async def run_worker(
+    settings: WorkerSettings,
     *,
-    nats_url: str,
-    prefix: str = "natserve",
-    device: str | None = None,
-    worker_id: str | None = None,
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
-    heartbeat_interval: float = 2.0,
-    drain_timeout: float = 30.0,
-    cache_dir: str | Path | None = None,
-    auth: NatsAuth | None = None,
-    limits: WorkerLimits | None = None,
-    metrics_registry: Any = None,
-    warm_up: bool = False,
     on_warm: Callable[[], None] | None = None,
     warm_up_after: asyncio.Event | None = None,
 ) -> None:
-    """Serve as one worker until ``stop`` is set; then drain (at most ``drain_timeout``) and close.
+    """Serve as one worker until ``stop`` is set; then drain (at most ``settings.drain_timeout``)
+    and close.
 
     ``ready`` is set once the worker answers on its subjects and has sent its first heartbeat.
-    ``cache_dir`` is the Hugging Face cache (default: ``HF_HUB_CACHE`` at launch time, else the
-    hub's default); ``auth`` the NATS identity and TLS settings; ``limits`` the operator's policy
-    (:mod:`workers.limits`); ``metrics_registry`` the prometheus_client ``CollectorRegistry`` its
-    metrics go to; ``warm_up`` imports torch and the model-loading code on a thread once the
-    worker answers (or once ``warm_up_after`` is set), and then calls ``on_warm`` there (see
-    :class:`~workers.service.Worker`).
+    ``on_warm`` and ``warm_up_after`` are the warm-up's hooks (see :class:`~workers.service.Worker`).
     """
-    worker = Worker(
-        nats_url,
-        prefix=prefix,
-        device=device,
-        worker_id=worker_id,
-        heartbeat_interval=heartbeat_interval,
-        drain_timeout=drain_timeout,
-        cache_dir=cache_dir,
-        auth=auth,
-        limits=limits,
-        metrics_registry=metrics_registry,
-        warm_up=warm_up,
-        on_warm=on_warm,
-        warm_up_after=warm_up_after,
-    )
+    worker = Worker(settings, on_warm=on_warm, warm_up_after=warm_up_after)
     await worker.start()
     try:
         if ready is not None:
             ready.set()
         await stop.wait()
-        logger.info("worker %s stopping: draining for at most %.0f s", worker.worker_id, drain_timeout)
+        logger.info(
+            "worker %s stopping: draining for at most %.0f s", worker.worker_id, settings.drain_timeout
+        )
     finally:
         # Shielded: a second Ctrl-C (task cancelled) must not leave models half-unloaded.
         await asyncio.shield(worker.stop())

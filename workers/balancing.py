@@ -31,7 +31,7 @@ from typing import Protocol
 
 from nats.aio.msg import Msg
 
-from broker_client.runtime import HOPS_HEADER
+from broker_client.runtime import HOPS_HEADER, NATSConnection
 
 __all__ = ["MAX_HOPS", "hops", "pass_on", "saturated"]
 
@@ -68,13 +68,14 @@ def hops(msg: Msg) -> int:
         return MAX_HOPS  # a mangled count: stop passing it around
 
 
-async def pass_on(msg: Msg, overflow_subject: str, replicas: Iterable[_Loaded]) -> bool:
-    """Pass ``msg`` on to the uid's other replicas when ours are saturated; True if it was."""
+async def pass_on(nc: NATSConnection, msg: Msg, overflow_subject: str, replicas: Iterable[_Loaded]) -> bool:
+    """Pass ``msg`` (received on ``nc``) on to the uid's other replicas when ours are saturated;
+    True if it was."""
     count = hops(msg)
     if count >= MAX_HOPS or not msg.reply or not saturated(replicas):
         return False
     headers = dict(msg.headers or {})
     headers[HOPS_HEADER] = str(count + 1)
-    await msg._client.publish(overflow_subject, msg.data, reply=msg.reply, headers=headers)
+    await nc.publish(overflow_subject, msg.data, reply=msg.reply, headers=headers)
     logger.debug("saturated: passed a request on to %s (hop %d)", overflow_subject, count + 1)
     return True

@@ -8,17 +8,31 @@ so it sees other processes on the same GPU too.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import platform
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker_client import DeviceInfo
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["best_device", "cpu_device", "cuda_devices", "device_info", "list_devices"]
+__all__ = [
+    "best_device",
+    "cpu_device",
+    "cuda_devices",
+    "device_info",
+    "free_memory",
+    "gpu_driver_possible",
+    "list_devices",
+]
 
 _MEMINFO = Path("/proc/meminfo")
 
@@ -147,3 +161,21 @@ def best_device() -> str:
     if gpus:
         return max(gpus, key=lambda d: d.free_memory).name
     return "cpu"
+
+
+def free_memory(device: str | torch.device | None = None) -> None:
+    """Return what dropped models held: a garbage collection, then, for a CUDA device (or for
+    ``None``: any), the CUDA caching allocator's unused blocks.
+
+    torch is not imported for it: a process that never imported torch holds no CUDA memory.
+    """
+    gc.collect()
+    if device is not None and not str(device).startswith("cuda"):
+        return
+    loaded = sys.modules.get("torch")
+    if loaded is None:
+        return
+    # A broken driver must not turn a clean-up (after a failed launch, say) into a new error.
+    with contextlib.suppress(Exception):
+        if loaded.cuda.is_available():
+            loaded.cuda.empty_cache()

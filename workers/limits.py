@@ -32,7 +32,7 @@ from pathlib import Path
 
 from broker_client import BadRequest, Overloaded, PayloadTooLarge
 
-from .loader import parse_model_uri
+from .loading.sources import parse_model_uri
 
 __all__ = [
     "ReplicaLimits",
@@ -190,7 +190,7 @@ class WorkerLimits:
                 "NATSERVE_ALLOW_REMOTE_CODE=1 or `natserve worker --allow-remote-code` (it is not)"
             )
         if model_uri:
-            from .engines.echo import is_echo_uri
+            from .engines import is_echo_uri
 
             if not is_echo_uri(model_uri):
                 check_model_uri(model_uri, self.model_roots, where=f"worker {worker_id!r}")

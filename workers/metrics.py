@@ -29,8 +29,8 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -39,10 +39,10 @@ from prometheus_client.utils import floatToGoString
 
 from broker_client.runtime import EndpointInfo, RequestOutcome
 
-if TYPE_CHECKING:
-    from .service import Worker
+from . import devices
+from .served import ServedModel
 
-__all__ = ["RECENT_ERRORS", "WorkerMetrics"]
+__all__ = ["RECENT_ERRORS", "ServedModels", "WorkerMetrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,13 @@ RECENT_ERRORS = 20
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _LAUNCH_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class ServedModels(Protocol):
+    """What the scrape reads the replica gauges from: the worker's served models by uid."""
+
+    @property
+    def models(self) -> Mapping[str, ServedModel]: ...
 
 
 class WorkerMetrics:
@@ -77,8 +84,8 @@ class WorkerMetrics:
 
     # -- wiring
 
-    def attach(self, worker: Worker) -> None:
-        """Read ``worker``'s replicas and devices at every scrape."""
+    def attach(self, worker: ServedModels) -> None:
+        """Read ``worker``'s replicas (and this machine's devices) at every scrape."""
         if self._collector is None:
             self._collector = _WorkerCollector(worker)
             self.registry.register(self._collector)
@@ -249,7 +256,7 @@ class _RequestSeries(Collector):
 class _WorkerCollector(Collector):
     """Replica and device gauges, read from the worker when scraped."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: ServedModels) -> None:
         self._worker = worker
 
     def describe(self) -> Iterable[Metric]:
@@ -340,9 +347,7 @@ class _WorkerCollector(Collector):
                 )
 
     def _devices(self, f: dict[str, Metric]) -> None:
-        from .devices import list_devices
-
-        for device in list_devices():
+        for device in devices.list_devices():
             f["dev_total"].add_metric([device.name], device.total_memory)  # type: ignore[attr-defined]
             f["dev_free"].add_metric([device.name], device.free_memory)  # type: ignore[attr-defined]
             if device.kind != "cuda":

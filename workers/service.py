@@ -1,58 +1,45 @@
-"""The worker's NATS service: launch and terminate commands, heartbeats, model replicas.
+"""The worker: one NATS service that loads model replicas and serves them, and its heartbeats.
 
 One :class:`Worker` is one ``nats.micro`` service named ``natserve-worker`` (metadata:
-``worker_id``, ``host``) answering
+``worker_id``, ``host``). Its endpoints (:mod:`workers.endpoints`) take launch and terminate
+commands from the registry and the model requests of the replicas it serves; it publishes its
+``WorkerInfo`` on ``<prefix>.workers.<id>.heartbeat`` every ``heartbeat_interval``, at once on start,
+on every message to ``<prefix>.workers.resync`` and whenever its replicas change. Launch
+progress goes to ``<prefix>.events.models.<uid>`` as ``ModelEvent``s (stages ``download``,
+``loading``, ``ready``, ``failed``, ``terminated``).
 
-* ``<prefix>.worker.<id>.launch``     ``WorkerLaunch`` → ``WorkerLaunchReply`` once the replica serves
-* ``<prefix>.worker.<id>.terminate``  ``WorkerTerminate`` → ``{}``
-* ``<prefix>.worker.<id>.info``       → ``WorkerInfo``
-
-and publishing its ``WorkerInfo`` on ``<prefix>.workers.<id>.heartbeat`` every ``heartbeat_interval``,
-at once on start, on every message to ``<prefix>.workers.resync`` and whenever its replicas
-change. Launch progress goes to ``<prefix>.events.models.<uid>`` as ``ModelEvent``s (stages
-``download``, ``loading``, ``ready``, ``failed``, ``terminated``).
-
-Loading runs on a thread (``asyncio.to_thread``) so the worker keeps answering while a model
-loads; a spec whose ``model_uri`` starts with ``echo:`` gets the model-less
-:class:`~workers.engines.echo.EchoEngine` instead.
+A launch's replica is built by :mod:`workers.builder` (which engine, on what); loading runs on a
+thread so the worker keeps answering while a model loads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
+import functools
 import logging
 import os
 import re
 import secrets
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
 from pydantic import ValidationError
 
 from broker_client import (
-    DEFAULT_PREFIX,
     BadRequest,
     Conflict,
-    EmbeddingDefinition,
-    LLMDefinition,
     ModelEvent,
     ModelSpec,
-    NatsAuth,
     NotFound,
-    ReplicaInfo,
     Subjects,
     Unavailable,
     WorkerInfo,
     WorkerLaunch,
     WorkerLaunchReply,
-    WorkerTerminate,
     __version__,
     check_name,
     codec,
@@ -60,13 +47,15 @@ from broker_client import (
     format_validation_error,
     parse_definition,
 )
-from broker_client.runtime import NATSConnection, Responder, ServiceHost, connect
+from broker_client.runtime import NATSConnection, ServiceHost, connect
 
-from .devices import best_device, list_devices
-from .engines.echo import is_echo_uri
-from .limits import WorkerLimits
+from .builder import PendingLaunch, build_replica, warm_up
+from .devices import best_device, free_memory, list_devices
+from .endpoints import ModelEndpoints, WorkerEndpoints
 from .metrics import WorkerMetrics
-from .replica import EmbeddingReplica, LLMReplica, Replica, ServedModel
+from .replicas import Replica
+from .served import ServedModel
+from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -82,90 +71,42 @@ def default_worker_id(host: str | None = None) -> str:
     return f"{base}-{secrets.token_hex(3)}"
 
 
-@dataclass
-class _Pending:
-    """A replica being loaded: shown in heartbeats, and where a terminate can reach it."""
-
-    launch: WorkerLaunch
-    device: str
-    cancelled: str | None = None
-
-    def info(self) -> ReplicaInfo:
-        return ReplicaInfo(
-            model_uid=self.launch.model_uid,
-            replica_index=self.launch.replica_index,
-            model_name=self.launch.model_name,
-            model_type=self.launch.model_type,
-            device=self.device,
-            status="loading",
-        )
-
-
-def _free_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        with contextlib.suppress(Exception):
-            import torch
-
-            torch.cuda.empty_cache()
-
-
 class Worker:
     """One worker process's service. ``await start()``, then ``await stop()`` to drain and leave."""
 
     def __init__(
         self,
-        nats_url: str | list[str],
+        settings: WorkerSettings,
         *,
-        prefix: str = DEFAULT_PREFIX,
-        device: str | None = None,
-        worker_id: str | None = None,
-        heartbeat_interval: float = 2.0,
-        drain_timeout: float = 30.0,
-        cache_dir: str | Path | None = None,
-        auth: NatsAuth | None = None,
-        limits: WorkerLimits | None = None,
-        metrics_registry: Any = None,
-        warm_up: bool = False,
         on_warm: Callable[[], None] | None = None,
         warm_up_after: asyncio.Event | None = None,
     ) -> None:
-        """``limits``: the operator's policy (remote code, model roots, request limits; none by
-        default, see :mod:`workers.limits`); ``metrics_registry``: the prometheus_client
-        ``CollectorRegistry`` for this worker's metrics (a private one by default); ``warm_up``:
-        import torch and the model-loading code on a thread once the worker answers
-        (:func:`workers.loader.warm_up`), so that a launch after it (3 s or more on two cores) pays
-        only for its model; a launch that comes sooner waits for it. ``warm_up_after``: start it
-        only once this event is set (``natserve up``: once the registry answers too, since the
-        imports hold the GIL for most of their time). ``on_warm`` runs once those imports are
-        done (by the warm-up, or by the first launch without one), before any model is built."""
-        if heartbeat_interval <= 0:
-            raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval}")
-        self.nats_url = nats_url
-        self.subjects = Subjects(prefix)
-        self.worker_id = check_name(worker_id, "worker_id") if worker_id else default_worker_id()
+        """``settings``: what the worker is configured with (:class:`WorkerSettings`).
+        ``warm_up_after``: start the warm-up only once this event is set (``natserve up``: once
+        the registry answers too, since the imports hold the GIL for most of their time).
+        ``on_warm`` runs once those imports are done (by the warm-up, or by the first launch
+        without one), before any model is built."""
+        self.settings = settings
+        self.subjects = Subjects(settings.prefix)
+        self.worker_id = settings.worker_id or default_worker_id()
         self.host = socket.gethostname()
-        self.device = device
-        self.heartbeat_interval = heartbeat_interval
-        self.drain_timeout = drain_timeout
-        self.cache_dir = cache_dir
-        self.auth = auth
-        self.limits = limits or WorkerLimits()
-        self.warm_up = warm_up
+        # The default device of launches; resolved (the best local one) at start.
+        self.device = settings.device
+        self.limits = settings.limits
         self._on_warm = on_warm
         self._warm_up_after = warm_up_after
         self._warming: asyncio.Future[None] | None = None
-        self.metrics = WorkerMetrics(metrics_registry)
+        self.metrics = WorkerMetrics(settings.metrics_registry)
         self.metrics.attach(self)
         self.started_at = time.time()
         self.nc: NATSConnection | None = None
         self.service: ServiceHost | None = None
+        self._endpoints: WorkerEndpoints | None = None
         self._models: dict[str, ServedModel] = {}
-        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._pending: dict[tuple[str, int], PendingLaunch] = {}
         self._beat_now = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._resync_sub: Any = None
         self._status = "created"
         self._stopped = asyncio.Event()
 
@@ -180,20 +121,18 @@ class Worker:
         self._status = "running"
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="natserve-heartbeat")
-        if self.warm_up:
-            # On a thread of its own: nothing waits for it but loads (loader.warm_up).
+        if self.settings.warm_up:
+            # On a thread of its own: nothing waits for it but loads (builder.warm_up).
             self._warming = asyncio.ensure_future(self._warm_up())
         logger.info(
             "worker %s serving on %s (prefix %r, device %s)",
             self.worker_id,
-            self.nats_url,
+            self.settings.nats_url,
             self.subjects.prefix,
             self.device,
         )
 
     async def _warm_up(self) -> None:
-        from .loader import warm_up
-
         if self._warm_up_after is not None:
             await self._warm_up_after.wait()
         try:
@@ -221,7 +160,9 @@ class Worker:
             self.device = wanted
         try:
             self.nc = await connect(
-                self.nats_url, name=f"{SERVICE_NAME}-{self.worker_id}", **connect_options(self.auth)
+                self.settings.nats_url,
+                name=f"{SERVICE_NAME}-{self.worker_id}",
+                **connect_options(self.settings.auth),
             )
         except BaseException:
             self._status = "stopped"
@@ -236,17 +177,8 @@ class Worker:
             )
             self.service.observer = self.metrics.observe_request
             await self.service.start()
-            meta = {"worker_id": self.worker_id}
-            for verb, handler in (
-                ("launch", self._on_launch),
-                ("terminate", self._on_terminate),
-                ("info", self._on_info),
-            ):
-                await self.service.add_endpoint(
-                    verb, self.subjects.worker(self.worker_id, verb), handler, metadata=meta
-                )
-            self._resync_sub = await self.nc.subscribe(self.subjects.workers_resync, cb=self._on_resync)
-            await self.service.until_subscribed()
+            self._endpoints = WorkerEndpoints(self.service, self.nc, self.subjects, self.worker_id, self)
+            await self._endpoints.open()
         except BaseException:
             self._status = "stopped"
             await self._close_connection()
@@ -263,11 +195,11 @@ class Worker:
         self._status = "stopping"
         if self._warming is not None:
             self._warming.cancel()  # its thread runs on to its end; nobody waits for it now
-        grace = self.drain_timeout if drain_timeout is None else drain_timeout
-        service = self.service
-        assert service is not None
+        grace = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        service, endpoints = self.service, self._endpoints
+        assert service is not None and endpoints is not None
         # New launches and new requests go elsewhere from here on.
-        await service.remove_endpoints({self.subjects.worker(self.worker_id, "launch")})
+        await endpoints.stop_launches()
         for served in self._models.values():
             await served.stop_accepting()
         for pending in self._pending.values():
@@ -305,10 +237,8 @@ class Worker:
         logger.info("worker %s stopped", self.worker_id)
 
     async def _close_connection(self) -> None:
-        if self._resync_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._resync_sub.unsubscribe()
-            self._resync_sub = None
+        if self._endpoints is not None:
+            await self._endpoints.close()
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:
@@ -346,7 +276,7 @@ class Worker:
                 "replicas": replicas,
                 "started_at": self.started_at,
                 "last_seen": time.time(),
-                "heartbeat_interval": self.heartbeat_interval,
+                "heartbeat_interval": self.settings.heartbeat_interval,
                 # Extra keys WorkerInfo keeps: "stopping" tells the registry to place elsewhere.
                 "status": status or self._status,
                 "default_device": self.device,
@@ -373,7 +303,7 @@ class Worker:
             # asyncio.timeout rather than wait_for: on 3.11, wait_for can swallow a cancel that
             # arrives together with the event.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.heartbeat_interval):
+                async with asyncio.timeout(self.settings.heartbeat_interval):
                     await self._beat_now.wait()
             if self._heartbeat_task is not me:
                 return
@@ -386,11 +316,9 @@ class Worker:
             except Exception:
                 logger.exception("heartbeat failed")
 
-    async def _on_resync(self, msg: Any) -> None:
+    def resync(self) -> None:
+        """Send a heartbeat now (a registry asked, on ``workers.resync``)."""
         self._beat_now.set()
-        if msg.reply and self.nc is not None:
-            with contextlib.suppress(Exception):
-                await Responder(msg, self.nc).respond(self.info().model_dump(mode="json"))
 
     async def _event(self, launch: WorkerLaunch, stage: str, **fields: Any) -> None:
         await self._model_event(launch.model_uid, launch.model_name, launch.replica_index, stage, **fields)
@@ -412,21 +340,19 @@ class Worker:
         except Exception:
             logger.debug("publishing %s event for %s failed", stage, model_uid, exc_info=True)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # ------------------------------------------------------------------ handlers
+    # ------------------------------------------------------------------ launch
 
-    async def _on_info(self, resp: Responder) -> None:
-        await resp.respond(self.info().model_dump(mode="json"))
-
-    async def _on_launch(self, resp: Responder) -> None:
-        launch = resp.parse(WorkerLaunch)
+    async def launch(self, launch: WorkerLaunch) -> WorkerLaunchReply:
+        """Load one replica and serve it; errors are the loader's (404, 400, 503...) unchanged.
+        Counted in the launch metrics either way, a failure among the recent errors."""
         started = time.monotonic()
         try:
-            reply = await self.launch(launch)
+            reply = await self._launch(launch)
         except BaseException as exc:
             self.metrics.observe_launch(time.monotonic() - started, exc)
             self.metrics.note_error(
@@ -437,17 +363,9 @@ class Worker:
             )
             raise
         self.metrics.observe_launch(time.monotonic() - started, None)
-        await resp.respond(reply.model_dump(mode="json"))
+        return reply
 
-    async def _on_terminate(self, resp: Responder) -> None:
-        req = resp.parse(WorkerTerminate)
-        await self.terminate(req.model_uid, req.replica_index)
-        await resp.respond({})
-
-    # ------------------------------------------------------------------ launch
-
-    async def launch(self, launch: WorkerLaunch) -> WorkerLaunchReply:
-        """Load one replica and serve it; errors are the loader's (404, 400, 503...) unchanged."""
+    async def _launch(self, launch: WorkerLaunch) -> WorkerLaunchReply:
         if self._status != "running":
             raise Unavailable(f"worker {self.worker_id} is {self._status} and takes no launches")
         uid = check_name(launch.model_uid, "model_uid")
@@ -473,20 +391,23 @@ class Worker:
             worker_id=self.worker_id,
         )
         device = launch.device or self.device or "cpu"
-        pending = _Pending(launch, device)
+        pending = PendingLaunch(launch, device)
         self._pending[key] = pending
         self._beat_now.set()
         replica: Replica | None = None
         try:
-            replica = await self._build_replica(launch, definition, spec, device, pending)
-            if pending.cancelled:
-                raise Unavailable(f"launch of replica {launch.replica_index} of {uid!r}: {pending.cancelled}")
-            served = self._models.get(uid)
-            if served is None:
-                assert self.service is not None
-                served = ServedModel(self.service, self.subjects, uid, self.worker_id, limits=self.limits)
-                self._models[uid] = served
-            await served.add(replica)
+            replica = await build_replica(
+                pending,
+                definition,
+                spec,
+                settings=self.settings,
+                event=functools.partial(self._event, launch),
+                spawn=self._spawn,
+                on_first_token=self.metrics.first_token_observer(uid),
+                on_warm=self._on_warm,
+            )
+            pending.check()
+            await self._served(uid).add(replica)
         except BaseException as exc:
             served = self._models.get(uid)
             if replica is not None:
@@ -499,7 +420,7 @@ class Worker:
                 await served.close_endpoints()
                 self._models.pop(uid, None)
             replica = None
-            _free_memory(device)
+            free_memory(device)
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             if isinstance(exc, asyncio.CancelledError):
                 message = "launch was cancelled"
@@ -518,148 +439,14 @@ class Worker:
             memory_bytes=replica.memory_bytes,
         )
 
-    async def _build_replica(
-        self,
-        launch: WorkerLaunch,
-        definition: LLMDefinition | EmbeddingDefinition,
-        spec: ModelSpec,
-        device: str,
-        pending: _Pending,
-    ) -> Replica:
-        common: dict[str, Any] = {
-            "model_uid": launch.model_uid,
-            "replica_index": launch.replica_index,
-            "model_name": launch.model_name,
-            "definition": definition,
-            "device": device,
-            "request_limits": launch.request_limits,
-            "limits": self.limits.for_replica(
-                max_tokens_limit=launch.max_tokens_limit, rate_limit=launch.rate_limit
-            ),
-            "on_first_token": self.metrics.first_token_observer(launch.model_uid),
-        }
-        if is_echo_uri(spec.model_uri):
-            if not isinstance(definition, LLMDefinition):
-                raise BadRequest("model_uri 'echo:' serves LLM models only")
-            from .echo_launch import build_echo_replica
-
-            return await build_echo_replica(
-                launch,
-                definition,
-                spec,
-                common,
-                event=lambda stage, **fields: self._event(launch, stage, **fields),
-                cancelled=lambda: pending.cancelled,
-            )
-
-        from .loader import load_embedding, load_llm, resolve_source, warm_up
-
-        # Without a warm-up (or before it is over) the imports happen here, and on_warm follows
-        # them before the model is built, as it would have after the warm-up.
-        await asyncio.to_thread(warm_up, self._on_warm)
-        loop = asyncio.get_running_loop()
-
-        def progress(update: dict[str, Any]) -> None:
-            # Called on download threads.
-            total = update.get("total") or 0
-            fraction = update.get("bytes", 0) / total if total else None
-            loop.call_soon_threadsafe(
-                self._spawn,
-                self._event(
-                    launch,
-                    "download",
-                    fraction=fraction,
-                    message=f"{update.get('bytes', 0)} of {total} bytes",
-                ),
-            )
-
-        ref = spec.model_uri or spec.model_id
-        await self._event(launch, "download", message=f"resolving {ref}")
-        # Read at launch time, not import time, like HF_HUB_OFFLINE in the loader.
-        cache_dir = self.cache_dir or os.environ.get("HF_HUB_CACHE") or None
-        source = await asyncio.to_thread(
-            resolve_source,
-            spec.model_id,
-            spec.model_uri,
-            revision=spec.model_revision,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-        if pending.cancelled:
-            raise Unavailable(f"launch of {launch.model_uid!r}: {pending.cancelled}")
-        await self._event(launch, "loading", message=f"loading {source.path} on {device}")
-
-        loaded: Any = None
-        try:
-            if isinstance(definition, LLMDefinition):
-                loaded = await asyncio.to_thread(
-                    load_llm,
-                    source,
-                    quantization=launch.quantization,
-                    device=device,
-                    # Both switches: the definition asks, the operator allows (checked at launch).
-                    trust_remote_code=self.limits.trust_remote_code(definition.trust_remote_code),
-                )
-                return self._llm_replica(launch, definition, loaded, common)
-            loaded = await asyncio.to_thread(load_embedding, source, device=device)
-            from .engines.embedding import EmbeddingEngine
-
-            embedder = EmbeddingEngine(loaded, max_batch_size=launch.max_batch_size or 64)
-            return EmbeddingReplica(
-                engine=embedder,
-                dimensions=loaded.dimensions,
-                max_length=loaded.max_length,
-                memory_bytes=loaded.memory_bytes,
-                loaded=loaded,
-                **common,
-            )
-        except BaseException:
-            if loaded is not None:
-                loaded.unload()
-            del loaded
-            _free_memory(device)
-            raise
-
-    @staticmethod
-    def _llm_replica(
-        launch: WorkerLaunch, definition: LLMDefinition, loaded: Any, common: dict[str, Any]
-    ) -> LLMReplica:
-        from .engines.batching import BatchingEngine
-
-        context = loaded.context_length
-        if "context_length" in definition.model_fields_set:
-            # The definition may narrow the model's window (memory), never widen it.
-            context = min(context, definition.context_length)
-        max_batch_size = launch.max_batch_size or 32
-        engine: BatchingEngine
-        if loaded.device.type == "cuda":
-            # On a GPU kernel launches dominate an ungraphed decode step, so the engine with
-            # static KV slots and one CUDA graph per batch-size bucket wins there; on the CPU
-            # the left-padded dynamic cache measured as fast and needs no per-slot memory.
-            from .engines.static import StaticBatchingEngine
-
-            engine = StaticBatchingEngine(
-                loaded.model,
-                loaded.tokenizer,
-                max_batch_size=max_batch_size,
-                context_length=context,
-                max_seq_len=context,
-                capture_at_start=True,
-            )
-            context = engine.context_length
-        else:
-            engine = BatchingEngine(
-                loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, context_length=context
-            )
-        return LLMReplica(
-            engine=engine,
-            tokenizer=loaded.tokenizer,
-            context_length=context,
-            max_batch_size=max_batch_size,
-            memory_bytes=loaded.memory_bytes,
-            loaded=loaded,
-            **common,
-        )
+    def _served(self, model_uid: str) -> ServedModel:
+        """The served model of ``model_uid``, made with its endpoints when it is new."""
+        served = self._models.get(model_uid)
+        if served is None:
+            assert self.service is not None
+            served = self._models[model_uid] = ServedModel(model_uid, self.worker_id)
+            served.endpoints = ModelEndpoints(self.service, self.subjects, served, limits=self.limits)
+        return served
 
     # ------------------------------------------------------------------ terminate
 

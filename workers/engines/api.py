@@ -1,18 +1,33 @@
-"""What engines and their callers share, without torch: sampling parameters, the pieces of output
-(``Delta``), statistics and errors. The worker imports these at start; the engines themselves
-(and torch, and transformers) only when a model is loaded or the warm-up gets to them."""
+"""What engines and their callers share, without torch: the ``Engine`` protocol every LLM engine
+satisfies (and the ``Embedder`` one of the embedding engine), sampling parameters, the pieces of
+output (``Delta``), statistics, errors and the checks of a request's values. The worker imports
+these at start; the engines themselves (and torch, and transformers) only when a model is loaded
+or the warm-up gets to them.
+
+An engine is anything that turns a prompt's tokens into a stream of ``Delta``s: the batching and
+static engines over a transformers model, the model-less echo, and later engines over other
+runtimes (llama.cpp). The replica only ever talks to an engine through :class:`Engine`; the
+contract tests (tests/test_engine_contract.py) hold every engine to it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Delta",
+    "DeltaStream",
+    "Embedder",
+    "Engine",
     "EngineClosedError",
     "EngineError",
     "EngineStats",
     "RequestCancelledError",
     "SamplingParams",
+    "check_length",
+    "check_sampling",
 ]
 
 
@@ -31,7 +46,7 @@ class SamplingParams:
 @dataclass(slots=True)
 class Delta:
     text: str  # newly decoded text since the previous Delta (may be "")
-    token_ids: list[int]  # tokens generated since the previous Delta
+    token_ids: list[int]  # tokens generated since the previous Delta (empty for an engine without ids)
     finish_reason: str | None  # None while running; "stop" or "length" on the last Delta
     prompt_tokens: int
     completion_tokens: int  # total so far
@@ -58,4 +73,105 @@ class EngineClosedError(EngineError):
 
 
 class RequestCancelledError(EngineError):
-    """``BatchingEngine.cancel`` ended this request."""
+    """``Engine.cancel`` ended this request."""
+
+
+@runtime_checkable
+class DeltaStream(Protocol):
+    """What ``Engine.generate`` returns: an async iterator of ``Delta``s whose last one carries a
+    ``finish_reason``. ``aclose()`` (or the iterating task being cancelled) ends the request."""
+
+    request_id: str
+
+    def __aiter__(self) -> AsyncIterator[Delta]: ...
+
+    async def __anext__(self) -> Delta: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An LLM engine, as the replica uses it.
+
+    * ``start()`` before the first request (an engine may serve without it); ``close()`` ends
+      every pending request with :class:`EngineClosedError` and refuses new ones. ``close`` may
+      block until a running step ends: call it off the event loop.
+    * ``generate`` checks the request at once (``ValueError``/``TypeError`` naming the value) and
+      returns a :class:`DeltaStream`, iterated inside a running event loop. ``stream=False`` says
+      the reader wants the whole text only, so the engine may hand it over in fewer Deltas; the
+      Deltas still add up to the same text and counts.
+    * ``cancel(request_id)`` ends a waiting or running request (its stream raises
+      :class:`RequestCancelledError`); False when no such request is pending.
+    * ``encode`` gives the prompt tokens ``generate`` takes; ``count_tokens`` counts a text's
+      tokens without special tokens.
+    * ``max_batch_size``: how many requests generate at once (None: no bound of its own).
+    """
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def max_batch_size(self) -> int | None: ...
+
+    @property
+    def stats(self) -> EngineStats: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Any],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        stream: bool = True,
+    ) -> DeltaStream: ...
+
+    def cancel(self, request_id: str) -> bool: ...
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> Sequence[Any]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A sentence-embedding engine: the vectors of some texts, in order, and the tokens read."""
+
+    @property
+    def dimensions(self) -> int: ...
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]: ...
+
+    async def aembed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]: ...
+
+
+def check_sampling(params: SamplingParams) -> None:
+    """``TypeError``/``ValueError`` naming the first value of ``params`` no engine can serve."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+    if params.max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {params.max_tokens}")
+    # ``not >=`` is also true for NaN.
+    if not params.temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 turns it off), got {params.top_k}")
+
+
+def check_length(prompt_tokens: int, max_tokens: int, limit: int, limit_text: str) -> None:
+    """``ValueError`` when the prompt and the completion do not fit in ``limit`` positions;
+    ``limit_text`` says what the limit is ("the context length 4096")."""
+    total = prompt_tokens + max_tokens
+    if total > limit:
+        raise ValueError(
+            f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} = {total} exceeds {limit_text}"
+        )

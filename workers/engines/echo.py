@@ -9,9 +9,11 @@ being loaded (the worker dispatches on it; the loader never sees the URI)::
 
 Words stand in for tokens: the prompt's whitespace-separated words are its tokens and the
 completion is the first ``max_tokens`` of them, streamed one word per ``Delta`` (a request that is
-not streamed gets them at once when unpaced). Everything else
-(admission, streaming, cancellation, the wire) runs the same code as a real model, so the echo
-model measures natserve's own overhead; that is why the hot path below stays minimal.
+not streamed gets them at once when unpaced). It satisfies the same
+:class:`~workers.engines.api.Engine` contract as the model engines (checks, stops, cancellation,
+closing, statistics), and everything else (admission, streaming, the wire) runs the same code as a
+real model, so the echo model measures natserve's own overhead; that is why the hot path below
+stays minimal.
 
 Options in the URI's query make it behave like a model with a cost, for tests and drills of the
 pool (load balancing, faults, launch cancel) without a real model:
@@ -29,10 +31,21 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .api import Delta, EngineClosedError, EngineStats, RequestCancelledError, SamplingParams
+from .api import (
+    Delta,
+    Engine,
+    EngineClosedError,
+    EngineStats,
+    RequestCancelledError,
+    SamplingParams,
+    check_length,
+    check_sampling,
+)
 
 __all__ = ["ECHO_SCHEME", "EchoEngine", "EchoOptions", "echo_options", "is_echo_uri"]
 
@@ -74,7 +87,7 @@ def echo_options(model_uri: str) -> EchoOptions:
 
 
 class _EchoStream:
-    """Yields one word per step; checks its cancel flag between words."""
+    """Yields one word per step; checks its cancel flag between words (a ``DeltaStream``)."""
 
     __slots__ = (
         "_block",
@@ -85,6 +98,7 @@ class _EchoStream:
         "_slot",
         "_stop_at",
         "_t0",
+        "_wait",
         "_words",
         "request_id",
     )
@@ -106,6 +120,8 @@ class _EchoStream:
             self._apply_stop(params.stop)
         self._i = 0
         self._slot = False
+        # While it queues for a slot: the future that hands it one (True) or wakes it (False).
+        self._wait: asyncio.Future[bool] | None = None
 
     def _apply_stop(self, stops: tuple[str, ...]) -> None:
         text = " ".join(self._words)
@@ -124,13 +140,23 @@ class _EchoStream:
         n = self._n
         if i > n:
             raise StopAsyncIteration
-        if engine._paced and n:
-            await self._pace()
-        elif i and (self._block > 1 or not i % _BLOCK):
-            # A very long echo lets other requests (and cancels) run now and then; yielding on
-            # every word would cost more loop turns than the rest of the request.
-            await asyncio.sleep(0)
+        try:
+            if engine._paced and n:
+                await self._pace()
+                if self._i > n:  # closed by aclose() while it queued
+                    raise StopAsyncIteration
+            elif i and (self._block > 1 or not i % _BLOCK):
+                # A very long echo lets other requests (and cancels) run now and then; yielding on
+                # every word would cost more loop turns than the rest of the request.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            # The reading task was cancelled: the request ends, its slot goes to the next one.
+            self._finish(cancelled=True)
+            raise
         if self.request_id in engine._cancelled:
+            if engine._closed:
+                self._finish(cancelled=False)
+                raise EngineClosedError(f"the echo engine was closed; request {self.request_id!r} ended")
             self._finish(cancelled=True)
             raise RequestCancelledError(f"request {self.request_id!r} was cancelled")
         if i == 0:
@@ -153,12 +179,36 @@ class _EchoStream:
 
     async def _pace(self) -> None:
         engine = self._engine
-        if not self._slot and engine._slots is not None:
-            await engine._slots.acquire()
+        if not self._slot and engine.slots is not None:
+            if engine._free and not engine._queue:
+                engine._free -= 1
+            elif not await self._queue_for_slot():
+                return  # woken without a slot: cancelled or closed, which the caller checks
             self._slot = True
             engine._running += 1
         if engine.delay:
             await asyncio.sleep(engine.delay)
+
+    async def _queue_for_slot(self) -> bool:
+        """Waits for a slot, first come first served; False when woken without one."""
+        engine = self._engine
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._wait = fut
+        engine._queue.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.result():
+                engine._hand_on_slot()  # handed over just before the cancel: pass it on
+            raise
+        finally:
+            self._wait = None
+
+    def _wake(self) -> None:
+        """Ends its wait for a slot (cancel, close): it looks at why when it runs."""
+        wait = self._wait
+        if wait is not None and not wait.done():
+            wait.set_result(False)
 
     def _finish(self, *, cancelled: bool) -> None:
         engine = self._engine
@@ -166,8 +216,9 @@ class _EchoStream:
         if self._slot:
             self._slot = False
             engine._running -= 1
-            assert engine._slots is not None
-            engine._slots.release()
+            engine._hand_on_slot()
+        elif self._wait is not None:
+            self._wake()
         # A cancel that raced with the end must not hit a later request reusing the id.
         engine._cancelled.discard(self.request_id)
         if engine._active.pop(self.request_id, None) is not None:
@@ -182,7 +233,11 @@ class _EchoStream:
 
 
 class EchoEngine:
-    """Same interface as :class:`~workers.engines.batching.BatchingEngine`, with words as tokens."""
+    """An :class:`~workers.engines.api.Engine` with words as tokens (see the module doc).
+
+    It serves without ``start()``; ``close()`` ends the pending requests with
+    ``EngineClosedError`` at their next word.
+    """
 
     tokenizer = None
 
@@ -192,7 +247,9 @@ class EchoEngine:
         self.context_length = context_length
         self.delay = delay
         self.slots = slots
-        self._slots = asyncio.Semaphore(slots) if slots else None
+        # Free slots, and the requests queued for one (their futures, oldest first).
+        self._free = slots or 0
+        self._queue: deque[asyncio.Future[bool]] = deque()
         self._paced = bool(delay or slots)
         self._running = 0
         self._active: dict[str, _EchoStream] = {}
@@ -204,6 +261,12 @@ class EchoEngine:
         self._ttft_sum = 0.0
         self._ttft_n = 0
         self._closed = False
+        self._limit_text = f"the context length {context_length}"
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The ``slots`` option: how many requests generate at once (None: no bound)."""
+        return self.slots
 
     def start(self) -> None:
         return None
@@ -211,6 +274,8 @@ class EchoEngine:
     def close(self) -> None:
         self._closed = True
         self._cancelled.update(self._active)
+        for stream in self._active.values():
+            stream._wake()
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[str]:
         """The 'tokens' of ``text``: its words."""
@@ -226,10 +291,10 @@ class EchoEngine:
         *,
         request_id: str | None = None,
         stream: bool = True,
-    ) -> AsyncIterator[Delta]:
+    ) -> _EchoStream:
         """``stream=False``: an unpaced echo hands its words over in one Delta (blocks of 256)."""
-        if params.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {params.max_tokens}")
+        check_sampling(params)
+        check_length(len(prompt_ids), params.max_tokens, self.context_length, self._limit_text)
         if self._closed:
             raise EngineClosedError("the echo engine is closed")
         rid = request_id or f"echo-{time.monotonic_ns()}"
@@ -240,10 +305,23 @@ class EchoEngine:
         return stream_
 
     def cancel(self, request_id: str) -> bool:
-        if request_id not in self._active:
+        stream = self._active.get(request_id)
+        if stream is None:
             return False
         self._cancelled.add(request_id)
+        # One queued for a slot ends now, not once it gets one.
+        stream._wake()
         return True
+
+    def _hand_on_slot(self) -> None:
+        """A slot came free: to the oldest request still queued for one, or back to the pool."""
+        queue = self._queue
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                return
+        self._free += 1
 
     def _ttft(self, value: float) -> None:
         self._ttft_last = value
@@ -252,7 +330,7 @@ class EchoEngine:
 
     @property
     def stats(self) -> EngineStats:
-        running = self._running if self._slots is not None else len(self._active)
+        running = self._running if self.slots is not None else len(self._active)
         return EngineStats(
             forward_passes=0,
             running=running,
@@ -263,3 +341,9 @@ class EchoEngine:
             ttft_avg_s=self._ttft_sum / self._ttft_n if self._ttft_n else None,
             generated_tokens=self._generated,
         )
+
+
+if TYPE_CHECKING:  # mypy holds the engine to the protocol the replica uses
+
+    def _is_an_engine(engine: EchoEngine) -> Engine:
+        return engine

@@ -1,5 +1,8 @@
 """Sentence embeddings: tokenise, run the encoder, pool, normalise — as sentence-transformers does.
 
+``EmbeddingEngine`` satisfies :class:`~workers.engines.api.Embedder`. It takes a loaded encoder
+(:class:`LoadedEncoder`: what the loader's embedding loading produces) and runs one batch at a time.
+
 The pooling is a re-implementation of ``sentence_transformers`` ``Pooling`` (padded path) so that
 the worker does not need that package at run time; the tests compare both to 1e-4.
 """
@@ -10,16 +13,53 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from broker_client import BadRequest, InternalError, Unavailable
-from workers.loader import LoadedEmbedding
+
+from .api import Embedder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingEngine", "pool"]
+__all__ = ["EmbeddingEngine", "LoadedEncoder", "pool"]
+
+
+class LoadedEncoder(Protocol):
+    """What the engine reads of a loaded sentence-embedding model (the loader's
+    ``LoadedEmbedding``): the transformer, its tokenizer and how to pool and normalise."""
+
+    @property
+    def model(self) -> Any: ...  # None once released
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def pooling(self) -> str: ...
+
+    @property
+    def normalize(self) -> bool: ...
+
+    @property
+    def dimensions(self) -> int: ...
+
+    @property
+    def max_length(self) -> int: ...
+
+    @property
+    def source(self) -> Any: ...  # for messages: ``source.ref`` or ``source.path``
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def do_lower_case(self) -> bool: ...
+
+    @property
+    def released(self) -> bool: ...
 
 
 def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -66,7 +106,7 @@ def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str
 class EmbeddingEngine:
     """Embeds lists of texts with one loaded model; one batch runs at a time."""
 
-    def __init__(self, loaded: LoadedEmbedding, *, max_batch_size: int = 64) -> None:
+    def __init__(self, loaded: LoadedEncoder, *, max_batch_size: int = 64) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.loaded = loaded
@@ -149,3 +189,9 @@ class EmbeddingEngine:
             lock = self._async_locks.setdefault(loop, asyncio.Lock())
         async with lock:
             return await asyncio.to_thread(self.embed, texts)
+
+
+if TYPE_CHECKING:  # mypy holds the engine to the protocol the replica uses
+
+    def _is_an_embedder(engine: EmbeddingEngine) -> Embedder:
+        return engine

@@ -1,0 +1,32 @@
+"""Model loading: find a model's files, read them into memory, and warm up the imports it needs.
+
+* :mod:`.sources`: a spec's ``model_uri`` or ``model_id`` to a local folder (downloading from the
+  Hugging Face Hub into its cache when allowed);
+* :mod:`.llm`: a causal LM and its tokenizer (4/8-bit through bitsandbytes);
+* :mod:`.embedding`: a sentence-embedding model;
+* :mod:`.checkpoint`: what both do with a checkpoint (device, dtype, config, errors);
+* :mod:`.warmup`: the imports of every load, once per process, ahead of the first one.
+
+Nothing here imports torch or transformers at import time: the worker imports this package at
+its start and answers before they are loaded.
+"""
+
+from .embedding import POOLING_MODES, LoadedEmbedding, load_embedding
+from .llm import QUANTIZATIONS, LoadedLLM, load_llm
+from .sources import ModelSource, ProgressCallback, parse_model_uri, progress_tqdm, resolve_source
+from .warmup import warm_up
+
+__all__ = [
+    "POOLING_MODES",
+    "QUANTIZATIONS",
+    "LoadedEmbedding",
+    "LoadedLLM",
+    "ModelSource",
+    "ProgressCallback",
+    "load_embedding",
+    "load_llm",
+    "parse_model_uri",
+    "progress_tqdm",
+    "resolve_source",
+    "warm_up",
+]

@@ -1,0 +1,65 @@
+"""What a worker is configured with: one frozen object, built once and passed down.
+
+``natserve worker`` and ``natserve up`` build a :class:`WorkerSettings` from their flags and
+``NATSERVE_*`` variables (``natserve.embedded.worker_settings``); a program of one's own builds it
+directly. :func:`workers.app.run_worker` and :class:`workers.service.Worker` take it as it is.
+What is not configuration but a live collaborator of the caller (the stop and ready events,
+the warm-up's hooks) stays a keyword argument of those two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from broker_client import DEFAULT_PREFIX, NatsAuth, check_name
+
+from .limits import WorkerLimits
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["WorkerSettings"]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """One worker's configuration; the defaults are the library's.
+
+    * ``nats_url``: the NATS server, or a list of a cluster's servers; ``auth`` the NATS
+      identity and TLS settings; ``prefix`` the subjects' prefix.
+    * ``worker_id``: a name token (``<hostname>-<6 hex>`` by default, made per worker);
+      ``device``: ``cuda:N`` or ``cpu`` for launches that name none (the best local one by
+      default).
+    * ``heartbeat_interval``: seconds between heartbeats; ``drain_timeout``: how long a stop
+      lets in-flight requests finish.
+    * ``cache_dir``: the Hugging Face cache (default: ``HF_HUB_CACHE`` at launch time, else the
+      hub's default).
+    * ``limits``: the operator's policy (remote code, model roots, request limits; none by
+      default, see :mod:`workers.limits`).
+    * ``metrics_registry``: the prometheus_client ``CollectorRegistry`` the worker's metrics go
+      to (a private one by default).
+    * ``warm_up``: import torch and the model-loading code on a thread once the worker answers
+      (:func:`workers.builder.warm_up`), so that a launch after it (3 s or more on two cores)
+      pays only for its model; a launch that comes sooner waits for it.
+    """
+
+    nats_url: str | list[str]
+    _: KW_ONLY
+    prefix: str = DEFAULT_PREFIX
+    worker_id: str | None = None
+    device: str | None = None
+    heartbeat_interval: float = 2.0
+    drain_timeout: float = 30.0
+    cache_dir: str | Path | None = None
+    auth: NatsAuth | None = None
+    limits: WorkerLimits = field(default_factory=WorkerLimits)
+    metrics_registry: CollectorRegistry | None = None
+    warm_up: bool = False
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}")
+        if self.worker_id:
+            check_name(self.worker_id, "worker_id")
