@@ -56,7 +56,7 @@ from broker_client.runtime import ERROR_CODE_HEADER, ERROR_HEADER, NatsTransport
 from registry_service import Registry
 from tests._pool import echo_definition
 from tests.conftest import NatsServer
-from workers import Worker
+from workers import Worker, WorkerSettings
 
 T = TypeVar("T")
 S = Subjects("tfuzz")
@@ -109,7 +109,9 @@ class Harness:
         self.server = NatsServer(config=f"max_payload: {MAX_PAYLOAD}\n").start()
         self.registry = Registry(nats_url=self.server.url, db_url=db_url, prefix=S.prefix, resync_window=0.3)
         self.worker = Worker(
-            self.server.url, prefix=S.prefix, device="cpu", worker_id=WORKER_ID, heartbeat_interval=1
+            WorkerSettings(
+                self.server.url, prefix=S.prefix, device="cpu", worker_id=WORKER_ID, heartbeat_interval=1
+            )
         )
         self.nc: Any = None
         self.transport: NatsTransport | None = None

@@ -443,9 +443,11 @@ async def test_forged_heartbeats_are_refused_or_ignored_and_launches_go_on(
 
 async def test_a_worker_with_its_own_user_serves_under_its_id(server: NatsServer, registry: Registry) -> None:
     """A real worker, logged in as w-b: its beats are heard and its commands reach it."""
-    from workers import Worker
+    from workers import Worker, WorkerSettings
 
-    worker = Worker(server.url, worker_id="w-b", device="cpu", auth=auth("w-b"), heartbeat_interval=0.5)
+    worker = Worker(
+        WorkerSettings(server.url, worker_id="w-b", device="cpu", auth=auth("w-b"), heartbeat_interval=0.5)
+    )
     await worker.start()
     try:
         nc = await connect(server.url, name="t", **connect_options(auth("client")))
