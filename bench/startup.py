@@ -191,6 +191,10 @@ def main() -> int:
     args = parser.parse_args()
     runs = [run(True, args)]
     if args.compare:
+        # As long as the run with the warm-up lasted: the same stretch of start-up.
+        ended = runs[0]["warm_up_ended_s_after_ready"]
+        if ended is not None:
+            args.seconds = min(args.seconds, ended + args.after)
         runs.append(run(False, args))
     if args.json:
         print(json.dumps(runs, indent=2))
