@@ -445,7 +445,13 @@ class Worker:
         if served is None:
             assert self.service is not None
             served = self._models[model_uid] = ServedModel(model_uid, self.worker_id)
-            served.endpoints = ModelEndpoints(self.service, self.subjects, served, limits=self.limits)
+            served.endpoints = ModelEndpoints(
+                self.service,
+                self.subjects,
+                served,
+                limits=self.limits,
+                keepalive_silence=self.settings.keepalive_silence,
+            )
         return served
 
     # ------------------------------------------------------------------ terminate
