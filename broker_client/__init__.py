@@ -24,7 +24,7 @@ from ._auth import (
     local_token,
     with_local_token,
 )
-from ._bounds import MAX_DEFINITION_BYTES
+from ._bounds import MAX_DEFINITION_BYTES, MAX_HEARTBEAT_INTERVAL
 from ._client_transport import ClientTransport, EventHandler, EventSubscription
 from ._definition import (
     ABILITIES,
@@ -124,6 +124,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "LOCAL_TOKEN_FILE",
     "MAX_DEFINITION_BYTES",
+    "MAX_HEARTBEAT_INTERVAL",
     "MODEL_TYPES",
     "NAME_PATTERN",
     "QUANTIZATIONS",

@@ -13,7 +13,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker_client import DEFAULT_PREFIX, NatsAuth, check_name
+from broker_client import DEFAULT_PREFIX, MAX_HEARTBEAT_INTERVAL, NatsAuth, check_name
 from broker_client.runtime import KEEPALIVE_SILENCE
 
 from .limits import WorkerLimits
@@ -65,6 +65,12 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}")
+        if self.heartbeat_interval > MAX_HEARTBEAT_INTERVAL:
+            # The registry takes no heartbeat announcing more (its dead window is three of them).
+            raise ValueError(
+                f"heartbeat_interval must be at most {MAX_HEARTBEAT_INTERVAL:g} s, "
+                f"got {self.heartbeat_interval}"
+            )
         if self.keepalive_silence <= 0:
             raise ValueError(f"keepalive_silence must be positive, got {self.keepalive_silence}")
         if self.worker_id:
