@@ -359,6 +359,11 @@ SUBJECTS = [
         {"messages": [{"role": "user", "content": "hi"}], "generate_config": {"max_tokens": 3}},
     ),
     Subject("embed", S.model(UID, "embed"), EmbedRequest, {"input": ["a", "b"]}),
+    Subject("overflow_chat", S.model_overflow(UID, "chat"), ChatRequest, {"messages": [{"role": "user"}]}),
+    Subject("overflow_embed", S.model_overflow(UID, "embed"), EmbedRequest, {"input": "a"}),
+    # No wire model: only unknown keys, never the request_id a holder would answer (or not).
+    Subject("cancel", S.model(UID, "cancel"), None, {}),
+    Subject("resync", S.workers_resync, None, {}),
 ]
 
 
