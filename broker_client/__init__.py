@@ -18,9 +18,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._async_client import AsyncClient
 from ._auth import (
+    LOCAL_TOKEN_FILE,
     NatsAuth,
     connect_options,
+    local_token,
+    with_local_token,
 )
+from ._bounds import MAX_DEFINITION_BYTES, MAX_HEARTBEAT_INTERVAL
 from ._client_transport import ClientTransport, EventHandler, EventSubscription
 from ._definition import (
     ABILITIES,
@@ -118,6 +122,9 @@ except PackageNotFoundError:  # a source tree that is not installed
 __all__ = [
     "ABILITIES",
     "DEFAULT_PREFIX",
+    "LOCAL_TOKEN_FILE",
+    "MAX_DEFINITION_BYTES",
+    "MAX_HEARTBEAT_INTERVAL",
     "MODEL_TYPES",
     "NAME_PATTERN",
     "QUANTIZATIONS",
@@ -199,5 +206,7 @@ __all__ = [
     "connect_options",
     "error_from_wire",
     "format_validation_error",
+    "local_token",
     "parse_definition",
+    "with_local_token",
 ]

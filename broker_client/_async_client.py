@@ -15,9 +15,16 @@ disconnects are retried by nats-py while calls wait within their own timeouts. N
 nats-py's 0.5 s request default.
 
 Other keyword arguments go to nats-py's ``connect()``: credentials and TLS, e.g.
-``AsyncClient(url, **connect_options(NatsAuth(user="client", password=...)))``. With
+``AsyncClient(url, **connect_options(NatsAuth(user="client", password=...)))``. Given none, a
+client of servers on this machine uses the token ``natserve up`` keeps in
+``$NATSERVE_HOME/nats.token`` when it is there (``_auth.with_local_token``). With
 ``transport=`` (a ``ClientTransport``, such as ``MemoryTransport``) the client uses it instead of
 connecting to NATS.
+
+Streams ask for the keepalive (``stream_keepalive``, 16 chunks by default; ``None`` turns it
+off): the client acknowledges every 16 chunks it hands to the caller, and the replica stops a
+stream whose reader went silent (its process gone, an iterator dropped unclosed) within seconds
+rather than generating to ``max_tokens`` for nobody.
 
 A reply that breaks the wire rules, or lacks a field the client needs (a launch reply without
 its ``model_uid``), raises ``ProtocolError``.
@@ -33,11 +40,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import codec
+from ._auth import with_local_token
+from ._bounds import MAX_KEEPALIVE
 from ._client_transport import ClientTransport
 from ._connect import NATSConnection, connect
 from ._definition import format_validation_error, parse_definition
 from ._errors import BadRequest, NoResponders, TransportError, Unavailable
 from ._handles import AsyncChatModelHandle, AsyncEmbeddingModelHandle, AsyncGenerateModelHandle
+from ._keepalive import DEFAULT_EVERY as DEFAULT_KEEPALIVE
 from ._messages import LaunchRequest
 from ._nats_transport import NatsTransport
 from ._progress import LaunchFollower, ProgressCallback, make_progress
@@ -109,6 +119,7 @@ class AsyncClient:
         encoding: str = "msgpack",
         name: str | None = None,
         transport: ClientTransport | None = None,
+        stream_keepalive: int | None = DEFAULT_KEEPALIVE,
         **nats_options: Any,
     ) -> None:
         if encoding not in _ENCODINGS:
@@ -121,6 +132,13 @@ class AsyncClient:
         self.request_timeout = float(request_timeout)
         self.encoding = _ENCODINGS[encoding]
         self.name = name or "natserve-client"
+        if stream_keepalive is not None and not 1 <= stream_keepalive <= MAX_KEEPALIVE:
+            raise ValueError(
+                f"stream_keepalive must be 1 to {MAX_KEEPALIVE} chunks or None, got {stream_keepalive}"
+            )
+        # Streams ask their replica for the keepalive: acknowledged every this many chunks, a
+        # stream whose reader goes silent stops (``_keepalive``). None: run to the end.
+        self.stream_keepalive = stream_keepalive
         self._nats_options = nats_options
         self._nc: NATSConnection | None = None
         # The transport given, started on first use; else made on first use from a connection.
@@ -182,7 +200,8 @@ class AsyncClient:
             logger.warning("worker %s %s: %d request(s) in flight on it failed", worker_id, why, failed)
 
     async def _connect(self) -> NATSConnection:
-        options = dict(self._nats_options)
+        # A local pool that `natserve up` runs needs its token, kept in NATSERVE_HOME.
+        options = with_local_token(self.url, self._nats_options)
         bound = float(options.get("connect_timeout", _CONNECT_TIMEOUT))
         options.setdefault("connect_timeout", bound)
         last_error: list[BaseException] = []

@@ -17,21 +17,53 @@ server's certificate when the URL holds an IP address or another name).
 Environment variables (``NatsAuth.from_env``), the same for every process, so a deployment sets
 them once per container: ``NATSERVE_NATS_USER``, ``_PASSWORD``, ``_TOKEN``, ``_NKEY_SEED``,
 ``_CREDS``, ``_TLS_CA``, ``_TLS_CERT``, ``_TLS_KEY``, ``_TLS_HOSTNAME``.
+
+The local pool's token: ``natserve up`` starts its nats-server with a token that it creates on
+first start and keeps in ``$NATSERVE_HOME/nats.token`` (mode 0600), so that other users of the
+machine cannot reach the pool. A connection given no identity to servers on this machine only
+(loopback addresses) uses that token when the file is there (:func:`with_local_token`): the
+client and the CLI of the same user reach the pool with nothing to configure. Servers without
+auth ignore a token, and the token never goes to another machine.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ENV_PREFIX", "NatsAuth", "connect_options"]
+__all__ = [
+    "ENV_PREFIX",
+    "IDENTITY_OPTIONS",
+    "LOCAL_TOKEN_FILE",
+    "NatsAuth",
+    "connect_options",
+    "default_home",
+    "is_local",
+    "local_token",
+    "with_local_token",
+]
 
 ENV_PREFIX = "NATSERVE_NATS_"
+# The local pool's token, in NATSERVE_HOME.
+LOCAL_TOKEN_FILE = "nats.token"
+# nats-py connect() options that carry an identity: with one given, the local token stays out.
+IDENTITY_OPTIONS = (
+    "user",
+    "password",
+    "token",
+    "nkeys_seed",
+    "nkeys_seed_str",
+    "user_credentials",
+    "signature_cb",
+    "user_jwt_cb",
+)
 
 
 class NatsAuth(BaseModel):
@@ -148,3 +180,64 @@ def connect_options(auth: NatsAuth | None) -> dict[str, Any]:
     if auth.tls_hostname is not None:
         options["tls_hostname"] = auth.tls_hostname
     return options
+
+
+def default_home(environ: Mapping[str, str] | None = None) -> Path:
+    """``NATSERVE_HOME``, else ``~/.natserve``: where ``natserve up`` keeps its state."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("NATSERVE_HOME") or "~/.natserve").expanduser()
+
+
+def _servers(url: str | Sequence[str]) -> list[str]:
+    given = [url] if isinstance(url, str) else list(url)
+    return [s.strip() for u in given for s in u.split(",") if s.strip()]
+
+
+def is_local(url: str | Sequence[str]) -> bool:
+    """Whether every server of ``url`` (a URL, a comma-separated list, or a list) is on this
+    machine, by a loopback address or ``localhost``, with no credentials in it."""
+    servers = _servers(url)
+    if not servers:
+        return False
+    for server in servers:
+        try:
+            parts = urlsplit(server if "://" in server else f"nats://{server}")
+            host = parts.hostname
+        except ValueError:
+            return False
+        if parts.username or parts.password or not host:
+            return False
+        if host != "localhost":
+            try:
+                if not ipaddress.ip_address(host).is_loopback:
+                    return False
+            except ValueError:
+                return False
+    return True
+
+
+def local_token(url: str | Sequence[str], home: str | Path | None = None) -> str | None:
+    """The token of the pool ``natserve up`` runs from ``home`` (``NATSERVE_HOME`` by default),
+    when ``url`` is on this machine and the token file is there; else None."""
+    if not is_local(url):
+        return None
+    path = (Path(home).expanduser() if home is not None else default_home()) / LOCAL_TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
+def with_local_token(
+    url: str | Sequence[str], options: Mapping[str, Any], home: str | Path | None = None
+) -> dict[str, Any]:
+    """nats-py ``connect()`` options for ``url``: ``options``, plus the local pool's token when
+    they carry no identity and ``url`` is on this machine (:func:`local_token`)."""
+    result = dict(options)
+    if any(result.get(name) is not None for name in IDENTITY_OPTIONS):
+        return result
+    token = local_token(url, home)
+    if token is not None:
+        result["token"] = token
+    return result

@@ -17,6 +17,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATSConnection
 
+from ._auth import IDENTITY_OPTIONS, LOCAL_TOKEN_FILE, is_local
 from ._errors import TransportError
 
 __all__ = ["NATSConnection", "connect"]
@@ -101,8 +102,14 @@ async def connect(
         await nc.connect(**settings, **options)
     except _Refused as refused:
         await _discard(nc)
+        hint = ""
+        if is_local(servers) and not any(options.get(k) is not None for k in IDENTITY_OPTIONS):
+            hint = (
+                f"; a pool that `natserve up` runs takes the token it keeps in "
+                f"$NATSERVE_HOME/{LOCAL_TOKEN_FILE} (set NATSERVE_HOME, or NATSERVE_NATS_TOKEN)"
+            )
         raise TransportError(
-            f"NATS at {', '.join(servers)} refused the connection of {name!r}: {refused.cause}"
+            f"NATS at {', '.join(servers)} refused the connection of {name!r}: {refused.cause}{hint}"
         ) from refused.cause
     except BaseException as exc:
         await _discard(nc)

@@ -2,6 +2,9 @@
 
 Shared by the client (to fail early) and the registry (the authority). Errors name the
 field and the rule: ``model_specs[0]: give model_id (a Hugging Face repo id) or model_uri``.
+Types are strict (``context_length: "2048"`` is refused, not read as a number), and the size of
+a definition, its lists and its numbers are bounded (``_bounds.py``): the registry stores it and
+serves it on every list and launch.
 """
 
 from __future__ import annotations
@@ -11,7 +14,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ._errors import BadRequest
+from ._bounds import (
+    INT64_MAX,
+    MAX_CONTEXT_LENGTH,
+    MAX_DEFINITION_BYTES,
+    MAX_LIST,
+    MAX_SPECS,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEXT,
+    MAX_TOKENS,
+)
+from ._errors import BadRequest, PayloadTooLarge
 from ._subjects import NAME_PATTERN
 
 __all__ = [
@@ -23,6 +38,7 @@ __all__ = [
     "ModelDefinition",
     "ModelSpec",
     "PromptStyle",
+    "definition_size",
     "format_validation_error",
     "parse_definition",
 ]
@@ -33,6 +49,11 @@ ABILITIES = {"LLM": ("generate", "chat"), "embedding": ("embed",)}
 
 Quantization = Literal["none", "8-bit", "4-bit"]
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Texts = Annotated[list[Text], Field(max_length=MAX_LIST)]
+StopStrings = Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]
 
 
 # Rule violations where the offending value helps the reader; type errors already say enough.
@@ -81,16 +102,16 @@ def format_validation_error(exc: ValidationError, root: str = "") -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
 
 class ModelSpec(_Strict):
     model_format: Literal["pytorch"] = "pytorch"
-    model_size_in_billions: float = Field(gt=0)
-    quantizations: list[Quantization] = Field(default_factory=lambda: ["none"], min_length=1)  # type: ignore[arg-type]
-    model_id: str | None = None
-    model_uri: str | None = None
-    model_revision: str | None = None
+    model_size_in_billions: float = Field(gt=0, le=1e5)
+    quantizations: list[Quantization] = Field(default_factory=lambda: ["none"], min_length=1, max_length=3)  # type: ignore[arg-type]
+    model_id: Annotated[str, Field(max_length=256)] | None = None
+    model_uri: Text | None = None
+    model_revision: Annotated[str, Field(max_length=256)] | None = None
     model_hub: Literal["huggingface"] = "huggingface"
 
     @field_validator("model_size_in_billions", mode="before")
@@ -119,35 +140,43 @@ class ModelSpec(_Strict):
 
 
 class PromptStyle(_Strict):
-    style_name: str
+    style_name: Text
     system_prompt: str = ""
-    roles: list[str] = Field(default_factory=lambda: ["user", "assistant"], min_length=2)
+    roles: Texts = Field(default_factory=lambda: ["user", "assistant"], min_length=2)
     intra_message_sep: str = ""
     inter_message_sep: str = ""
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: StopStrings | None = None
+    stop_token_ids: StopTokenIds | None = None
 
 
 class _Definition(_Strict):
     version: Literal[1, 2] = 1
     model_name: ModelName
-    model_description: str | None = None
+    model_description: Text | None = None
     # Fields Xinference writes that natserve keeps but does not interpret.
-    model_family: str | None = None
-    model_hub: str | None = None
-    architectures: list[str] | None = None
+    model_family: Text | None = None
+    model_hub: Text | None = None
+    architectures: Texts | None = None
     trust_remote_code: bool = False
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        # A literal compares by equality, even strict: true and 1.0 would pass for 1.
+        if type(value) is not int:
+            raise ValueError(f"must be the integer 1 or 2 (got {_shown(value)})")
+        return value
 
 
 class LLMDefinition(_Definition):
-    context_length: int = Field(default=2048, gt=0)
-    model_lang: list[str] = Field(default_factory=lambda: ["en"])
-    model_ability: list[Literal["generate", "chat"]] = Field(min_length=1)
-    model_specs: list[ModelSpec] = Field(min_length=1)
+    context_length: int = Field(default=2048, gt=0, le=MAX_CONTEXT_LENGTH)
+    model_lang: Texts = Field(default_factory=lambda: ["en"])
+    model_ability: list[Literal["generate", "chat"]] = Field(min_length=1, max_length=2)
+    model_specs: list[ModelSpec] = Field(min_length=1, max_length=MAX_SPECS)
     prompt_style: PromptStyle | None = None
     chat_template: str | None = None
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: StopStrings | None = None
+    stop_token_ids: StopTokenIds | None = None
 
     def spec_for(
         self,
@@ -180,15 +209,19 @@ class LLMDefinition(_Definition):
 class EmbeddingDefinition(_Definition):
     """An embedding model: Xinference's flat form (``model_id``/``model_uri`` at the top) or specs."""
 
-    model_ability: list[Literal["embed"]] = Field(default_factory=lambda: ["embed"], min_length=1)  # type: ignore[arg-type]
-    dimensions: int | None = Field(default=None, gt=0)
-    max_tokens: int | None = Field(default=None, gt=0)
-    language: list[str] = Field(default_factory=lambda: ["en"])
-    model_lang: list[str] | None = None
-    model_id: str | None = None
-    model_uri: str | None = None
-    model_revision: str | None = None
-    model_specs: list[ModelSpec] | None = None
+    model_ability: list[Literal["embed"]] = Field(
+        default_factory=lambda: ["embed"],  # type: ignore[arg-type]
+        min_length=1,
+        max_length=1,
+    )
+    dimensions: int | None = Field(default=None, gt=0, le=1 << 20)
+    max_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
+    language: Texts = Field(default_factory=lambda: ["en"])
+    model_lang: Texts | None = None
+    model_id: Annotated[str, Field(max_length=256)] | None = None
+    model_uri: Text | None = None
+    model_revision: Annotated[str, Field(max_length=256)] | None = None
+    model_specs: list[ModelSpec] | None = Field(default=None, max_length=MAX_SPECS)
 
     @model_validator(mode="after")
     def _flat_or_specs(self) -> EmbeddingDefinition:
@@ -220,10 +253,28 @@ class EmbeddingDefinition(_Definition):
 ModelDefinition = LLMDefinition | EmbeddingDefinition
 
 
+def definition_size(model: object) -> int:
+    """The bytes a definition takes as JSON (a string: its UTF-8 length), to bound it before
+    parsing; one that cannot be encoded counts as too large."""
+    if isinstance(model, str):
+        # At most 4 bytes a character: only a long string needs encoding to be measured.
+        return len(model) if len(model) * 4 <= MAX_DEFINITION_BYTES else len(model.encode(errors="replace"))
+    try:
+        text = json.dumps(model, ensure_ascii=False, separators=(",", ":"), default=str)
+        return len(text.encode(errors="replace"))
+    except (ValueError, TypeError, RecursionError):
+        return MAX_DEFINITION_BYTES + 1
+
+
 def parse_definition(model_type: str, model: str | dict[str, Any]) -> ModelDefinition:
     """Validate a definition given as a JSON string or an object; BadRequest names the field."""
     if model_type not in MODEL_TYPES:
         raise BadRequest(f"model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+    size = definition_size(model)
+    if size > MAX_DEFINITION_BYTES:
+        raise PayloadTooLarge(
+            f"model: the definition takes {size} bytes as JSON; at most {MAX_DEFINITION_BYTES}"
+        )
     if isinstance(model, str):
         try:
             model = json.loads(model)

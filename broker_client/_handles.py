@@ -195,6 +195,8 @@ class HandleClient(Protocol):
 
     subjects: Subjects
     timeout: float
+    # Chunks between a stream's acks (the keepalive), or None for none.
+    stream_keepalive: int | None
     # The transport once connected: read directly on each request, a coroutine call less.
     _transport: ClientTransport | None
 
@@ -277,6 +279,9 @@ class AsyncModelHandle:
         request_id = request_id or _new_request_id()
         body["request_id"] = request_id
         body["ack"] = True
+        every = self._client.stream_keepalive
+        if every is not None:
+            body["keepalive"] = every
         transport = await self._client._get_transport()
 
         async def on_abandon() -> None:

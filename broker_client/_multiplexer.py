@@ -29,8 +29,11 @@ from ._errors import (
     ServiceError,
     TransportError,
 )
+from ._keepalive import ack_body
+from ._keepalive import parse_header as parse_keepalive
 from .wire import (
     ACCEPTED_HEADER,
+    KEEPALIVE_HEADER,
     PARTS_HEADER,
     WireMessage,
     join_parts,
@@ -181,6 +184,13 @@ class Multiplexer(ABC):
             logger.debug("ignoring an event on %s that does not decode: %s", subject, exc)
             return False, None
 
+    async def _acknowledge(self, subject: str, token: str, received: int) -> None:
+        """Tell the replica of a keepalive stream that ``received`` chunks were taken."""
+        try:
+            await self.publish(subject, ack_body(f"{self._prefix}.{token}", received))
+        except Exception as exc:  # a lost ack costs at worst the stream; never the consumer
+            logger.debug("could not acknowledge %d chunks on %s: %r", received, subject, exc)
+
     def _open(self, worker_id: str | None = None) -> tuple[str, _Pending]:
         self._counter += 1
         token = format(self._counter, "x")
@@ -327,7 +337,9 @@ class Multiplexer(ABC):
 
         ``timeout`` bounds the whole stream. When the consumer stops early, the stream times
         out or the connection fails, ``on_abandon`` runs (it sends the cancel request).
-        ``on_accept`` gets the worker id of a ``Natserve-Accepted`` message.
+        ``on_accept`` gets the worker id of a ``Natserve-Accepted`` message. When the first
+        chunk carries ``Natserve-Keepalive`` (the request asked for it), every N chunks the
+        consumer takes are acknowledged on its subject (``_keepalive``).
         """
         data, hdrs = self._encode(payload, headers)
         token, pending = self._open()
@@ -335,6 +347,7 @@ class Multiplexer(ABC):
         deadline = time.monotonic() + timeout
         expected = 1
         finished = False
+        keepalive: tuple[int, str] | None = None
         try:
             await self._send(subject, token, data, hdrs)
             while True:
@@ -347,12 +360,17 @@ class Multiplexer(ABC):
                 if not more:
                     finished = True
                     return
+                if expected == 1 and msg.headers and KEEPALIVE_HEADER in msg.headers:
+                    keepalive = parse_keepalive(msg.headers[KEEPALIVE_HEADER])
                 expected += 1
                 try:
                     chunk = codec.decode(msg.data, codec.detect(msg.data, msg.headers))
                 except BadRequest as exc:
                     raise malformed(subject, exc) from exc
                 yield chunk
+                # The consumer took it and asks for the next one.
+                if keepalive is not None and (expected - 1) % keepalive[0] == 0:
+                    await self._acknowledge(keepalive[1], token, expected - 1)
         except ServiceError:
             # The server ends an errored stream itself; nothing to cancel.
             finished = True

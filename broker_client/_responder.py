@@ -20,15 +20,19 @@ from pydantic import BaseModel, ValidationError
 from . import codec
 from ._definition import format_validation_error
 from ._errors import BadRequest, ServiceError
+from ._keepalive import KeepaliveState
 from ._request_task import _CURRENT_REQUEST
 from .wire import (
     ACCEPTED_HEADER,
     ACK_HEADER,
     HEADER_ROOM,
+    KEEPALIVE_HEADER,
     REQUEST_ID_HEADER,
     SEQ_HEADER,
     as_service_error,
+    error_body,
     error_headers,
+    headers_size,
     split_parts,
 )
 
@@ -57,6 +61,7 @@ class Responder:
         "_seq",
         "content_type",
         "error",
+        "keepalive",
         "msg",
         "nc",
         "replied",
@@ -69,6 +74,8 @@ class Responder:
         self.nc = nc
         self.subject = msg.subject
         self._seq = 0
+        # Set when the reader asked to acknowledge the stream (_keepalive.Keepalives.arm).
+        self.keepalive: KeepaliveState | None = None
         # The error this request was answered with, for stats, metrics and logs.
         self.error: ServiceError | None = None
         self.replied = False
@@ -152,11 +159,19 @@ class Responder:
             await self._send(part, headers)
 
     async def chunk(self, obj: Any) -> None:
+        """Send the stream's next chunk; raises ``StreamAbandoned`` instead when its reader asked
+        for the keepalive and stopped acknowledging (``_keepalive``)."""
         self._seq += 1
         headers = {codec.CONTENT_TYPE: self.content_type, SEQ_HEADER: str(self._seq)}
         if self._ack is not None:
             # The stream started before the ack was due: its first chunk carries it.
             headers[ACCEPTED_HEADER] = self._ack
+        keepalive = self.keepalive
+        if keepalive is not None:
+            if self._seq == 1:
+                headers[KEEPALIVE_HEADER] = keepalive.header
+            else:
+                keepalive.check(self._seq, self.subject)
         await self._send(codec.encode(obj, self.content_type), headers)
 
     async def end_stream(self) -> None:
@@ -208,7 +223,10 @@ class Responder:
         err = exc if isinstance(exc, ServiceError) else as_service_error(exc, self.subject)
         self.error = err
         headers = error_headers(err, self.content_type, self._seq)
-        await self._send(codec.encode(err.to_wire(), self.content_type), headers)
+        # The server counts the headers against max_payload too; a body over it would be
+        # refused, and the caller left waiting for its timeout.
+        limit = self.nc.max_payload - headers_size(headers)
+        await self._send(error_body(err, self.content_type, limit), headers)
 
 
 class _AckClock:

@@ -77,10 +77,26 @@ class Subjects:
         return f"{self.prefix}.workers.list"
 
     # workers ----------------------------------------------------------------
+    def worker_heartbeat(self, worker_id: str) -> str:
+        """Where worker ``worker_id`` publishes its WorkerInfo on every beat: a subject per worker,
+        so that NATS permissions can tie a worker's credentials to its id
+        (``deploy/nats-server.conf``); the registry takes a beat only when the body's
+        ``worker_id`` is the subject's."""
+        return f"{self.prefix}.workers.{worker_id}.heartbeat"
+
     @property
-    def workers_heartbeat(self) -> str:
-        """Workers publish their WorkerInfo here on every beat; the registry listens."""
-        return f"{self.prefix}.workers.heartbeat"
+    def workers_heartbeats(self) -> str:
+        """Every worker's heartbeat subject: what the registry subscribes to."""
+        return f"{self.prefix}.workers.*.heartbeat"
+
+    def heartbeat_worker(self, subject: str) -> str | None:
+        """The worker id a heartbeat subject names, or None for another subject."""
+        head, tail = f"{self.prefix}.workers.", ".heartbeat"
+        if subject.startswith(head) and subject.endswith(tail):
+            worker_id = subject[len(head) : -len(tail)]
+            if worker_id and "." not in worker_id:
+                return worker_id
+        return None
 
     @property
     def workers_events(self) -> str:
@@ -111,6 +127,11 @@ class Subjects:
         if operation not in MODEL_OPERATIONS or operation == "cancel":
             raise ValueError(f"unknown model operation {operation!r}")
         return f"{self.prefix}.model.{model_uid}.overflow.{operation}"
+
+    def model_keepalive(self, model_uid: str, worker_id: str) -> str:
+        """Where the readers of a worker's streams of ``model_uid`` acknowledge them
+        (``Natserve-Keepalive`` names it on a stream's first chunk)."""
+        return f"{self.prefix}.model.{model_uid}.keepalive.{worker_id}"
 
     def model_queue_group(self, model_uid: str) -> str:
         return f"{self.prefix}.model.{model_uid}"

@@ -33,6 +33,7 @@ from ._handles import (
     AsyncModelHandle,
     AsyncStream,
 )
+from ._keepalive import DEFAULT_EVERY as DEFAULT_KEEPALIVE
 from ._progress import ProgressCallback
 from ._subjects import DEFAULT_PREFIX, Subjects
 
@@ -147,6 +148,7 @@ class Client:
         encoding: str = "msgpack",
         name: str | None = None,
         transport: ClientTransport | None = None,
+        stream_keepalive: int | None = DEFAULT_KEEPALIVE,
         **nats_options: Any,
     ) -> None:
         self._async = AsyncClient(
@@ -157,6 +159,7 @@ class Client:
             encoding=encoding,
             name=name,
             transport=transport,
+            stream_keepalive=stream_keepalive,
             **nats_options,
         )
         self._loop_thread = _LoopThread(name=f"natserve-client-{id(self):x}")

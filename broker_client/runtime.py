@@ -12,10 +12,14 @@ one of its private modules.
 - ``ServiceHost``: a NATS micro service of bounded request tasks that answers the micro
   protocol itself (``_service_host``, ``_micro``); ``current_request`` and ``RequestTask``
   say which task runs a request (``_request_task``).
+- ``Keepalives``: the streams whose readers acknowledge them, and ``StreamAbandoned``, raised
+  by a chunk whose reader went silent (``_keepalive``).
 - the wire headers natserve reads and writes (``wire``).
 """
 
 from ._connect import NATSConnection, connect
+from ._keepalive import DEFAULT_SILENCE as KEEPALIVE_SILENCE
+from ._keepalive import Keepalives, StreamAbandoned
 from ._micro import INFO_RESPONSE_TYPE, PING_RESPONSE_TYPE, STATS_RESPONSE_TYPE
 from ._nats_transport import NatsTransport
 from ._request_task import RequestTask, current_request
@@ -27,6 +31,7 @@ from .wire import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
     HOPS_HEADER,
+    KEEPALIVE_HEADER,
     PART_HEADER,
     PARTS_HEADER,
     REQUEST_ID_HEADER,
@@ -45,6 +50,8 @@ __all__ = [
     "ERROR_HEADER",
     "HOPS_HEADER",
     "INFO_RESPONSE_TYPE",
+    "KEEPALIVE_HEADER",
+    "KEEPALIVE_SILENCE",
     "PARTS_HEADER",
     "PART_HEADER",
     "PING_RESPONSE_TYPE",
@@ -53,6 +60,7 @@ __all__ = [
     "STATS_RESPONSE_TYPE",
     "EndpointInfo",
     "Handler",
+    "Keepalives",
     "NATSConnection",
     "NatsTransport",
     "RequestObserver",
@@ -60,6 +68,7 @@ __all__ = [
     "RequestTask",
     "Responder",
     "ServiceHost",
+    "StreamAbandoned",
     "Transport",
     "connect",
     "current_request",

@@ -23,6 +23,9 @@ Wire headers:
                             it admitted the request. A client transport records it (a request
                             whose worker dies is failed with ``fail_worker``) and never yields it.
     Natserve-Hops           n on a request a saturated replica passed on (workers/balancing.py)
+    Natserve-Keepalive      "<N> <ack subject>" on the first chunk of a stream whose reader asked
+                            for the keepalive (``"keepalive": N`` in its body): the reader acks
+                            every N chunks there, or the stream stops (``_keepalive``)
     Nats-Service-Error-Code / Nats-Service-Error   on errors (with an {"error": ...} body)
     Status                  503 with an empty body: NATS itself says nobody subscribes
 """
@@ -55,6 +58,7 @@ __all__ = [
     "ERROR_HEADER",
     "HEADER_ROOM",
     "HOPS_HEADER",
+    "KEEPALIVE_HEADER",
     "PARTS_HEADER",
     "PART_HEADER",
     "REQUEST_ID_HEADER",
@@ -62,8 +66,10 @@ __all__ = [
     "STATUS_HEADER",
     "WireMessage",
     "as_service_error",
+    "error_body",
     "error_headers",
     "error_line",
+    "headers_size",
     "join_parts",
     "malformed",
     "part_index",
@@ -82,6 +88,7 @@ REQUEST_ID_HEADER = "Natserve-Request-Id"
 ACK_HEADER = "Natserve-Ack"
 ACCEPTED_HEADER = "Natserve-Accepted"
 HOPS_HEADER = "Natserve-Hops"
+KEEPALIVE_HEADER = "Natserve-Keepalive"
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 STATUS_HEADER = "Status"
@@ -148,6 +155,48 @@ def error_headers(err: ServiceError, content_type: str, seq: int) -> dict[str, s
     if seq:
         headers[SEQ_HEADER] = str(seq + 1)
     return headers
+
+
+def headers_size(headers: Mapping[str, str]) -> int:
+    """The bytes ``headers`` take on the wire (``NATS/1.0`` status line, ``Name: value`` lines,
+    the blank line): the server counts them against ``max_payload`` with the body."""
+    size = 12  # "NATS/1.0\r\n" and the closing "\r\n"
+    for name, value in headers.items():
+        size += len(name) + len(value.encode()) + 4  # ": " and "\r\n"
+    return size
+
+
+def error_body(err: ServiceError, content_type: str, limit: int) -> bytes:
+    """The ``{"error": ...}`` body of ``err`` in at most ``limit`` bytes.
+
+    An error must reach its caller even when its message is huge (a validation error lists
+    every offending item: 20,000 bad specs made 2 MB): above ``limit`` the message is cut and
+    says how much was cut, so the error still fits one message under the server's
+    ``max_payload``.
+    """
+    data = codec.encode(err.to_wire(), content_type)
+    if len(data) <= limit:
+        return data
+    message = err.message
+    wire = err.to_wire()
+
+    def cut_to(keep: int) -> bytes:
+        wire["error"]["message"] = (
+            f"{message[:keep]} ... [{len(message) - keep} more characters cut: an error reply "
+            f"takes at most {limit} bytes here]"
+        )
+        return codec.encode(wire, content_type)
+
+    # A first guess from the bytes a character of this message takes on average (UTF-8 and
+    # JSON escapes vary), then cut as many characters as there are bytes still over: each
+    # takes at least one, so this ends within a pass or two.
+    base = len(cut_to(0))
+    keep = max(0, int((limit - base) * len(message) / len(data)))
+    data = cut_to(keep)
+    while len(data) > limit and keep > 0:
+        keep = max(0, keep - (len(data) - limit))
+        data = cut_to(keep)
+    return data
 
 
 def as_service_error(exc: BaseException, subject: str) -> ServiceError:

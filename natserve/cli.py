@@ -292,11 +292,19 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _auth(args: argparse.Namespace) -> Any:
-    """NATS credentials and TLS from ``NATSERVE_NATS_USER``, ``_PASSWORD``, ``_CREDS``, ``_TLS_CA``..."""
-    from broker_client import NatsAuth
+    """NATS credentials and TLS from ``NATSERVE_NATS_USER``, ``_PASSWORD``, ``_CREDS``, ``_TLS_CA``...;
+    with none, the token of the pool ``natserve up`` runs from the home, for a server on this
+    machine (``natserve/pool_token.py``)."""
+    from broker_client import NatsAuth, local_token
 
     try:
-        return NatsAuth.from_env()
+        auth = NatsAuth.from_env()
+        if auth is None or not (auth.user or auth.token or auth.nkey_seed or auth.creds):
+            token = local_token(args.settings.nats_url, args.settings.home)
+            if token is not None:
+                tls = auth.model_dump(exclude_none=True) if auth is not None else {}
+                auth = NatsAuth(token=token, **tls)
+        return auth
     except ValidationError as exc:
         problems = "; ".join(
             (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
@@ -439,6 +447,7 @@ def _run_services(
     worker: bool,
     banner: Callable[[], str],
     auth: Any = None,
+    nats: Any = None,
     gateway: Any = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> int:
@@ -464,6 +473,7 @@ def _run_services(
                 stop=stop,
                 force=force,
                 on_ready=on_ready,
+                nats=nats,
             )
         finally:
             undo()
@@ -508,6 +518,8 @@ def _http_listener(host: str, port: int, settings: Any, taken: Callable[[int], s
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from broker_client import LOCAL_TOKEN_FILE
+
     from .embedded import EmbeddedNats, port_in_use
 
     settings = args.settings
@@ -532,7 +544,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         nats_url = settings.nats_url
         auth = args.auth
     else:
-        # The server started here has no users: NATSERVE_NATS_* credentials are for joining one.
+        # The server started here takes the pool's token only (made on first start, kept in the
+        # home): NATSERVE_NATS_* credentials are for joining another server.
+        from broker_client import NatsAuth
+
+        from .pool_token import ensure_token
+
         auth = None
         port = args.port if args.port is not None else (_local_port(settings.nats_url) or 4222)
         if not 0 < port < 65536:
@@ -545,22 +562,31 @@ def cmd_up(args: argparse.Namespace) -> int:
                 EXIT_USAGE,
             )
         listener = _up_listener(settings)
-        settings.home.mkdir(parents=True, exist_ok=True)
-        embedded = EmbeddedNats(port, settings.home)
+        token = ensure_token(settings.home)
+        auth = NatsAuth(token=token)
+        embedded = EmbeddedNats(port, settings.home, token=token)
         embedded.start()
         nats_url = embedded.url
 
     def banner() -> str:
+        token = f"; its token is in {settings.home / LOCAL_TOKEN_FILE}" if embedded is not None else ""
         return (
             f"natserve ready on {nats_url} in {time.monotonic() - started:.1f} s "
             f"(prefix {settings.prefix!r}, registry {_hide_password(settings.database_url)})"
             f"{_http_banner(listener)}; "
-            f"clients: export NATSERVE_NATS_URL={nats_url}; Ctrl-C stops"
+            f"clients: export NATSERVE_NATS_URL={nats_url}{token}; Ctrl-C stops"
         )
 
     try:
         return _run_services(
-            args, nats_url=nats_url, registry=True, worker=True, banner=banner, auth=auth, gateway=listener
+            args,
+            nats_url=nats_url,
+            registry=True,
+            worker=True,
+            banner=banner,
+            auth=auth,
+            gateway=listener,
+            nats=embedded,
         )
     finally:
         if listener is not None:

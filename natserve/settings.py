@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     prefix: str = "natserve"
     device: str | None = Field(default=None, description="cuda:N or cpu; the best local one if unset")
     worker_id: str | None = None
-    heartbeat_interval: float = Field(default=2.0, gt=0)
+    # At most what the registry takes in a heartbeat (broker_client's MAX_HEARTBEAT_INTERVAL).
+    heartbeat_interval: float = Field(default=2.0, gt=0, le=600)
     drain_timeout: float = Field(default=30.0, ge=0)
     # The registry's dead window: a worker unheard of this long is dead (registry_service/
     # directory.py); default max(6 s, 3 x the worker's heartbeat interval).

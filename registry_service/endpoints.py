@@ -6,9 +6,15 @@ Subjects under the prefix (``nats micro`` service ``natserve-registry``):
     models.launch / list / describe / terminate      running models and their replicas (SQL)
     workers.list                                     the workers' last heartbeats (memory)
 
-and the heartbeats workers publish on ``workers.heartbeat``. Each handler parses its request
+and the heartbeats workers publish on ``workers.<id>.heartbeat``. Each handler parses its request
 (a 400 for a malformed one), calls the launcher, the repository or the directory, and answers
 with a view (``views.py``); the errors they raise become the error replies.
+
+A heartbeat is taken only when every field is valid (``WorkerInfo`` is strict and bounded: a
+worker id that is a subject token, finite times, a bounded heartbeat interval...) and the body's
+``worker_id`` is the one its subject names, which NATS permissions can tie to the worker's
+credentials (``deploy/nats-server.conf``). Anything else is ignored, with a warning at most every
+``_WARN_EVERY`` seconds: a flood of forged beats must not flood the log either.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from broker_client import (
     UnregisterRequest,
     WorkerInfo,
     codec,
+    format_validation_error,
     parse_definition,
 )
 from broker_client.runtime import Responder
@@ -51,6 +58,27 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Responder], Awaitable[None]]
 
+# Seconds between two warnings about ignored heartbeats (the ones between are counted).
+_WARN_EVERY = 10.0
+
+
+class _IgnoredBeats:
+    """Warns about heartbeats the registry ignores: the first at once, then at most one every
+    ``_WARN_EVERY`` seconds, saying how many were ignored since."""
+
+    def __init__(self) -> None:
+        self._last = -_WARN_EVERY
+        self._since = 0
+
+    def note(self, subject: str, why: str) -> None:
+        now = time.monotonic()
+        self._since += 1
+        if now - self._last < _WARN_EVERY:
+            return
+        others = f" (and {self._since - 1} more since the last warning)" if self._since > 1 else ""
+        logger.warning("ignoring a heartbeat on %s: %s%s", subject, why, others)
+        self._last, self._since = now, 0
+
 
 class RegistryEndpoints:
     """The request handlers of one registry, and its heartbeat handler."""
@@ -63,6 +91,7 @@ class RegistryEndpoints:
         liveness: Liveness,
         records: WorkerRecords,
         metrics: RegistryMetrics,
+        subjects: Subjects,
     ) -> None:
         self.repo = repository
         self.directory = directory
@@ -70,6 +99,8 @@ class RegistryEndpoints:
         self.liveness = liveness
         self.records = records
         self.metrics = metrics
+        self.subjects = subjects
+        self._ignored = _IgnoredBeats()
 
     def routes(self, subjects: Subjects) -> list[tuple[str, str, Handler]]:
         """``(endpoint name, subject, handler)`` for each endpoint of the service."""
@@ -89,11 +120,24 @@ class RegistryEndpoints:
     # ------------------------------------------------------------------ heartbeats
 
     async def on_heartbeat(self, msg: Msg) -> None:
+        subject = msg.subject
+        worker_id = self.subjects.heartbeat_worker(subject)
+        if worker_id is None:
+            self._ignored.note(subject, "not a worker's heartbeat subject")
+            return
         try:
             body = codec.decode(msg.data, codec.detect(msg.data, msg.headers))
             info = WorkerInfo.model_validate(body)
-        except (BadRequest, ValidationError) as exc:
-            logger.warning("ignoring a malformed heartbeat on %s: %s", msg.subject, exc)
+        except BadRequest as exc:
+            self._ignored.note(subject, exc.message)
+            return
+        except ValidationError as exc:
+            self._ignored.note(subject, f"invalid value: {format_validation_error(exc)}"[:1000])
+            return
+        if info.worker_id != worker_id:
+            self._ignored.note(
+                subject, f"its worker_id {info.worker_id!r} is not the one its subject names ({worker_id!r})"
+            )
             return
         entry, changed = self.directory.heard(info)
         if changed:

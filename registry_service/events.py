@@ -23,6 +23,9 @@ __all__ = ["RegistryEvents"]
 
 logger = logging.getLogger(__name__)
 
+# The longest message an event carries.
+_MESSAGE_CHARS = 4000
+
 
 class RegistryEvents:
     """Publishes the registry's events over ``transport``, on the subjects of ``subjects``."""
@@ -33,6 +36,13 @@ class RegistryEvents:
 
     async def model(self, uid: str, stage: str, **fields: Any) -> None:
         """A :class:`~broker_client.ModelEvent` of ``stage`` about model ``uid``."""
+        message = fields.get("message")
+        if isinstance(message, str) and len(message) > _MESSAGE_CHARS:
+            # A worker's error can be huge (a validation error lists every item): an event
+            # above max_payload would be lost.
+            fields["message"] = (
+                f"{message[:_MESSAGE_CHARS]} ... ({len(message) - _MESSAGE_CHARS} more characters)"
+            )
         event = ModelEvent(model_uid=uid, stage=stage, ts=time.time(), **fields)
         try:
             await self.transport.publish(

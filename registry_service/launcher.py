@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from pydantic import ValidationError
 
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAUNCH_TIMEOUT = 600.0
 # Failed launches remembered so that describe can say why a uid is gone.
 _FAILURES_KEPT = 256
+_FAILURE_CHARS = 4000
 
 
 class Launcher:
@@ -112,6 +113,8 @@ class Launcher:
         return NotFound(f"model_uid {uid!r} is not running")
 
     def _remember_failure(self, uid: str, message: str) -> None:
+        # Kept for describe and status: bounded, as a worker's error message may be huge.
+        message = message if len(message) <= _FAILURE_CHARS else message[:_FAILURE_CHARS] + " ..."
         self.metrics.note_failure(uid, message)
         failures = self._failures
         failures[uid] = message
@@ -170,9 +173,11 @@ class Launcher:
         n_gpu: int | str | None = "auto",
         what: str,
         first_index: int = 0,
+        siblings: Mapping[str, int] | None = None,
     ) -> list[Placement]:
         """Places ``replica`` replicas of ``plan`` on the live workers, counting the memory
-        promised to replicas still loading; ``Unavailable`` or ``NotFound`` when it cannot."""
+        promised to replicas still loading and the model's replicas already placed
+        (``siblings``, per worker); ``Unavailable`` or ``NotFound`` when it cannot."""
         return place_replicas(
             self.directory.alive(),
             replica,
@@ -183,6 +188,7 @@ class Launcher:
             reserved=self.memory.snapshot(),
             what=what,
             first_index=first_index,
+            siblings=siblings,
         )
 
     # ------------------------------------------------------------------ launch

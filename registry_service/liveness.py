@@ -11,7 +11,8 @@ Which workers are alive, and the dead window that decides it, is the worker dire
 * **Lost replicas.** A replica recorded on a worker that is dead, stopped, or (after the
   registry's start-up window) unknown, or on a live worker that has not reported it for one
   dead window, is lost. It is re-placed: placed again (``placement.py``, never on the worker it
-  was lost on) and launched there from the model's row, with the options of its launch
+  was lost on, and on a worker that holds none of the model's other replicas when one has room)
+  and launched there from the model's row, with the options of its launch
   (``plan.py``, ``launcher.py``), with ``placing``/``loading``/``ready`` events; when nothing
   has room it is marked ``failed`` with the reason (``describe`` shows it), and a model whose
   replicas all failed is ``failed`` too. Failed replicas are tried again when a worker joins.
@@ -34,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 from broker_client import NatserveError, NotFound, Unavailable
@@ -186,6 +188,9 @@ class Liveness:
         for row in rows:
             if row.status in ("launching", "terminating") or self.launcher.launching(row.model_uid):
                 continue
+            # Where the model's replicas are, as this pass moves them: a re-placed replica goes
+            # where its siblings are not.
+            where = {r.replica_index: r.worker_id for r in row.replicas if r.status != "failed"}
             for r in row.replicas:
                 key = (row.model_uid, r.replica_index)
                 if key in self._relaunching:
@@ -199,7 +204,7 @@ class Liveness:
                     continue
                 if r.status == "failed":
                     if retry_failed:
-                        await self._replace(row, r, r.error or "failed")
+                        await self._replace(row, r, r.error or "failed", where)
                     continue
                 state = self.directory.state_of(r.worker_id, now)
                 if state in ("dead", "stopped", "unknown"):
@@ -208,12 +213,12 @@ class Liveness:
                         "stopped": f"worker {r.worker_id!r} stopped",
                         "unknown": f"worker {r.worker_id!r} has not been heard from",
                     }[state]
-                    await self._replace(row, r, reason)
+                    await self._replace(row, r, reason, where)
                     continue
                 seen_missing.add(key)
                 first = self._missing.setdefault(key, now)
                 if now - first >= grace:
-                    await self._replace(row, r, f"worker {r.worker_id!r} no longer reports it")
+                    await self._replace(row, r, f"worker {r.worker_id!r} no longer reports it", where)
         self._missing = {k: v for k, v in self._missing.items() if k in seen_missing}
         await self._orphans_pass(rows, reported, now, grace)
 
@@ -222,11 +227,13 @@ class Liveness:
         await self._refresh_model_status(row.model_uid)
         logger.info("replica %d of %r on %s is ready (adopted)", r.replica_index, row.model_uid, r.worker_id)
 
-    async def _replace(self, row: ModelRow, r: ReplicaRow, reason: str) -> None:
-        """Place a lost replica elsewhere and launch it there, or mark it failed."""
+    async def _replace(self, row: ModelRow, r: ReplicaRow, reason: str, where: dict[int, str]) -> None:
+        """Place a lost replica elsewhere and launch it there, or mark it failed; ``where`` (the
+        worker of each of the model's replicas) follows."""
         uid, index = row.model_uid, r.replica_index
         self._missing.pop((uid, index), None)
         plan = self.launcher.plan_of(row)
+        siblings = Counter(worker for i, worker in where.items() if i != index)
         try:
             [placement] = self.launcher.place(
                 plan,
@@ -236,8 +243,10 @@ class Liveness:
                 # replica (restarted under the same id) may take it again.
                 what=repr(uid),
                 first_index=index,
+                siblings=siblings,
             )
         except (Unavailable, NotFound) as exc:
+            where.pop(index, None)
             if r.status == "failed":
                 return  # still nowhere to go; it stays failed with its first reason
             error = f"{reason}; {exc.message}"
@@ -250,6 +259,7 @@ class Liveness:
         )
         if not moved:
             return  # another registry re-placed it first
+        where[index] = placement.worker_id
         logger.warning("replica %d of %r: %s; re-placing it on %s", index, uid, reason, placement.worker_id)
         self.launcher.memory.reserve([placement])
         task = asyncio.create_task(

@@ -4,7 +4,9 @@ Each replica goes to a device with room: its estimated need (``memory.py``) must
 free memory the worker last reported for that device, less what this registry has already
 promised to replicas still loading there. Among the devices with room, in order:
 
-1. a worker holding fewer replicas of this launch (``replica=N`` spreads over workers),
+1. a worker holding fewer replicas of this model (``replica=N`` spreads over workers; a
+   re-placed replica counts the siblings it already has, so it goes to a worker without one
+   when there is such a worker with room, and shares one only when there is not),
 2. a GPU (unless ``n_gpu`` is 0 or None, Xinference's "no GPU", which asks for the CPU),
 3. a device holding fewer replicas of this launch (spread over a worker's GPUs),
 4. the most free memory.
@@ -91,7 +93,7 @@ def _cpu(info: WorkerInfo) -> DeviceInfo:
 
 def worker_state(info: WorkerInfo) -> str:
     """``running``, ``stopping`` or ``stopped``: what the worker's last heartbeat said."""
-    return str((info.model_extra or {}).get("status") or "running")
+    return info.status or "running"
 
 
 def place_replicas(
@@ -106,6 +108,7 @@ def place_replicas(
     exclude: Iterable[str] = (),
     what: str = "",
     first_index: int = 0,
+    siblings: Mapping[str, int] | None = None,
 ) -> list[Placement]:
     """Choose a worker (and maybe a device) for each of ``replica`` replicas.
 
@@ -113,7 +116,9 @@ def place_replicas(
     worker that is dead from one that never existed). ``need(kind)`` is a replica's estimated
     bytes on a ``cuda`` or ``cpu`` device, ``reserved`` the bytes already promised per
     ``(worker_id, device)``, ``exclude`` workers not to use, ``what`` the model as error
-    messages name it. Raises ``Unavailable`` when no live worker can take them (or has room)
+    messages name it, ``siblings`` the replicas of the model already placed, per worker
+    (re-placement: the replicas that were not lost). Raises ``Unavailable`` when no live worker
+    can take them (or has room)
     and ``NotFound`` for a pinned worker never seen.
     """
     want_gpu = n_gpu not in (None, 0)
@@ -151,7 +156,7 @@ def place_replicas(
         return need("cuda" if slot.gpu else "cpu") if need is not None else 0
 
     placements: list[Placement] = []
-    per_worker: dict[str, int] = {}
+    per_worker: dict[str, int] = dict(siblings or {})
     per_device: dict[tuple[str, str], int] = {}
     for index in range(first_index, first_index + replica):
         fitting = [s for s in slots if s.free >= need_on(s)]

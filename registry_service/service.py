@@ -19,7 +19,7 @@ Behaviours worth knowing:
 * Several instances may serve one prefix over one database: their endpoints share the default
   nats.micro queue group, each hears every heartbeat, and a uid is claimed by its primary key
   before anything is launched, so concurrent launches of one uid load it once.
-* Workers publish ``WorkerInfo`` on ``workers.heartbeat``; a worker unseen for its dead window
+* Workers publish ``WorkerInfo`` on ``workers.<id>.heartbeat``; a worker unseen for its dead window
   is dead (``directory.py``): listed with ``alive: false`` and never chosen for a launch. On
   start the registry publishes on ``workers.resync`` so that workers beat at once instead of at
   their next interval.
@@ -133,7 +133,13 @@ class RegistryService:
         self.liveness = Liveness(nc, self.directory, self.launcher, repository, self.events)
         self.records = WorkerRecords(repository)
         self.endpoints = RegistryEndpoints(
-            repository, self.directory, self.launcher, self.liveness, self.records, self.metrics
+            repository,
+            self.directory,
+            self.launcher,
+            self.liveness,
+            self.records,
+            self.metrics,
+            self.subjects,
         )
         self.metrics.attach(self.directory, self.launcher.launches_in_flight)
         self._host: ServiceHost | None = None
@@ -160,7 +166,7 @@ class RegistryService:
 
         await self.transport.start()
         self._heartbeat_sub = await self.nc.subscribe(
-            self.subjects.workers_heartbeat, cb=self.endpoints.on_heartbeat
+            self.subjects.workers_heartbeats, cb=self.endpoints.on_heartbeat
         )
         host = ServiceHost(
             self.nc,

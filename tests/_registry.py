@@ -162,7 +162,7 @@ class FakeWorker:
     async def beat(self) -> None:
         assert self.nc is not None
         await self.nc.publish(
-            self.subjects.workers_heartbeat,
+            self.subjects.worker_heartbeat(self.worker_id),
             msgpack.packb(self.info().model_dump(mode="json")),
             headers={"Content-Type": MSGPACK},
         )

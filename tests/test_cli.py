@@ -262,7 +262,7 @@ class Running:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_up_end_to_end(tmp_path: Path, hf_cache: Path) -> None:
+def test_up_end_to_end(tmp_path: Path, hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     env = _env(
         tmp_path,
@@ -270,6 +270,8 @@ def test_up_end_to_end(tmp_path: Path, hf_cache: Path) -> None:
         HF_HUB_OFFLINE="1",
         NATSERVE_LOG_LEVEL="INFO",
     )
+    # This process is the same user's client: it finds the pool's token in the same home.
+    monkeypatch.setenv("NATSERVE_HOME", env["NATSERVE_HOME"])
     up = Running(["up", "--port", str(port), "--device", "cpu", "--no-http"], env)
     try:
         started = time.monotonic()

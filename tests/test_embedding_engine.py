@@ -96,6 +96,21 @@ def test_truncation_at_max_length(engine: EmbeddingEngine) -> None:
     assert len(vectors[0]) == 384
 
 
+def test_a_text_is_cut_to_what_its_first_tokens_span_and_embeds_as_a_whole(
+    engine: EmbeddingEngine, reference: Any
+) -> None:
+    words = " ".join(f"word{i % 997}" for i in range(200_000))  # 1.7 MB
+    budget = engine._char_budget()
+    assert len(engine._capped(words)) == budget < len(words) // 10
+    # WordPiece drops whitespace: a prefix of the budget holds too few tokens, so it grows.
+    spaced = ("x" + " " * 5000) * 300 + " ".join(["word"] * 300)
+    assert len(engine._capped(spaced)) > budget
+    for text in (words, spaced):
+        [ours], tokens = engine.embed([text])
+        [theirs] = reference.encode([text], normalize_embeddings=True).tolist()
+        assert tokens == 256 and torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=1e-4)
+
+
 def test_edge_inputs(engine: EmbeddingEngine) -> None:
     assert engine.embed([]) == ([], 0)
     vectors, _ = engine.embed("a single string")

@@ -51,10 +51,14 @@ def _seed(name: str, **spec: Any) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_persist_survives_restarting_up_and_ephemeral_does_not(tmp_path: Path) -> None:
+def test_persist_survives_restarting_up_and_ephemeral_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``persist=True`` survives a restart of the whole system on the same home; False does not."""
     port = free_port()
     env = _env(tmp_path)
+    # This process is the same user's client: it finds the pool's token in the same home.
+    monkeypatch.setenv("NATSERVE_HOME", env["NATSERVE_HOME"])
     url = f"nats://127.0.0.1:{port}"
     for round_ in (1, 2):
         up = Running(["up", "--port", str(port), "--device", "cpu", "--no-http"], env)

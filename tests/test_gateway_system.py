@@ -175,6 +175,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterato
         ],
         env,
     )
+    # This process is the pool's user: its clients find the pool's token in the same home.
+    same_user = pytest.MonkeyPatch()
+    same_user.setenv("NATSERVE_HOME", env["NATSERVE_HOME"])
     try:
         ready = up.wait_ready(timeout=90)
         nats_url = f"nats://127.0.0.1:{nats_port}"
@@ -210,6 +213,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterato
         assert "Traceback" not in "".join(up.stderr), "".join(up.stderr[-60:])
     finally:
         up.kill()
+        same_user.undo()
 
 
 # ---------------------------------------------------------------------------- natserve up and the CLI

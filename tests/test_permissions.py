@@ -1,8 +1,10 @@
 """``deploy/nats-server.conf`` itself, on a real nats-server: each role can do its job and no more.
 
-The server runs the file unchanged; its passwords come from the environment
-(``NATSERVE_{CLIENT,WORKER,REGISTRY}_PASSWORD``), set here to fixed test values before the
-server starts. Denials show up as "permissions violation" errors (the server keeps the
+The server runs the file with two more workers' users added where its ``BEGIN WORKERS`` /
+``END WORKERS`` lines say, as ``deploy/worker_user.py`` prints them (``w-a`` and ``w-b``; the file's
+own ``worker`` entry is the script's output too); its passwords come from the environment
+(``NATSERVE_{CLIENT,WORKER,REGISTRY,WORKER_W_A,WORKER_W_B}_PASSWORD``), set here to fixed test
+values before the server starts. Denials show up as "permissions violation" errors (the server keeps the
 connection open and tells the client through its error callback); deliveries that must not
 happen are checked against a permitted sentinel sent after the denied message, so no sleep
 stands in for "nothing arrived".
@@ -29,14 +31,30 @@ from broker_client import NatsAuth, Subjects, connect_options
 from broker_client.codec import MSGPACK, encode
 from broker_client.runtime import NATSConnection, Transport, connect
 from registry_service import Registry
+from tests._registry import FakeWorker, definition, until_worker_seen
 from tests.conftest import NatsServer
-from tests.test_registry import FakeWorker, definition
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "nats-server.conf"
+WORKER_USER = ROOT / "deploy" / "worker_user.py"
 PASSWORDS = {"client": "client-test-pw", "worker": "worker-test-pw", "registry": "registry-test-pw"}
+# Workers whose users the test adds, as an operator would: deploy/worker_user.py w-a w-b.
+EXTRA_WORKERS = {"w-a": "wa-test-pw", "w-b": "wb-test-pw"}
 TIMEOUT = 5.0
 S = Subjects()  # the file spells the default prefix
+
+
+def worker_users(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(WORKER_USER), *args], capture_output=True, text=True, timeout=30, check=True
+    )
+    return result.stdout
+
+
+def config_with_workers() -> str:
+    text = CONFIG.read_text()
+    end = text.index("    # END WORKERS")
+    return text[:end] + worker_users(*EXTRA_WORKERS) + text[end:]
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +62,17 @@ def server() -> Iterator[NatsServer]:
     with pytest.MonkeyPatch.context() as env:
         for role, password in PASSWORDS.items():
             env.setenv(f"NATSERVE_{role.upper()}_PASSWORD", password)
+        for worker_id, password in EXTRA_WORKERS.items():
+            env.setenv(f"NATSERVE_WORKER_{worker_id.upper().replace('-', '_')}_PASSWORD", password)
         # Popen copies the environment now; the variables are not needed afterwards.
-        nats = NatsServer(config=CONFIG.read_text()).start()
+        nats = NatsServer(config=config_with_workers()).start()
     yield nats
     nats.stop()
     shutil.rmtree(nats.store, ignore_errors=True)
 
 
 def auth(role: str) -> NatsAuth:
-    return NatsAuth(user=role, password=PASSWORDS[role])
+    return NatsAuth(user=role, password={**PASSWORDS, **EXTRA_WORKERS}[role])
 
 
 @dataclass
@@ -111,6 +131,13 @@ def test_every_role_has_a_password_variable() -> None:
         assert f"user: {role}, password: $NATSERVE_{role.upper()}_PASSWORD" in text
 
 
+def test_the_files_worker_entry_is_what_the_script_prints_for_its_id() -> None:
+    text = CONFIG.read_text()
+    begin, end = text.index("    # BEGIN WORKERS\n"), text.index("    # END WORKERS")
+    shipped = text[begin:end].split("\n", 1)[1]
+    assert shipped == worker_users("worker", "--password-var", "NATSERVE_WORKER_PASSWORD")
+
+
 async def test_wrong_password_is_refused(server: NatsServer) -> None:
     from broker_client import TransportError
 
@@ -121,7 +148,7 @@ async def test_wrong_password_is_refused(server: NatsServer) -> None:
 
 async def test_client_cannot_command_a_worker(session: Any) -> None:
     client, worker, registry = await session("client"), await session("worker"), await session("registry")
-    worker_id = f"w-{uuid.uuid4().hex[:8]}"
+    worker_id = "worker"  # the worker's user takes its own commands only
     launch = S.worker(worker_id, "launch")
     received: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -150,6 +177,7 @@ async def test_client_cannot_command_a_worker(session: Any) -> None:
     ("role", "action", "subject"),
     [
         ("client", "pub", "natserve.workers.heartbeat"),  # fake a worker
+        ("client", "pub", "natserve.workers.worker.heartbeat"),
         ("client", "pub", "natserve.workers.resync"),
         ("client", "pub", "natserve.events.models.m1"),  # fake launch progress
         ("client", "pub", "natserve.worker.w1.terminate"),
@@ -159,10 +187,18 @@ async def test_client_cannot_command_a_worker(session: Any) -> None:
         ("worker", "pub", "natserve.models.launch"),
         ("worker", "pub", "natserve.worker.w2.launch"),  # command another worker
         ("worker", "pub", "natserve.model.m1.generate"),
+        ("worker", "pub", "natserve.workers.heartbeat"),
+        ("worker", "pub", "natserve.workers.w-a.heartbeat"),  # speak for another worker
+        ("w-a", "pub", "natserve.workers.w-b.heartbeat"),
+        ("w-a", "pub", "natserve.workers.*.heartbeat"),
+        ("w-a", "sub", "natserve.worker.w-b.>"),  # read another worker's commands
+        ("w-a", "sub", "natserve.worker.*.>"),
         ("worker", "sub", "natserve.registry.*"),
         ("worker", "sub", "natserve.workers.heartbeat"),
+        ("worker", "sub", "natserve.workers.*.heartbeat"),
         ("registry", "pub", "natserve.model.m1.generate"),
         ("registry", "pub", "natserve.workers.heartbeat"),
+        ("registry", "pub", "natserve.workers.worker.heartbeat"),
         ("registry", "sub", "natserve.model.>"),
     ],
 )
@@ -192,7 +228,9 @@ async def test_whole_launch_flow_under_the_permissions(
 ) -> None:
     """Register, launch (registry → worker command and reply), events, workers, terminate."""
     host_port = server.url.removeprefix("nats://")
-    worker = await FakeWorker(f"nats://worker:{PASSWORDS['worker']}@{host_port}", S.prefix).start()
+    worker = await FakeWorker(
+        f"nats://worker:{PASSWORDS['worker']}@{host_port}", S.prefix, worker_id="worker"
+    ).start()
     try:
         client = await session("client")
         transport = Transport(client.nc)
@@ -249,8 +287,9 @@ async def test_a_stream_of_50_chunks_reaches_the_client_whole(session: Any) -> N
         )
     ]
     assert [c["seq"] for c in chunks] == list(range(1, 51))
-    # The client may cancel a stream too.
+    # The client may cancel a stream too, and acknowledge its chunks (the keepalive).
     await transport.publish(S.model(uid, "cancel"), {"request_id": "r1"})
+    await transport.publish(S.model_keepalive(uid, "worker"), {"reply": "_INBOX.x.1", "received": 16})
     await client.nc.flush()
     client.assert_no_violation()
     worker.assert_no_violation()
@@ -292,3 +331,141 @@ async def test_healthchecks_work_with_each_services_own_user(
         worker.assert_no_violation()
     finally:
         await service.stop()
+
+
+def beat_of(worker_id: str, **changes: Any) -> bytes:
+    """A heartbeat body for ``worker_id`` (80 GiB free on a GPU: placement's first choice)."""
+    body: dict[str, Any] = {
+        "worker_id": worker_id,
+        "host": "h",
+        "pid": 1,
+        "version": "0.1.0",
+        "devices": [
+            {"name": "cuda:0", "kind": "cuda", "total_memory": 80 << 30, "free_memory": 80 << 30},
+            {"name": "cpu", "kind": "cpu", "total_memory": 64 << 30, "free_memory": 32 << 30},
+        ],
+        "replicas": [],
+        "started_at": 1.0,
+        "last_seen": 2.0,
+        "heartbeat_interval": 1.0,
+    }
+    body.update(changes)
+    return encode(body, MSGPACK)
+
+
+async def test_forged_heartbeats_are_refused_or_ignored_and_launches_go_on(
+    server: NatsServer, session: Any, registry: Registry
+) -> None:
+    """Under the file's permissions nobody speaks for another worker: a client or worker ``w-a``
+    publishing for someone else is refused by the server; what ``w-a`` may publish on its own
+    subject counts only when it is a valid beat of ``w-a``. Meanwhile unpinned launches go to
+    the real worker (forged beats of a roomier worker made every one of them a 503)."""
+    host_port = server.url.removeprefix("nats://")
+    real = await FakeWorker(
+        f"nats://worker:{PASSWORDS['worker']}@{host_port}", S.prefix, worker_id="worker", beating=True
+    ).start()
+    try:
+        client, refused, forger = await session("client"), await session("w-a"), await session("w-a")
+        headers = {"Content-Type": MSGPACK}
+        # Refused by the server: no message reaches the registry.
+        for who, subject in [
+            (client, S.worker_heartbeat("ghost")),
+            (refused, S.worker_heartbeat("w-b")),
+            (refused, "natserve.workers.heartbeat"),
+        ]:
+            await who.nc.publish(subject, beat_of("ghost"), headers=headers)
+            await who.nc.flush()
+            assert subject in await who.violation()
+
+        # Let through (w-a's own subject) but ignored by the registry, field by field.
+        forgeries = [
+            beat_of("ghost"),  # another worker's id
+            beat_of("*"),
+            beat_of(">"),
+            beat_of("a.b"),
+            beat_of("w-a", heartbeat_interval=1e300),  # never dead
+            beat_of("w-a", heartbeat_interval="2"),
+            beat_of("w-a", last_seen=float("nan")),
+            beat_of(
+                "w-a", devices=[{"name": "cpu; rm -rf /", "kind": "cpu", "total_memory": 1, "free_memory": 1}]
+            ),
+            beat_of(
+                "w-a", devices=[{"name": "cuda:0", "kind": "cuda", "total_memory": 1, "free_memory": -1}]
+            ),
+            beat_of("w-a", pid=True),
+            beat_of("w-a", note="x" * 100_000),
+            b"not a heartbeat",
+        ]
+        mine = S.worker_heartbeat("w-a")
+        transport = Transport(client.nc)
+        await transport.start()
+        stop = asyncio.Event()
+
+        async def keep_forging() -> None:
+            while not stop.is_set():
+                for body in forgeries:
+                    await forger.nc.publish(mine, body, headers=headers)
+                await forger.nc.flush()
+                await asyncio.sleep(0.02)  # a steady stream of forgeries, not a synchronisation
+
+        forging = asyncio.create_task(keep_forging())
+        try:
+            name = f"m{uuid.uuid4().hex[:8]}"
+            await transport.request(
+                S.registry_register, {"model_type": "LLM", "model": definition(name)}, timeout=TIMEOUT
+            )
+            reply = await transport.request(S.models_launch, {"model_name": name}, timeout=TIMEOUT)
+            assert reply == {"model_uid": name}
+            assert [c.model_uid for c in real.launches] == [name]
+        finally:
+            stop.set()
+            await forging
+        # A valid beat of w-a, after every forgery on the same connection: once it is listed, the
+        # registry has judged them all.
+        await forger.nc.publish(mine, beat_of("w-a", devices=[]), headers=headers)
+        await forger.nc.flush()
+        await until_worker_seen(transport, S, "w-a")
+        listed = {
+            w["worker_id"] for w in (await transport.request(S.workers_list, {}, timeout=TIMEOUT))["workers"]
+        }
+        assert listed == {"worker", "w-a"}
+        [w_a] = [
+            w
+            for w in (await transport.request(S.workers_list, {}, timeout=TIMEOUT))["workers"]
+            if w["worker_id"] == "w-a"
+        ]
+        assert w_a["heartbeat_interval"] == 1.0 and w_a["devices"] == []
+        forger.assert_no_violation()
+        client.assert_no_violation()
+    finally:
+        await real.stop()
+
+
+async def test_a_worker_with_its_own_user_serves_under_its_id(server: NatsServer, registry: Registry) -> None:
+    """A real worker, logged in as w-b: its beats are heard and its commands reach it."""
+    from workers import Worker, WorkerSettings
+
+    worker = Worker(
+        WorkerSettings(server.url, worker_id="w-b", device="cpu", auth=auth("w-b"), heartbeat_interval=0.5)
+    )
+    await worker.start()
+    try:
+        nc = await connect(server.url, name="t", **connect_options(auth("client")))
+        try:
+            transport = Transport(nc)
+            await transport.start()
+            await until_worker_seen(transport, S, "w-b")
+            name = f"m{uuid.uuid4().hex[:8]}"
+            echo = definition(name, model_specs=[{"model_size_in_billions": 1, "model_uri": "echo:"}])
+            await transport.request(
+                S.registry_register, {"model_type": "LLM", "model": echo}, timeout=TIMEOUT
+            )
+            await transport.request(
+                S.models_launch, {"model_name": name, "worker_id": "w-b"}, timeout=TIMEOUT
+            )
+            out = await transport.request(S.model(name, "generate"), {"prompt": "one two"}, timeout=TIMEOUT)
+            assert out["choices"][0]["text"] == "one two"
+        finally:
+            await nc.close()
+    finally:
+        await worker.stop()

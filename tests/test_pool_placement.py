@@ -105,6 +105,24 @@ def test_replicas_go_where_they_fit() -> None:
         place_replicas([worker("one", 25)], 3, need=gib(10))
 
 
+def test_replicas_of_one_model_go_to_different_workers_while_there_are_enough() -> None:
+    alive = [worker("a", 30), worker("b", 20), worker("c", 10)]
+    # A launch spreads its replicas, whatever the memory says.
+    assert sorted(p.worker_id for p in place_replicas(alive, 3, need=gib(5))) == ["a", "b", "c"]
+    # A re-placed replica counts the siblings it still has: replica 1, lost, while replica 0 is
+    # on a (the most free memory), goes to b; with siblings on a and b, to c.
+    [p] = place_replicas(alive, 1, need=gib(5), first_index=1, siblings={"a": 1})
+    assert (p.replica_index, p.worker_id) == (1, "b")
+    [p] = place_replicas(alive, 1, need=gib(5), first_index=2, siblings={"a": 1, "b": 1})
+    assert p.worker_id == "c"
+    # A preference: with room only beside a sibling, it shares that worker rather than fail.
+    [p] = place_replicas(alive, 1, need=gib(25), first_index=1, siblings={"a": 1})
+    assert p.worker_id == "a"
+    # And with every worker holding one, the one with the most room takes the next.
+    [p] = place_replicas(alive, 1, need=gib(5), first_index=3, siblings={"a": 1, "b": 1, "c": 1})
+    assert p.worker_id == "a"
+
+
 def test_nothing_has_room_names_the_need_and_the_most_free_memory() -> None:
     alive = [worker("a", 20), worker("b", 40), worker("c", cpu=100)]
     with pytest.raises(Unavailable) as info:

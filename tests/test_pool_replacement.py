@@ -69,3 +69,49 @@ async def test_a_replica_re_placed_after_its_worker_is_killed_keeps_the_launch_l
         assert "re-placing it on" in registry.log()
         # The replica on b was created from the row: the same limits, a fresh rate budget.
         await limited_on(b.name)
+
+
+async def test_replicas_re_placed_after_a_kill_go_where_their_siblings_are_not(
+    pool: Pool, unique: str
+) -> None:
+    """Three workers, three models of two replicas: after one worker is SIGKILLed, each lost
+    replica goes to the live worker that holds none of its model's replicas."""
+    registry = pool.registry()
+    workers = [pool.worker(f"w{n}-{unique}") for n in "abc"]
+    await asyncio.gather(registry.wait_ready(), *(w.wait_ready() for w in workers))
+    names = {w.name for w in workers}
+    async with AsyncClient(pool.nats_url, prefix=pool.prefix, timeout=60) as client:
+
+        async def all_alive() -> bool:
+            return names <= {w["worker_id"] for w in await client.list_workers() if w["alive"]}
+
+        await eventually(all_alive, "the three workers to be alive in the registry")
+        uids = []
+        for n in range(3):
+            await client.register_model("LLM", echo_definition(f"pair{n}"))
+            uids.append(await client.launch_model(f"pair{n}", replica=2, progress=False))
+
+        async def placed() -> dict[str, list[str]]:
+            out = {}
+            for uid in uids:
+                d = await client.describe_model(uid)
+                out[uid] = [r["worker_id"] for r in d["replicas"] if r["status"] == "ready"]
+            return out
+
+        for uid, on in (await placed()).items():
+            assert len(set(on)) == 2, f"the launch put both replicas of {uid} on one worker: {on}"
+        # The worker holding the most replicas goes: the most re-placements to get right.
+        counts = {w.name: sum(on.count(w.name) for on in (await placed()).values()) for w in workers}
+        victim = max(workers, key=lambda w: counts[w.name])
+        lost = counts[victim.name]
+        victim.signal(signal.SIGKILL)
+        live = names - {victim.name}
+
+        async def re_placed() -> dict[str, list[str]] | None:
+            now = await placed()
+            ok = all(len(on) == 2 and set(on) <= live for on in now.values())
+            return now if ok else None
+
+        now = await eventually(re_placed, f"the {lost} replicas of {victim.name} to be re-placed", timeout=40)
+        for uid, on in now.items():
+            assert len(set(on)) == 2, f"a re-placed replica of {uid} joined its sibling: {on}"

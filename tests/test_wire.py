@@ -125,6 +125,33 @@ def test_the_error_line_is_one_bounded_line_and_follows_the_stream() -> None:
     assert headers[wire.SEQ_HEADER] == "4"
 
 
+@pytest.mark.parametrize("content_type", [JSON, MSGPACK])
+@pytest.mark.parametrize("text", ["x", "é", "\u2603", '"'])
+def test_an_error_body_too_large_is_cut_to_fit_and_says_so(content_type: str, text: str) -> None:
+    limit = 4096
+    err = BadRequest("; ".join(f"model_specs[{i}]: {text * 8}" for i in range(20_000)))
+    data = wire.error_body(err, content_type, limit)
+    assert len(data) <= limit
+    body = json.loads(data) if content_type == JSON else msgpack.unpackb(data)
+    message = body["error"]["message"]
+    assert body["error"]["code"] == 400 and body["error"]["type"] == "BadRequest"
+    assert message.startswith("model_specs[0]: ") and "more characters cut" in message
+    # Cut no more than it had to: most of the room holds the message.
+    assert len(data) > limit - 200
+
+
+def test_an_error_body_that_fits_is_sent_whole() -> None:
+    err = NotFound("model_uid 'm1' is not running")
+    assert wire.error_body(err, JSON, 1 << 20) == json.dumps(err.to_wire(), separators=(",", ":")).encode()
+
+
+def test_headers_size_counts_what_the_server_counts() -> None:
+    headers = {"Content-Type": JSON, wire.ERROR_CODE_HEADER: "400", wire.ERROR_HEADER: "d\u00e9j\u00e0"}
+    # NATS/1.0\r\n, one "Name: value\r\n" per header, then \r\n; values in UTF-8.
+    expected = 10 + sum(len(k) + 2 + len(v.encode()) + 2 for k, v in headers.items()) + 2
+    assert wire.headers_size(headers) == expected
+
+
 # ---------------------------------------------------------------------------- parts
 
 

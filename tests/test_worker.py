@@ -457,7 +457,7 @@ async def test_heartbeats_and_resync(nats_url: str, prefix: str, client: tuple[A
     async def on_beat(msg: Msg) -> None:
         await beats.put(msg)
 
-    await nc.subscribe(subjects.workers_heartbeat, cb=on_beat)
+    await nc.subscribe(subjects.workers_heartbeats, cb=on_beat)
     await nc.flush()
     # A long interval: any second beat within the test comes from the resync.
     worker = Worker(WorkerSettings(nats_url, prefix=prefix, device="cpu", heartbeat_interval=60))

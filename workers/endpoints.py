@@ -20,6 +20,10 @@ answered by the service host (``broker_client.runtime.ServiceHost``) as a natser
 * ``<prefix>.model.<uid>.cancel`` in a queue group of this worker's own, so every worker sees every
   cancel and the one holding the request stops it. Only that one answers, so a cancel is best
   sent as a plain publish; a request gets ``{"request_id", "cancelled": true}`` from the holder.
+* ``<prefix>.model.<uid>.keepalive.<worker id>``: the acks of the readers of its streams that
+  asked for the keepalive (``"keepalive": N``); such a stream stops, a 503, once its reader has
+  been silent for ``keepalive_silence`` seconds (``broker_client._keepalive``, through
+  ``broker_client.runtime.Keepalives``).
 
 Endpoints are per uid rather than per replica because ``ServiceHost.remove_endpoints`` removes
 by subject: two replicas of one uid on one worker, each with its own endpoints, could not be
@@ -50,7 +54,7 @@ from broker_client import (
     WorkerLaunchReply,
     WorkerTerminate,
 )
-from broker_client.runtime import NATSConnection, Responder, ServiceHost
+from broker_client.runtime import KEEPALIVE_SILENCE, Keepalives, NATSConnection, Responder, ServiceHost
 
 from . import balancing
 from .limits import WorkerLimits
@@ -147,6 +151,7 @@ class ModelEndpoints:
         served: ServedModel,
         *,
         limits: WorkerLimits | None = None,
+        keepalive_silence: float = KEEPALIVE_SILENCE,
     ) -> None:
         self.host = host
         self.subjects = subjects
@@ -156,6 +161,10 @@ class ModelEndpoints:
         # The worker's policy; here for its request body limit.
         self.limits = limits or WorkerLimits()
         self._subjects: set[str] = set()
+        self.keepalives = Keepalives(
+            subjects.model_keepalive(served.model_uid, served.worker_id), silence=keepalive_silence
+        )
+        self._keepalive_sub: Any = None
 
     @property
     def subjects_served(self) -> set[str]:
@@ -203,6 +212,10 @@ class ModelEndpoints:
                 metadata=meta,
             )
             self._subjects.add(subject)
+            # A plain subscription: acks are published, nobody waits for an answer.
+            self._keepalive_sub = await self.host.nc.subscribe(
+                self.keepalives.subject, cb=self.keepalives.on_ack
+            )
         except BaseException:
             await self.close()
             raise
@@ -217,6 +230,10 @@ class ModelEndpoints:
 
     async def close(self) -> None:
         await self._remove(set(self._subjects))
+        sub, self._keepalive_sub = self._keepalive_sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _remove(self, subjects: set[str]) -> None:
         if subjects:
@@ -275,9 +292,21 @@ class ModelEndpoints:
                 if isinstance(req, GenerateRequest)
                 else replica.chat_stream(req, flight)
             )
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    await resp.chunk(chunk)
+            if not req.keepalive:
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        await resp.chunk(chunk)
+                await resp.end_stream()
+                return
+            # Its reader acknowledges: a chunk raises StreamAbandoned (a 503) once it has been
+            # silent too long, and closing the chunks stops the generation.
+            self.keepalives.arm(resp, req.keepalive)
+            try:
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        await resp.chunk(chunk)
+            finally:
+                self.keepalives.disarm(resp)
             await resp.end_stream()
 
     async def _pass_on(self, resp: Responder, operation: str) -> bool:

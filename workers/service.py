@@ -3,7 +3,7 @@
 One :class:`Worker` is one ``nats.micro`` service named ``natserve-worker`` (metadata:
 ``worker_id``, ``host``). Its endpoints (:mod:`workers.endpoints`) take launch and terminate
 commands from the registry and the model requests of the replicas it serves; it publishes its
-``WorkerInfo`` on ``<prefix>.workers.heartbeat`` every ``heartbeat_interval``, at once on start,
+``WorkerInfo`` on ``<prefix>.workers.<id>.heartbeat`` every ``heartbeat_interval``, at once on start,
 on every message to ``<prefix>.workers.resync`` and whenever its replicas change. Launch
 progress goes to ``<prefix>.events.models.<uid>`` as ``ModelEvent``s (stages ``download``,
 ``loading``, ``ready``, ``failed``, ``terminated``).
@@ -245,7 +245,9 @@ class Worker:
                 # Drain flushes what is still buffered (final replies, the last heartbeat).
                 await asyncio.wait_for(nc.drain(), timeout=5)
             except Exception:
-                await nc.close()
+                # No server to drain to (it died first): closing is all that is left.
+                with contextlib.suppress(Exception):
+                    await nc.close()
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -293,7 +295,7 @@ class Worker:
     async def _publish_heartbeat(self, *, status: str | None = None) -> None:
         # list_devices reads /proc and asks CUDA: cheap, but not free; fine at heartbeat rates.
         info = self.info(status=status)
-        await self._publish(self.subjects.workers_heartbeat, info.model_dump(mode="json"))
+        await self._publish(self.subjects.worker_heartbeat(self.worker_id), info.model_dump(mode="json"))
 
     async def _heartbeat_loop(self) -> None:
         me = asyncio.current_task()
@@ -443,7 +445,13 @@ class Worker:
         if served is None:
             assert self.service is not None
             served = self._models[model_uid] = ServedModel(model_uid, self.worker_id)
-            served.endpoints = ModelEndpoints(self.service, self.subjects, served, limits=self.limits)
+            served.endpoints = ModelEndpoints(
+                self.service,
+                self.subjects,
+                served,
+                limits=self.limits,
+                keepalive_silence=self.settings.keepalive_silence,
+            )
         return served
 
     # ------------------------------------------------------------------ terminate

@@ -13,7 +13,8 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker_client import DEFAULT_PREFIX, NatsAuth, check_name
+from broker_client import DEFAULT_PREFIX, MAX_HEARTBEAT_INTERVAL, NatsAuth, check_name
+from broker_client.runtime import KEEPALIVE_SILENCE
 
 from .limits import WorkerLimits
 
@@ -43,6 +44,8 @@ class WorkerSettings:
     * ``warm_up``: import torch and the model-loading code on a thread once the worker answers
       (:func:`workers.builder.warm_up`), so that a launch after it (3 s or more on two cores)
       pays only for its model; a launch that comes sooner waits for it.
+    * ``keepalive_silence``: seconds a stream whose reader asked for the keepalive may go
+      unacknowledged (after two windows of chunks) before it stops (``broker_client._keepalive``).
     """
 
     nats_url: str | list[str]
@@ -57,9 +60,18 @@ class WorkerSettings:
     limits: WorkerLimits = field(default_factory=WorkerLimits)
     metrics_registry: CollectorRegistry | None = None
     warm_up: bool = False
+    keepalive_silence: float = KEEPALIVE_SILENCE
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}")
+        if self.heartbeat_interval > MAX_HEARTBEAT_INTERVAL:
+            # The registry takes no heartbeat announcing more (its dead window is three of them).
+            raise ValueError(
+                f"heartbeat_interval must be at most {MAX_HEARTBEAT_INTERVAL:g} s, "
+                f"got {self.heartbeat_interval}"
+            )
+        if self.keepalive_silence <= 0:
+            raise ValueError(f"keepalive_silence must be positive, got {self.keepalive_silence}")
         if self.worker_id:
             check_name(self.worker_id, "worker_id")

@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingEngine", "LoadedEncoder", "pool"]
 
+# Tokens beyond max_length a cut prefix must hold, so that the word the cut splits is past the
+# tokens the model reads.
+_CUT_MARGIN = 8
+
 
 class LoadedEncoder(Protocol):
     """What the engine reads of a loaded sentence-embedding model (the loader's
@@ -104,7 +108,16 @@ def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str
 
 
 class EmbeddingEngine:
-    """Embeds lists of texts with one loaded model; one batch runs at a time."""
+    """Embeds lists of texts with one loaded model; one batch runs at a time.
+
+    Two rules keep one request from holding the model for long (a 1 MB input took 1.5 s, and a
+    small request waited 5 s behind four of them):
+
+    * a text is cut before it is tokenised to what its first ``max_length`` tokens can span
+      (:meth:`_capped`): the tokenizer would read all of it only to truncate it;
+    * :meth:`aembed` takes the model one batch at a time, in turn with the other requests
+      waiting (an ``asyncio.Lock`` wakes them in order), rather than for a whole request.
+    """
 
     def __init__(self, loaded: LoadedEncoder, *, max_batch_size: int = 64) -> None:
         if max_batch_size < 1:
@@ -113,9 +126,10 @@ class EmbeddingEngine:
         self.max_batch_size = max_batch_size
         # The thread lock serialises the model itself (sync callers, and a cancelled aembed
         # whose thread still runs); the per-loop asyncio lock keeps waiting requests off the
-        # default executor's threads.
+        # default executor's threads and hands the model to them in turn, batch by batch.
         self._model_lock = threading.Lock()
         self._async_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        self._chars_per_token: int | None = None
 
     @property
     def dimensions(self) -> int:
@@ -131,35 +145,73 @@ class EmbeddingEngine:
             out.append(text.lower() if self.loaded.do_lower_case else text)
         return out
 
+    def _char_budget(self) -> int:
+        """Characters the first ``max_length`` tokens can span, as a first cut: the longest
+        token of the vocabulary (a byte-level token is never shorter than its text) or 100 (a
+        WordPiece word that long is one [UNK]), times ``max_length``."""
+        if self._chars_per_token is None:
+            longest = 16
+            try:
+                longest = max((len(t) for t in self.loaded.tokenizer.get_vocab()), default=16)
+            except Exception:
+                logger.debug("no vocabulary to bound a token's characters", exc_info=True)
+            self._chars_per_token = max(longest, 100)
+        return self.loaded.max_length * self._chars_per_token
+
+    def _capped(self, text: str) -> str:
+        """``text`` cut to a prefix that still holds its first ``max_length`` tokens.
+
+        Tokenisers that drop whitespace can spend many characters on few tokens, so the cut is
+        checked: a prefix with too few tokens (a margin above ``max_length``, so that the word
+        the cut splits is not among the tokens kept) grows four times until it has them or is the
+        whole text. Only such texts are tokenised more than once.
+        """
+        budget = self._char_budget()
+        if len(text) <= budget:
+            return text
+        tokenizer, want = self.loaded.tokenizer, self.loaded.max_length + _CUT_MARGIN
+        while budget < len(text):
+            prefix = text[:budget]
+            if len(tokenizer(prefix, add_special_tokens=False, truncation=False)["input_ids"]) >= want:
+                return prefix
+            budget *= 4
+        return text
+
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         """The vectors of ``texts`` in order, and the number of tokens read (after truncation)."""
         items = self._check_input(texts)
-        if not items:
-            return [], 0
+        order = self._order(items)
+        vectors: list[list[float]] = [[] for _ in items]
+        total_tokens = 0
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start : start + self.max_batch_size]
+            rows, tokens = self._embed_chunk([items[i] for i in chunk])
+            total_tokens += tokens
+            for row, i in zip(rows, chunk, strict=True):
+                vectors[i] = row
+        return vectors, total_tokens
+
+    @staticmethod
+    def _order(items: list[str]) -> list[int]:
+        # Longest first, as sentence-transformers does: batches of similar lengths pad less.
+        return sorted(range(len(items)), key=lambda i: -len(items[i]))
+
+    def _embed_chunk(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One batch, under the model lock: its vectors and the tokens read."""
         loaded = self.loaded
         if loaded.released or loaded.model is None:
             raise Unavailable(f"embedding model {loaded.source.ref or loaded.source.path} is unloaded")
-
-        # Longest first, as sentence-transformers does: batches of similar lengths pad less.
-        order = sorted(range(len(items)), key=lambda i: -len(items[i]))
-        vectors: list[list[float]] = [[] for _ in items]
-        total_tokens = 0
         with self._model_lock, torch.inference_mode():
-            for start in range(0, len(order), self.max_batch_size):
-                chunk = order[start : start + self.max_batch_size]
-                try:
-                    pooled, tokens = self._embed_batch([items[i] for i in chunk])
-                except torch.OutOfMemoryError as exc:
-                    raise Unavailable(
-                        f"out of memory embedding a batch of {len(chunk)} texts on "
-                        f"{loaded.device}; retry with fewer inputs"
-                    ) from exc
-                except (RuntimeError, ValueError) as exc:
-                    raise InternalError(f"embedding failed: {exc}") from exc
-                total_tokens += tokens
-                for row, i in zip(pooled.tolist(), chunk, strict=True):
-                    vectors[i] = row
-        return vectors, total_tokens
+            try:
+                pooled, tokens = self._embed_batch([self._capped(t) for t in texts])
+            except torch.OutOfMemoryError as exc:
+                raise Unavailable(
+                    f"out of memory embedding a batch of {len(texts)} texts on "
+                    f"{loaded.device}; retry with fewer inputs"
+                ) from exc
+            except (RuntimeError, ValueError) as exc:
+                raise InternalError(f"embedding failed: {exc}") from exc
+            return pooled.tolist(), tokens
 
     def _embed_batch(self, texts: list[str]) -> tuple[torch.Tensor, int]:
         loaded = self.loaded
@@ -180,15 +232,26 @@ class EmbeddingEngine:
         return pooled.float().cpu(), int(mask.sum().item())
 
     async def aembed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
-        """:meth:`embed` on a worker thread, so the event loop keeps serving other requests."""
+        """:meth:`embed` on worker threads, so the event loop keeps serving other requests, and
+        one batch at a time, so that the requests waiting get the model in turn."""
         loop = asyncio.get_running_loop()
         lock = self._async_locks.get(loop)
         if lock is None:
             # Drop locks of closed loops (tests run one loop per test).
             self._async_locks = {lp: lk for lp, lk in self._async_locks.items() if not lp.is_closed()}
             lock = self._async_locks.setdefault(loop, asyncio.Lock())
-        async with lock:
-            return await asyncio.to_thread(self.embed, texts)
+        items = self._check_input(texts)
+        order = self._order(items)
+        out: list[list[float]] = [[] for _ in items]
+        total_tokens = 0
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start : start + self.max_batch_size]
+            async with lock:
+                rows, tokens = await asyncio.to_thread(self._embed_chunk, [items[i] for i in chunk])
+            total_tokens += tokens
+            for row, i in zip(rows, chunk, strict=True):
+                out[i] = row
+        return out, total_tokens
 
 
 if TYPE_CHECKING:  # mypy holds the engine to the protocol the replica uses
