@@ -76,7 +76,7 @@ from bench._pool import llm_definition  # noqa: E402
 # ----------------------------------------------------------------------------- workloads
 
 MODELS: dict[str, dict[str, Any]] = {
-    # The tiny shape of tests/hfmodels.build_tiny_llama (4 heads, 2 KV heads, intermediate 128,
+    # The tiny shape of tests/support/models.build_tiny_llama (4 heads, 2 KV heads, intermediate 128,
     # vocabulary 512).
     "tiny": dict(
         vocab_size=512,
@@ -1051,7 +1051,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from natserve.embedded import nats_server_binary
-    from tests.conftest import NatsServer
+    from tests.support.nats_server import NatsServer
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

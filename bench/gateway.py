@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench._http import HttpConnection, connect  # noqa: E402
 from bench._pool import llm_definition, run_pool  # noqa: E402
-from tests.conftest import NatsServer, free_port  # noqa: E402
+from tests.support.nats_server import NatsServer  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 PROMPT = "natserve overhead probe " * 4
 ECHO_MODEL = llm_definition("echo-gateway-bench", "echo:")

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._pool import llm_definition, run_pool  # noqa: E402
-from tests.conftest import NatsServer  # noqa: E402
+from tests.support.nats_server import NatsServer  # noqa: E402
 
 PROMPT = "natserve overhead probe " * 4
 ECHO_MODEL = llm_definition("echo-bench", "echo:")

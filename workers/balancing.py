@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Passes before a request is queued where it is. Each one costs a publish of the request (a few
 # hundred microseconds on a LAN). Measured with a fast and a 4x slower replica
-# (tests/test_pool_balancing.py): 4 hops reached about 80 % of their summed throughput, 6 and 8
+# (tests/pool/test_balancing.py): 4 hops reached about 80 % of their summed throughput, 6 and 8
 # about 90 %; 8 also serves larger pools, where a free replica is rarer.
 MAX_HOPS = 8
 

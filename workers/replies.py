@@ -6,7 +6,7 @@ A replica answers with the body of a :class:`~broker_client.Completion`,
 ``TypedDict`` of this module that mirrors the model: the keys of the model's fields in its field
 order, the ones the reply leaves out (a chunk's ``usage`` before the last chunk, an embedding
 list's ``completion_tokens``) not required. mypy checks every reply a replica builds against
-them; ``tests/test_replies.py`` holds each one to its pydantic model (the same fields in the
+them; ``tests/unit/test_replies.py`` holds each one to its pydantic model (the same fields in the
 same order) and the replies the replicas build to ``model_validate`` of the model, dumped back
 unchanged.
 

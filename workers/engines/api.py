@@ -7,7 +7,7 @@ or the warm-up gets to them.
 An engine is anything that turns a prompt's tokens into a stream of ``Delta``s: the batching and
 static engines over a transformers model, the model-less echo, and later engines over other
 runtimes (llama.cpp). The replica only ever talks to an engine through :class:`Engine`; the
-contract tests (tests/test_engine_contract.py) hold every engine to it.
+contract tests (tests/engines/test_contract.py) hold every engine to it.
 """
 
 from __future__ import annotations

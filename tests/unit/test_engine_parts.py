@@ -1,0 +1,168 @@
+"""Unit tests of the torch-free parts of the LLM engine, each alone: the scheduler (admission
+within the batch and the prefill budget, cancels, submission errors) and the output processor
+(finish reasons, stops, readers of the whole text), the latter with a one-character-per-token
+stand-in tokenizer. The engines built from these parts are tests/engines/test_contract.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from workers.engines.api import EngineClosedError, SamplingParams
+from workers.engines.bridge import Mailbox, Outbox
+from workers.engines.output import OutputProcessor
+from workers.engines.request import Request
+from workers.engines.scheduler import Scheduler
+
+EOS = 0
+
+
+class _CharTokenizer:
+    """Token ``i`` is the character ``chr(ord('a') + i - 1)``; 0 is the eos (decodes to "")."""
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return "".join(chr(ord("a") + i - 1) for i in ids if i)
+
+
+def _request(rid: str, prompt_len: int = 3, *, whole: bool = False, **params: Any) -> Request:
+    mailbox = Mailbox(asyncio.get_running_loop())
+    sampling = SamplingParams(**{"max_tokens": 8, "temperature": 0, **params})
+    return Request(rid, [1] * prompt_len, sampling, mailbox, frozenset({EOS}), whole)
+
+
+def _scheduler(max_batch_size: int = 4, budget: int = 10) -> Scheduler:
+    scheduler = Scheduler(max_batch_size, budget, engine_name="TestEngine")
+    assert scheduler.open()
+    return scheduler
+
+
+# ---------------------------------------------------------------- scheduler
+
+
+async def test_admission_fills_the_batch_shortest_first_in_budgeted_chunks() -> None:
+    scheduler = _scheduler(max_batch_size=5, budget=10)
+    for rid, length in [("a", 5), ("b", 3), ("c", 3), ("d", 3), ("e", 4), ("f", 1)]:
+        scheduler.submit(_request(rid, length))
+    assert scheduler.counts() == (0, 6)
+    assert scheduler.wait_for_work()
+    chunks = scheduler.schedule()
+    # Five fit in the batch, in arrival order; sorted by length; 3 x 3 tokens fit the budget of
+    # 10 padded tokens, a fourth row of 4 would not.
+    assert [[r.id for r in chunk] for chunk in chunks] == [["b", "c", "d"], ["e", "a"]]
+    assert [r.id for r in scheduler.waiting] == ["f"]
+    scheduler.running.extend(r for chunk in chunks for r in chunk)
+    assert scheduler.schedule() == []  # the batch is full
+    assert scheduler.counts() == (5, 1)
+
+
+async def test_a_prompt_beyond_the_budget_is_prefilled_alone() -> None:
+    scheduler = _scheduler(budget=4)
+    for rid, length in [("long", 9), ("x", 2), ("y", 2)]:
+        scheduler.submit(_request(rid, length))
+    scheduler.wait_for_work()
+    assert [[r.id for r in c] for c in scheduler.schedule()] == [["x", "y"], ["long"]]
+
+
+async def test_cancels_end_waiting_and_running_requests_once() -> None:
+    scheduler = _scheduler()
+    running, waiting, walked_away = _request("run"), _request("wait"), _request("gone")
+    for req in (running, waiting, walked_away):
+        scheduler.submit(req)
+    scheduler.wait_for_work()
+    scheduler.waiting.remove(running)
+    scheduler.running.append(running)
+    assert scheduler.cancel(running, notify=True)
+    assert scheduler.cancel(running, notify=True)  # twice before the step: ended once
+    assert scheduler.cancel(waiting, notify=True)
+    assert scheduler.cancel(walked_away, notify=False)
+    ended = scheduler.take_cancels()
+    assert sorted((r.id, tell) for r, tell in ended) == [("gone", False), ("run", True), ("wait", True)]
+    assert scheduler.cancelled == 3 and not scheduler.waiting
+    # Running rows are only marked: the KV layout drops them.
+    assert scheduler.running == [running] and running.done
+    assert scheduler.find("run") is None
+    assert not scheduler.cancel(running, notify=True) and scheduler.take_cancels() == []
+
+
+async def test_submission_errors_name_what_is_wrong() -> None:
+    scheduler = Scheduler(2, 100, engine_name="TestEngine")
+    with pytest.raises(EngineClosedError, match=r"not started; call TestEngine\.start\(\)"):
+        scheduler.submit(_request("early"))
+    assert scheduler.open() and not scheduler.open()
+    scheduler.submit(_request("dup"))
+    with pytest.raises(ValueError, match="request_id 'dup' is already in use"):
+        scheduler.submit(_request("dup"))
+    scheduler.close()
+    assert not scheduler.wait_for_work()
+    with pytest.raises(EngineClosedError, match="closed"):
+        scheduler.submit(_request("late"))
+    with pytest.raises(EngineClosedError, match="cannot be restarted"):
+        scheduler.open()
+    assert [r.id for r in scheduler.drain()] == ["dup"]
+    with pytest.raises(ValueError, match="max_batch_size must be positive, got 0"):
+        Scheduler(0, 100, engine_name="TestEngine")
+
+
+# ---------------------------------------------------------------- output processing
+
+
+class _Harness:
+    def __init__(self) -> None:
+        self.outbox = Outbox()
+        self.released: list[str] = []
+        self.output = OutputProcessor(_CharTokenizer(), self.outbox, lambda r: self.released.append(r.id))
+
+    def pieces(self, req: Request) -> list[Any]:
+        """What the step sent ``req``'s reader (drained here, on the reader's loop)."""
+        assert self.outbox.flush() == []
+        req.mailbox.drain()
+        out = []
+        while not req.queue.empty():
+            out.append(req.queue.get_nowait())
+        return out
+
+
+async def test_length_finish_and_counts() -> None:
+    h = _Harness()
+    req = _request("r", max_tokens=3)
+    assert [h.output.advance(req, t) for t in (1, 2, 3)] == [False, False, True]
+    assert h.pieces(req) == [([1], "a", None, 1), ([2], "b", None, 2), ([3], "c", "length", 3)]
+    assert req.done and h.released == ["r"] and (h.output.finished, h.output.generated) == (1, 3)
+
+
+async def test_eos_and_stop_ids_stop_without_their_text() -> None:
+    h = _Harness()
+    req = _request("r", stop_token_ids=(9,))
+    assert not h.output.advance(req, 1)
+    assert h.output.advance(req, 9)
+    assert h.pieces(req) == [([1], "a", None, 1), ([9], "", "stop", 2)]
+    eos = _request("e")
+    assert h.output.advance(eos, EOS)
+    assert h.pieces(eos) == [([EOS], "", "stop", 1)]
+
+
+async def test_stop_string_across_tokens_is_held_back_then_cut() -> None:
+    h = _Harness()
+    req = _request("r", stop=("bc",))
+    assert [h.output.advance(req, t) for t in (1, 2, 3)] == [False, False, True]
+    # "b" could start the stop string, so it waits; "bc" completes it and nothing of it is sent.
+    assert h.pieces(req) == [([1], "a", None, 1), ([2], "", None, 2), ([3], "", "stop", 3)]
+
+
+async def test_a_whole_text_reader_gets_the_first_token_then_the_rest_at_once() -> None:
+    h = _Harness()
+    req = _request("r", max_tokens=4, whole=True)
+    assert [h.output.advance(req, t) for t in (1, 2, 3, 4)] == [False, False, False, True]
+    assert h.pieces(req) == [([1], "a", None, 1), ([2, 3, 4], "bcd", "length", 4)]
+
+
+async def test_a_failed_request_gets_its_own_copy_of_the_error() -> None:
+    h = _Harness()
+    a, b = _request("a"), _request("b")
+    exc = RuntimeError("decode blew up")
+    h.output.fail([a, b, a], exc)
+    (got_a,), (got_b,) = h.pieces(a), h.pieces(b)
+    assert str(got_a) == str(got_b) == "decode blew up" and got_a is not got_b is not exc
+    assert h.output.finished == 2 and h.released == ["a", "b"]
