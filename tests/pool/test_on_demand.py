@@ -6,6 +6,7 @@ a launch that does not fit a worker's memory evicts the least recently used idle
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import nats
 import pytest
 
-from broker_client import AsyncClient, codec
+from broker_client import AsyncClient, BadRequest, Overloaded, ServerTimeout, Unavailable, codec
 from tests.support.pool import echo_definition
 from tests.support.system import running_registry_and_workers
 from tests.support.waits import eventually, within
@@ -107,4 +108,183 @@ async def test_scale_to_zero_first_request_starts_it_idle_stops_it_next_starts_i
     assert ("starting", "on_demand") in why and ("terminated", "idle_timeout") in why, why
     assert ("scaled_to_zero", "idle_timeout") in why, why
     assert [s for s, r in why if r == "on_demand"].count("starting") == 2, why
+    await watcher.close()
+
+
+@pytest.fixture
+async def bounded_pool(
+    nats_url: str, sqlite_url: str, unique: str
+) -> AsyncIterator[tuple[AsyncClient, list[Worker]]]:
+    """A registry that holds at most 2 requests per model, each for at most 1.5 s."""
+    async with running_registry_and_workers(
+        nats_url,
+        sqlite_url,
+        f"ob{unique}",
+        [f"w-{unique}"],
+        heartbeat_dead_after=2.0,
+        resync_window=0.3,
+        hold_max_requests=2,
+        hold_max_age=1.5,
+    ) as (client, workers):
+        yield client, workers
+
+
+async def test_held_requests_past_the_bound_get_429_and_past_the_age_504(
+    bounded_pool: tuple[AsyncClient, list[Worker]],
+) -> None:
+    client, [worker] = bounded_pool
+    # Loads in 0.6 s, within the hold's age: the two held requests are answered.
+    await client.register_model("LLM", echo_definition("slowish", "echo:?load=0.6"))
+    uid = await client.launch_model("slowish", min_replicas=0, idle_timeout=60, progress=False)
+    model = await client.get_model(uid)
+    first = [asyncio.ensure_future(model.generate(f"p{i}", {"max_tokens": 1})) for i in range(2)]
+
+    async def both_held() -> bool:
+        d = await client.describe_model(uid)
+        return d["state"] == "starting" and d["held_requests"] == 2
+
+    await eventually(both_held, "two requests held while the model starts", timeout=10)
+    with pytest.raises(Overloaded, match=r"holds 2 requests.*max_requests=2"):
+        await model.generate("one too many", {"max_tokens": 1})
+    done = await within(asyncio.gather(*first), "the two held requests")
+    assert [d["choices"][0]["text"] for d in done] == ["p0", "p1"]
+    assert replicas(worker, uid) == [0]
+
+    # Loads in 5 s, past the hold's age of 1.5 s: a 504 naming the wait, never silence.
+    await client.register_model("LLM", echo_definition("slow", "echo:?load=5"))
+    uid = await client.launch_model("slow", min_replicas=0, idle_timeout=60, progress=False)
+    model = await client.get_model(uid)
+    with pytest.raises(ServerTimeout, match=r"did not start within 1.5 s"):
+        await within(model.generate("late", {"max_tokens": 1}), "the request held too long")
+    await client.terminate_model(uid)
+
+
+async def test_a_start_that_fails_answers_the_held_requests_with_its_error(
+    pool: tuple[AsyncClient, list[Worker]], nats_url: str
+) -> None:
+    client, [worker] = pool
+    # The registry takes the URI; the worker refuses its unknown option when it loads it.
+    await client.register_model("LLM", echo_definition("broken", "echo:?bogus=1"))
+    uid = await client.launch_model("broken", min_replicas=0, progress=False)
+    model = await client.get_model(uid)
+    with pytest.raises(BadRequest, match="unknown echo option 'bogus'"):
+        await within(model.generate("hi"), "the held request of a failed start")
+    # Nothing is left running; the model is still there, scaled to zero, for the next try.
+    assert replicas(worker, uid) == []
+    d = await client.describe_model(uid)
+    assert (d["state"], d["replicas"], d["status"]) == ("scaled_to_zero", [], "ready")
+    with pytest.raises(BadRequest, match="unknown echo option 'bogus'"):
+        await within(model.chat([{"role": "user", "content": "again"}]), "a second try")
+
+
+async def test_bad_requests_get_a_400_at_once_without_starting_the_model(
+    pool: tuple[AsyncClient, list[Worker]], nats_url: str
+) -> None:
+    client, [worker] = pool
+    await client.register_model("LLM", echo_definition("picky"))
+    uid = await client.launch_model("picky", min_replicas=0, progress=False)
+    nc = await nats.connect(nats_url)
+    try:
+        for op, body, what in (
+            ("generate", {"prompt": "x", "max_tokens": 3}, "max_tokens"),
+            ("embed", {"input": "x"}, "cannot embed"),
+        ):
+            msg = await nc.request(client.subjects.model(uid, op), json.dumps(body).encode(), timeout=10)
+            assert msg.headers is not None and msg.headers["Nats-Service-Error-Code"] == "400", msg
+            assert what in json.loads(msg.data)["error"]["message"]
+    finally:
+        await nc.close()
+    assert replicas(worker, uid) == []
+    assert (await client.describe_model(uid))["state"] == "scaled_to_zero"
+
+
+async def test_launch_options_are_checked_and_come_from_the_definition(
+    pool: tuple[AsyncClient, list[Worker]],
+) -> None:
+    client, [worker] = pool
+    await client.register_model(
+        "LLM", echo_definition("opts", launch={"min_replicas": 0, "idle_timeout": 30})
+    )
+    with pytest.raises(BadRequest, match=r"min_replicas 2 is more than replica 1"):
+        await client.launch_model("opts", min_replicas=2, progress=False)
+    with pytest.raises(BadRequest, match=r"idle_timeout"):
+        await client.launch_model("opts", idle_timeout=0, progress=False)
+    # The definition's launch key: scaled to zero at once, with its idle timeout.
+    uid = await client.launch_model("opts", progress=False)
+    d = await client.describe_model(uid)
+    assert (d["state"], d["min_replicas"], d["idle_timeout"]) == ("scaled_to_zero", 0, 30.0)
+    # The request's options win over the definition's.
+    uid2 = await client.launch_model("opts", model_uid="opts-kept", min_replicas=1, progress=False)
+    d = await client.describe_model(uid2)
+    assert replicas(worker, uid2) == [0] and replicas(worker, uid) == []
+    assert (d["state"], d["min_replicas"], d["idle_timeout"], len(d["replicas"])) == ("running", 1, 30.0, 1)
+    with pytest.raises(BadRequest, match=r"launch\.min_replicas"):
+        await client.register_model("LLM", echo_definition("bad", launch={"min_replicas": -1}))
+
+
+@pytest.fixture
+async def small_pool(
+    nats_url: str, sqlite_url: str, unique: str
+) -> AsyncIterator[tuple[AsyncClient, list[Worker]]]:
+    """One worker that offers 1 GB (WorkerSettings.memory_limit); ``echo:?memory=4e8`` models
+    take 400 MB of it each, so two fit and a third does not."""
+    async with running_registry_and_workers(
+        nats_url,
+        sqlite_url,
+        f"om{unique}",
+        [f"w-{unique}"],
+        heartbeat_dead_after=2.0,
+        resync_window=0.3,
+        worker_options={"memory_limit": 10**9},
+    ) as (client, workers):
+        yield client, workers
+
+
+async def test_a_launch_that_does_not_fit_evicts_the_least_recently_used_idle_model(
+    small_pool: tuple[AsyncClient, list[Worker]], nats_url: str
+) -> None:
+    client, [worker] = small_pool
+    events: list[dict[str, Any]] = []
+    watcher = await nats.connect(nats_url)
+
+    async def on_event(msg: Any) -> None:
+        events.append(codec.decode(msg.data, codec.detect(msg.data, msg.headers)))
+
+    await watcher.subscribe(client.subjects.events("*"), cb=on_event)
+    await watcher.flush()
+    for name in ("older", "newer", "big"):
+        await client.register_model("LLM", echo_definition(name, "echo:?memory=4e8"))
+    for name in ("older", "newer"):
+        await client.launch_model(name, min_replicas=0, idle_timeout=600, progress=False)
+        model = await client.get_model(name)
+        await within(model.generate(f"use {name}", {"max_tokens": 1}), f"the request that starts {name}")
+    assert replicas(worker, "older") == [0] and replicas(worker, "newer") == [0]
+
+    async def both_idle() -> bool:
+        idle = [(await client.describe_model(n))["replicas"][0]["idle_for"] for n in ("older", "newer")]
+        return all(i is not None and i > 0 for i in idle) and idle[0] > idle[1]
+
+    await eventually(both_idle, "both models idle in the heartbeats, 'older' the longer", timeout=10)
+    # 200 MB are left: the launch evicts the least recently used idle model, and only it.
+    uid = await within(client.launch_model("big", progress=False), "the launch that needs room")
+    assert replicas(worker, uid) == [0]
+    assert replicas(worker, "older") == [] and replicas(worker, "newer") == [0]
+    assert (await client.describe_model("older"))["state"] == "scaled_to_zero"
+    assert (await client.describe_model("newer"))["state"] == "running"
+    evicted = [e for e in events if e.get("reason") == "evicted_for big"]
+    assert {(e["model_uid"], e["stage"]) for e in evicted} == {
+        ("older", "terminated"),
+        ("older", "scaled_to_zero"),
+    }
+
+    # Nothing idle is left to evict beyond what fits: a fourth launch is a 503 naming the need.
+    await client.register_model("LLM", echo_definition("huge", "echo:?memory=9e8"))
+    with pytest.raises(Unavailable, match="no live worker has room"):
+        await client.launch_model("huge", progress=False)
+    assert replicas(worker, "newer") == [0], "a launch that cannot fit even so evicts nothing"
+    # The evicted model starts again on its next request, evicting nothing that is busy.
+    await client.terminate_model(uid)
+    model = await client.get_model("older")
+    out = await within(model.generate("back", {"max_tokens": 1}), "the evicted model's next request")
+    assert out["choices"][0]["text"] == "back"
     await watcher.close()
