@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import nats
 import pytest
 
@@ -288,3 +289,32 @@ async def test_a_launch_that_does_not_fit_evicts_the_least_recently_used_idle_mo
     out = await within(model.generate("back", {"max_tokens": 1}), "the evicted model's next request")
     assert out["choices"][0]["text"] == "back"
     await watcher.close()
+
+
+async def test_the_http_gateway_sees_one_slow_first_reply(
+    pool: tuple[AsyncClient, list[Worker]], nats_url: str
+) -> None:
+    from natserve.gateway.server import HttpListener, bind_listener, run_gateway
+
+    client, [worker] = pool
+    await client.register_model("LLM", echo_definition("webby", "echo:?load=0.3"))
+    uid = await client.launch_model("webby", min_replicas=0, idle_timeout=60, progress=False)
+    listener = HttpListener(bind_listener("127.0.0.1", 0))
+    stop, ready = asyncio.Event(), asyncio.Event()
+    gateway = asyncio.create_task(
+        run_gateway(
+            nats_url=nats_url, listener=listener, stop=stop, ready=ready, prefix=client.subjects.prefix
+        )
+    )
+    try:
+        await within(ready.wait(), "the gateway")
+        async with httpx.AsyncClient(base_url=listener.url, timeout=60) as http:
+            r = await http.post(
+                "/v1/completions", json={"model": uid, "prompt": "hello there", "max_tokens": 2}
+            )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].split() == ["hello", "there"]
+        assert replicas(worker, uid) == [0]
+    finally:
+        stop.set()
+        await within(gateway, "the gateway to stop")
