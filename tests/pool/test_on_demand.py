@@ -318,3 +318,46 @@ async def test_the_http_gateway_sees_one_slow_first_reply(
     finally:
         stop.set()
         await within(gateway, "the gateway to stop")
+
+
+async def test_a_restarted_registry_keeps_the_options_and_starts_and_stops_the_model(
+    nats_url: str, sqlite_url: str, unique: str
+) -> None:
+    from registry_service import Registry
+    from workers import WorkerSettings
+
+    prefix = f"or{unique}"
+    options = {"nats_url": nats_url, "db_url": sqlite_url, "prefix": prefix, "heartbeat_dead_after": 2.0}
+    worker = Worker(
+        WorkerSettings(nats_url, prefix=prefix, device="cpu", worker_id=f"w-{unique}", heartbeat_interval=0.5)
+    )
+    first = Registry(**options, resync_window=0.3)
+    await first.start()
+    await worker.start()
+    client = AsyncClient(nats_url, prefix=prefix, timeout=60)
+    try:
+        await client.register_model("LLM", echo_definition("kept"), persist=True)
+        uid = await within(
+            client.launch_model("kept", min_replicas=0, idle_timeout=1.0, progress=False), "the launch"
+        )
+        await first.stop()
+        second = Registry(**options, resync_window=0.3)
+        await second.start()
+        try:
+            # The new registry answers the model's subjects and starts it from its stored row.
+            model = await client.get_model(uid)
+            out = await within(model.generate("after restart", {"max_tokens": 2}), "the first request")
+            assert out["choices"][0]["text"] == "after restart"
+            assert replicas(worker, uid) == [0]
+            d = await client.describe_model(uid)
+            assert (d["min_replicas"], d["idle_timeout"]) == (0, 1.0)
+
+            async def stopped() -> bool:
+                return replicas(worker, uid) == []
+
+            await eventually(stopped, "the idle stop after the restart", timeout=20)
+        finally:
+            await second.stop()
+    finally:
+        await client.close()
+        await worker.stop(drain_timeout=1)
