@@ -346,6 +346,13 @@ class OnDemand:
         if row is None:
             await self._close(uid, NotFound(f"model_uid {uid!r} is not running"))
             return
+        if row.replicas:
+            # Started meanwhile (by another registry): hand over once a worker reports it ready.
+            if await self._until_reported(uid, self.max_age):
+                await self._hand_over(hold)
+            else:
+                hold.state = "zero"
+            return
         await self.events.model(
             uid,
             "starting",
@@ -407,10 +414,25 @@ class OnDemand:
         if not self.nc.is_connected:
             return
         rows = [r for r in await self.repo.list_models() if r.idle_timeout is not None]
+        reported = {
+            r.model_uid for info in self.directory.alive() for r in info.replicas if r.status == "ready"
+        }
         for row in rows:
-            if row.status == "ready" and not row.replicas and row.model_uid not in self._holds:
-                if not self.launcher.launching(row.model_uid):
-                    await self._open(row.model_uid, self._abilities(row))
+            uid = row.model_uid
+            if self.launcher.launching(uid) or uid in self._stopping:
+                continue
+            hold = self._holds.get(uid)
+            if hold is None and row.status == "ready" and not row.replicas:
+                await self._open(uid, self._abilities(row))
+            elif (
+                hold is not None
+                and hold.state == "zero"
+                and not hold.queue
+                and row.replicas
+                and uid in reported
+            ):
+                # Another registry started it: its replicas get the traffic, not this hold.
+                await self._hand_over(hold)
         busy = set(self._stopping)
         busy.update(r.model_uid for r in rows if self.launcher.launching(r.model_uid))
         by_uid = {r.model_uid: r for r in rows}
