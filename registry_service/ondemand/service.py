@@ -78,6 +78,9 @@ _OPERATIONS: dict[str, type[BaseModel]] = {
     "chat": ChatRequest,
     "embed": EmbedRequest,
 }
+# Seconds between two reads of the models table by a registry that has seen no model that
+# scales (another registry may launch one): the pass costs one SELECT of every model.
+_IDLE_POOL_READ = 5.0
 # How long a launch waits for the heartbeats that show the memory its evictions gave back:
 # workers beat at once when a replica goes; their interval (2 s by default) bounds it anyway.
 _FRESH_BEAT_WAIT = 5.0
@@ -126,6 +129,10 @@ class OnDemand:
         self._holds: dict[str, _Hold] = {}
         # Uids whose replicas are being stopped now (an idle stop, an eviction).
         self._stopping: set[str] = set()
+        # Whether the last pass saw a model that scales, and when the last pass read them: a
+        # pool without one is read every _IDLE_POOL_READ seconds only, not every interval.
+        self._any_scaling = True
+        self._last_read = -_IDLE_POOL_READ
         self._task: asyncio.Task[None] | None = None
         launcher.scaling = self
 
@@ -160,6 +167,7 @@ class OnDemand:
     # ------------------------------------------------------------------ Launcher's hooks
 
     async def scaled_to_zero(self, uid: str) -> None:
+        self._any_scaling = True
         row = await self.repo.get_model(uid)
         await self._open(uid, self._abilities(row) if row is not None else ())
 
@@ -413,7 +421,12 @@ class OnDemand:
         models left with no replica (a registry that joined, a start that failed)."""
         if not self.nc.is_connected:
             return
+        now = time.monotonic()
+        if not self._any_scaling and not self._holds and now - self._last_read < _IDLE_POOL_READ:
+            return
+        self._last_read = now
         rows = [r for r in await self.repo.list_models() if r.idle_timeout is not None]
+        self._any_scaling = bool(rows)
         reported = {
             r.model_uid for info in self.directory.alive() for r in info.replicas if r.status == "ready"
         }
