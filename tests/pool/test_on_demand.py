@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -361,3 +362,24 @@ async def test_a_restarted_registry_keeps_the_options_and_starts_and_stops_the_m
     finally:
         await client.close()
         await worker.stop(drain_timeout=1)
+
+
+async def test_a_real_model_starts_on_its_first_request_and_gives_its_memory_back(
+    pool: tuple[AsyncClient, list[Worker]], tiny_llama_dir: Path
+) -> None:
+    client, [worker] = pool
+    definition = echo_definition("tiny", f"file://{tiny_llama_dir}", model_ability=["generate"])
+    definition["model_specs"][0]["model_size_in_billions"] = 0.001
+    await client.register_model("LLM", definition)
+    uid = await client.launch_model("tiny", min_replicas=0, idle_timeout=1.0, progress=False)
+    assert replicas(worker, uid) == []
+    model = await client.get_model(uid)
+    out = await within(model.generate("hello", {"max_tokens": 3, "temperature": 0}), "the first request", 120)
+    assert out["usage"]["completion_tokens"] == 3
+    [replica] = (await client.describe_model(uid))["replicas"]
+    assert replica["memory_bytes"] > 0
+
+    async def unloaded() -> bool:
+        return replicas(worker, uid) == [] and (await client.describe_model(uid))["replicas"] == []
+
+    await eventually(unloaded, "the idle model to be unloaded", timeout=20)
