@@ -435,7 +435,25 @@ class OnDemand:
             if self.launcher.launching(uid) or uid in self._stopping:
                 continue
             hold = self._holds.get(uid)
-            if hold is None and row.status == "ready" and not row.replicas:
+            if hold is None and row.replicas and row.min_replicas == 0 and _all_failed(row):
+                # Lost with nowhere to go (liveness marked them failed): a model that may have
+                # no replica is scaled to zero instead, and its next request starts it where
+                # there is room then, or gets the reason there is none.
+                for r in row.replicas:
+                    await self.repo.delete_replica(uid, r.replica_index, worker_id=r.worker_id)
+                await self.repo.set_model_status(uid, "ready")
+                reasons = "; ".join(f"replica {r.replica_index}: {r.error}" for r in row.replicas)
+                logger.warning("%r: every replica failed (%s); scaled to zero", uid, reasons)
+                await self.events.model(
+                    uid,
+                    "scaled_to_zero",
+                    model_name=row.model_name,
+                    status="ready",
+                    reason="failed",
+                    message=f"every replica failed ({reasons}): the next request starts it again",
+                )
+                await self._open(uid, self._abilities(row))
+            elif hold is None and row.status == "ready" and not row.replicas:
                 await self._open(uid, self._abilities(row))
             elif (
                 hold is not None
@@ -517,6 +535,10 @@ class OnDemand:
             return True
         finally:
             self._stopping.discard(uid)
+
+
+def _all_failed(row: ModelRow) -> bool:
+    return all(r.status == "failed" for r in row.replicas)
 
 
 def _why(reason: str, idle_for: float) -> str:

@@ -383,3 +383,44 @@ async def test_a_real_model_starts_on_its_first_request_and_gives_its_memory_bac
         return replicas(worker, uid) == [] and (await client.describe_model(uid))["replicas"] == []
 
     await eventually(unloaded, "the idle model to be unloaded", timeout=20)
+
+
+async def test_a_model_whose_replicas_all_failed_scales_to_zero_and_starts_where_there_is_room(
+    pool: tuple[AsyncClient, list[Worker]], nats_url: str, unique: str
+) -> None:
+    from workers import WorkerSettings
+
+    client, [worker] = pool
+    await client.register_model("LLM", echo_definition("phoenix"))
+    uid = await client.launch_model("phoenix", min_replicas=0, idle_timeout=600, progress=False)
+    model = await client.get_model(uid)
+    await within(model.generate("one", {"max_tokens": 1}), "the first start")
+    # Its only worker goes: the replica has nowhere to go, so the model goes back to zero.
+    await worker.stop(drain_timeout=1)
+
+    async def at_zero() -> bool:
+        d = await client.describe_model(uid)
+        return d["state"] == "scaled_to_zero" and d["replicas"] == [] and d["status"] == "ready"
+
+    await eventually(at_zero, "the model back at zero after its replica failed", timeout=20)
+    other = Worker(
+        WorkerSettings(
+            nats_url,
+            prefix=client.subjects.prefix,
+            device="cpu",
+            worker_id=f"w2-{unique}",
+            heartbeat_interval=0.5,
+        )
+    )
+    await other.start()
+    try:
+
+        async def seen() -> bool:
+            return any(w["worker_id"] == other.worker_id and w["alive"] for w in await client.list_workers())
+
+        await eventually(seen, "the new worker")
+        out = await within(model.generate("two", {"max_tokens": 1}), "the start on the new worker")
+        assert out["choices"][0]["text"] == "two"
+        assert replicas(other, uid) == [0]
+    finally:
+        await other.stop(drain_timeout=1)
