@@ -438,7 +438,9 @@ class OnDemand:
             if hold is None and row.replicas and row.min_replicas == 0 and _all_failed(row):
                 # Lost with nowhere to go (liveness marked them failed): a model that may have
                 # no replica is scaled to zero instead, and its next request starts it where
-                # there is room then, or gets the reason there is none.
+                # there is room then, or gets the reason there is none. Its subjects are
+                # answered first: the model shows no replica only once they are.
+                await self._open(uid, self._abilities(row))
                 for r in row.replicas:
                     await self.repo.delete_replica(uid, r.replica_index, worker_id=r.worker_id)
                 await self.repo.set_model_status(uid, "ready")
@@ -452,7 +454,6 @@ class OnDemand:
                     reason="failed",
                     message=f"every replica failed ({reasons}): the next request starts it again",
                 )
-                await self._open(uid, self._abilities(row))
             elif hold is None and row.status == "ready" and not row.replicas:
                 await self._open(uid, self._abilities(row))
             elif (
