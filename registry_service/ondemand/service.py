@@ -371,7 +371,14 @@ class OnDemand:
         )
         try:
             await self.launcher.start_replicas(row, reason="on_demand")
-        except Conflict:
+        except Conflict as exc:
+            now = await self.repo.get_model(uid)
+            if now is None or not now.replicas:
+                # Not another registry's start (that one recorded replicas): this one was
+                # cancelled, the model terminated meanwhile.
+                await self._fail_held(hold, exc)
+                hold.state = "zero"
+                return
             # Another registry is starting it: hand over once a worker reports it ready.
             if not await self._until_reported(uid, self.max_age):
                 hold.state = "zero"

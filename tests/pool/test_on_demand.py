@@ -16,7 +16,15 @@ import httpx
 import nats
 import pytest
 
-from broker_client import AsyncClient, BadRequest, Overloaded, ServerTimeout, Unavailable, codec
+from broker_client import (
+    AsyncClient,
+    BadRequest,
+    NatserveError,
+    Overloaded,
+    ServerTimeout,
+    Unavailable,
+    codec,
+)
 from tests.support.pool import echo_definition
 from tests.support.system import running_registry_and_workers
 from tests.support.waits import eventually, within
@@ -424,3 +432,22 @@ async def test_a_model_whose_replicas_all_failed_scales_to_zero_and_starts_where
         assert replicas(other, uid) == [0]
     finally:
         await other.stop(drain_timeout=1)
+
+
+async def test_terminating_a_model_while_it_starts_answers_its_held_requests(
+    pool: tuple[AsyncClient, list[Worker]],
+) -> None:
+    client, [worker] = pool
+    await client.register_model("LLM", echo_definition("brief", "echo:?load=5"))
+    uid = await client.launch_model("brief", min_replicas=0, progress=False)
+    model = await client.get_model(uid)
+    held = asyncio.ensure_future(model.generate("never", {"max_tokens": 1}))
+
+    async def starting() -> bool:
+        return (await client.describe_model(uid))["state"] == "starting"
+
+    await eventually(starting, "the start on demand")
+    await within(client.terminate_model(uid), "terminate while starting")
+    with pytest.raises(NatserveError, match="terminated"):
+        await within(held, "the held request's answer")
+    assert replicas(worker, uid) == [] and uid not in await client.list_models()
