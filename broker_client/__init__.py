@@ -24,13 +24,14 @@ from ._auth import (
     local_token,
     with_local_token,
 )
-from ._bounds import MAX_DEFINITION_BYTES, MAX_HEARTBEAT_INTERVAL
+from ._bounds import MAX_DEFINITION_BYTES, MAX_HEARTBEAT_INTERVAL, MAX_IDLE_TIMEOUT
 from ._client_transport import ClientTransport, EventHandler, EventSubscription
 from ._definition import (
     ABILITIES,
     MODEL_TYPES,
     QUANTIZATIONS,
     EmbeddingDefinition,
+    LaunchDefaults,
     LLMDefinition,
     ModelDefinition,
     ModelSpec,
@@ -125,6 +126,7 @@ __all__ = [
     "LOCAL_TOKEN_FILE",
     "MAX_DEFINITION_BYTES",
     "MAX_HEARTBEAT_INTERVAL",
+    "MAX_IDLE_TIMEOUT",
     "MODEL_TYPES",
     "NAME_PATTERN",
     "QUANTIZATIONS",
@@ -163,6 +165,7 @@ __all__ = [
     "GetRegistrationRequest",
     "InternalError",
     "LLMDefinition",
+    "LaunchDefaults",
     "LaunchReply",
     "LaunchRequest",
     "ListRegistrationsRequest",

@@ -18,6 +18,7 @@ __all__ = [
     "MAX_DEFINITION_BYTES",
     "MAX_DEVICES",
     "MAX_HEARTBEAT_INTERVAL",
+    "MAX_IDLE_TIMEOUT",
     "MAX_KEEPALIVE",
     "MAX_LIST",
     "MAX_RECENT_ERRORS",
@@ -64,3 +65,5 @@ DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]{1,3})?)$"
 # Seeds and other integers that reach torch or msgpack as 64-bit values.
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
+# The longest idle timeout of a model that starts on demand: a month, far above any real use.
+MAX_IDLE_TIMEOUT = 30 * 86400.0

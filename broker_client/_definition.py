@@ -18,7 +18,9 @@ from ._bounds import (
     INT64_MAX,
     MAX_CONTEXT_LENGTH,
     MAX_DEFINITION_BYTES,
+    MAX_IDLE_TIMEOUT,
     MAX_LIST,
+    MAX_REPLICAS,
     MAX_SPECS,
     MAX_STOP,
     MAX_STOP_CHARS,
@@ -35,6 +37,7 @@ __all__ = [
     "QUANTIZATIONS",
     "EmbeddingDefinition",
     "LLMDefinition",
+    "LaunchDefaults",
     "ModelDefinition",
     "ModelSpec",
     "PromptStyle",
@@ -149,6 +152,18 @@ class PromptStyle(_Strict):
     stop_token_ids: StopTokenIds | None = None
 
 
+class LaunchDefaults(_Strict):
+    """The ``launch`` key of a definition: launch options a launch (and a start on demand) of
+    the model takes when its request does not give them.
+
+    ``min_replicas``: the replicas kept while the model is idle (0: it scales to zero and starts
+    again on its next request); ``idle_timeout``: seconds a replica may go without a request
+    before it is stopped, down to ``min_replicas``."""
+
+    min_replicas: int | None = Field(default=None, ge=0, lt=MAX_REPLICAS)
+    idle_timeout: float | None = Field(default=None, gt=0, le=MAX_IDLE_TIMEOUT, allow_inf_nan=False)
+
+
 class _Definition(_Strict):
     version: Literal[1, 2] = 1
     model_name: ModelName
@@ -158,6 +173,8 @@ class _Definition(_Strict):
     model_hub: Text | None = None
     architectures: Texts | None = None
     trust_remote_code: bool = False
+    # Launch options the model's launches take by default (on demand: min_replicas, idle_timeout).
+    launch: LaunchDefaults | None = None
 
     @field_validator("version", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from ._bounds import (
     MAX_BATCH_SIZE,
     MAX_DEVICES,
     MAX_HEARTBEAT_INTERVAL,
+    MAX_IDLE_TIMEOUT,
     MAX_KEEPALIVE,
     MAX_RECENT_ERRORS,
     MAX_REPLICAS,
@@ -287,6 +288,12 @@ class LaunchRequest(Request):
     wait: bool = True
     # Seconds; a week is more than any download and load takes.
     timeout: float | None = Field(default=None, gt=0, le=7 * 86400)
+    # On demand: the replicas kept while idle (0..replica; 0 scales to zero, and the launch
+    # then loads nothing until the first request) and the seconds a replica may go without a
+    # request before it is stopped. Either one makes the model scale; the definition's
+    # ``launch`` key gives the defaults (registry_service/plan.py).
+    min_replicas: int | None = Field(default=None, ge=0, lt=MAX_REPLICAS)
+    idle_timeout: float | None = Field(default=None, gt=0, le=MAX_IDLE_TIMEOUT, allow_inf_nan=False)
 
 
 class LaunchReply(_Reply):
@@ -349,6 +356,9 @@ class ReplicaInfo(_Heartbeat):
     memory_bytes: Count = 0
     active: Count = 0
     waiting: Count = 0
+    # Seconds since the replica last had a request in flight (0 while it has one); None from
+    # a worker that does not say. The registry stops replicas idle past their idle timeout.
+    idle_for: Seconds | None = None
 
 
 class _RecentError(_Heartbeat):
@@ -424,6 +434,9 @@ class WorkerLaunchReply(_Reply):
 class WorkerTerminate(Request):
     model_uid: Name
     replica_index: ReplicaIndex | None = None
+    # Terminate only replicas idle at least this many seconds (no request in flight): the
+    # worker answers 409 when a request came meanwhile, so that an idle stop loses nothing.
+    if_idle_for: Seconds | None = None
 
 
 class ModelEvent(_Reply):
@@ -438,3 +451,5 @@ class ModelEvent(_Reply):
     worker_id: str | None = None
     message: str | None = None
     ts: float | None = None
+    # Why a replica started or stopped: "on_demand", "idle_timeout", "evicted_for <uid>", ...
+    reason: str | None = None

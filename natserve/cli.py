@@ -202,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
     p.add_argument("--rate-limit", type=float, help="requests per second per replica (429 past it)")
     p.add_argument("--worker-id", help="place it on this worker")
+    p.add_argument(
+        "--min-replicas",
+        type=int,
+        help="replicas kept while idle; 0: it loads on its first request and scales to zero",
+    )
+    p.add_argument(
+        "--idle-timeout", type=float, help="seconds without a request before a replica stops (default 300)"
+    )
     p.add_argument("--no-wait", action="store_true", help="return once placed, not when ready")
     p.add_argument("--timeout", type=float, help="seconds to wait for ready (default 600)")
     p.set_defaults(func=cmd_launch)
@@ -773,6 +781,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         extra["max_tokens_limit"] = args.max_tokens_limit
     if args.rate_limit is not None:
         extra["rate_limit"] = args.rate_limit
+    if args.min_replicas is not None:
+        extra["min_replicas"] = args.min_replicas
+    if args.idle_timeout is not None:
+        extra["idle_timeout"] = args.idle_timeout
     with _client(args) as client:
         uid = client.launch_model(
             model_name=args.name,
@@ -809,6 +821,18 @@ def _replica_summary(description: dict[str, Any]) -> tuple[str, str]:
     return str(replicas if replicas is not None else ""), ", ".join(map(str, workers))
 
 
+def _status_text(description: dict[str, Any]) -> str:
+    """``ready``; for a model that scales, its state too: ``ready, scaled to zero``,
+    ``ready, starting (3 held)``."""
+    status = str(description.get("status") or "")
+    state = description.get("state")
+    if not state or state == "running":
+        return status
+    held = description.get("held_requests") or 0
+    text = str(state).replace("_", " ") + (f" ({held} held)" if held else "")
+    return f"{status}, {text}" if status else text
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
@@ -825,7 +849,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 d.get("model_type"),
                 ", ".join(d.get("model_ability") or d.get("abilities") or []),
                 d.get("quantization"),
-                d.get("status") or "",
+                _status_text(d),
                 replicas,
                 workers,
             ]

@@ -22,6 +22,8 @@ pool (load balancing, faults, launch cancel) without a real model:
     echo:?slots=4        at most 4 requests generate at once, the others wait (a batch size);
                          the replica's max_batch_size, so its balancing capacity, too
     echo:?load=3         the launch takes 3 seconds (cancellable, with loading progress)
+    echo:?memory=4e8     the replica says it takes 400 MB (its memory_bytes, and what the
+                         registry's placement estimates for it): memory pressure without memory
 
 They combine: ``echo:?delay=0.02&slots=4&load=1``. An unknown option is a 400.
 """
@@ -63,6 +65,7 @@ class EchoOptions:
     delay: float = 0.0
     slots: int | None = None
     load: float = 0.0
+    memory: int = 0
 
 
 def echo_options(model_uri: str) -> EchoOptions:
@@ -71,8 +74,8 @@ def echo_options(model_uri: str) -> EchoOptions:
     query = rest.split("?", 1)[1] if "?" in rest else ""
     values: dict[str, float] = {}
     for key, raw in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-        if key not in ("delay", "slots", "load"):
-            raise ValueError(f"unknown echo option {key!r} in {model_uri!r} (delay, slots, load)")
+        if key not in ("delay", "slots", "load", "memory"):
+            raise ValueError(f"unknown echo option {key!r} in {model_uri!r} (delay, slots, load, memory)")
         try:
             value = float(raw)
         except ValueError:
@@ -82,7 +85,10 @@ def echo_options(model_uri: str) -> EchoOptions:
         values[key] = value
     slots = values.get("slots")
     return EchoOptions(
-        delay=values.get("delay", 0.0), slots=int(slots) if slots else None, load=values.get("load", 0.0)
+        delay=values.get("delay", 0.0),
+        slots=int(slots) if slots else None,
+        load=values.get("load", 0.0),
+        memory=int(values.get("memory", 0.0)),
     )
 
 
