@@ -363,14 +363,20 @@ class AsyncChatModelHandle(AsyncGenerateModelHandle):
         prompt: str | None = None,
         system_prompt: str | None = None,
         chat_history: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> dict[str, Any] | AsyncStream:
         """A ``chat.completion`` dict, or with ``{"stream": True}`` an async iterator of chunks.
 
         ``messages`` is the OpenAI list. Xinference's older form, ``chat(prompt, system_prompt=...,
-        chat_history=...)``, is accepted too (a string first argument is the prompt).
+        chat_history=...)``, is accepted too (a string first argument is the prompt). ``tools``
+        (OpenAI's list) is ``generate_config["tools"]``, as Xinference's client takes it.
         """
+        if tools is not None:
+            if generate_config is not None and "tools" in generate_config:
+                raise BadRequest("tools given twice: as tools= and in generate_config")
+            generate_config = {**(generate_config or {}), "tools": list(tools)}
         if isinstance(messages, str):
             prompt, messages = messages, None
         if messages is None:
