@@ -59,7 +59,15 @@ StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]
 
 # Rule violations where the offending value helps the reader; type errors already say enough.
 _SHOW_INPUT = frozenset(
-    {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of", "string_too_long"}
+    {
+        "finite_number",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "multiple_of",
+        "string_too_long",
+    }
 )
 
 

@@ -757,9 +757,7 @@ class LLMReplica(Replica):
             return body
 
         async def chunks() -> AsyncGenerator[ChatCompletionChunkBody, None]:
-            yield chunk(
-                [choice(i, {"role": "assistant", "content": ""}, None, None) for i in range(params.n)]
-            )
+            yield chunk([choice(i, {"role": "assistant"}, None, None) for i in range(params.n)])
             states = [ChoiceState(i) for i in range(params.n)]
             splitters = (
                 [ToolStreamSplitter(mode.parser, mode.names) for _ in range(params.n)]
