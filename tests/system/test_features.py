@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import pytest
 
 from broker_client import BadRequest, Client
-from tests.support.cli import Running
+from tests.support.cli import Running, assert_one_error_line, natserve
 from tests.support.ports import free_port
+
+T = TypeVar("T")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux")]
 
@@ -94,6 +98,7 @@ class Pool:
     nats_url: str
     v1: str
     uid: str
+    home: str
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +137,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterato
         with Client(nats_url, timeout=300) as client:
             client.register_model("LLM", json.dumps(definition))
             uid = client.launch_model(model_name="smollm2", progress=False)
-        yield Pool(up, nats_url, f"http://127.0.0.1:{http_port}/v1", uid)
+        yield Pool(up, nats_url, f"http://127.0.0.1:{http_port}/v1", uid, env["NATSERVE_HOME"])
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(timeout=60) == 0, "".join(up.stderr[-30:])
         assert "Traceback" not in "".join(up.stderr), "".join(up.stderr[-60:])
@@ -160,43 +165,59 @@ def _schema_format(schema: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- structured output
 
 
+def _at_once(calls: list[Callable[[], T]]) -> list[T]:
+    """The calls side by side (the engine batches them), results in order."""
+    with ThreadPoolExecutor(len(calls)) as threads:
+        return list(threads.map(lambda call: call(), calls))
+
+
 def test_json_schema_output_parses_and_validates_for_every_prompt(pool: Pool, client: Client) -> None:
     model = client.get_model(model_uid=pool.uid)
     started = time.monotonic()
-    for i, prompt in enumerate(PROMPTS):
-        reply = model.chat(
-            [{"role": "user", "content": prompt}],
-            {"response_format": _schema_format(PERSON), "temperature": 0.9, "seed": i, "max_tokens": 96},
-        )
+
+    def ask(i: int, prompt: str) -> Callable[[], Any]:
+        config = {"response_format": _schema_format(PERSON), "temperature": 0.9, "seed": i, "max_tokens": 96}
+        return lambda: model.chat([{"role": "user", "content": prompt}], config)
+
+    replies = _at_once([ask(i, prompt) for i, prompt in enumerate(PROMPTS)])
+    for reply in replies:
         [choice] = reply["choices"]
         assert choice["finish_reason"] == "stop", choice
         person = json.loads(choice["message"]["content"])
         jsonschema.validate(person, PERSON)
-    print(f"{len(PROMPTS)} schema-constrained chats in {time.monotonic() - started:.1f} s")
+    print(f"{len(PROMPTS)} schema-constrained chats side by side in {time.monotonic() - started:.1f} s")
+    print(*(r["choices"][0]["message"]["content"] for r in replies), sep="\n")
 
 
 def test_json_schema_and_json_object_over_http(pool: Pool) -> None:
     openai = _openai(pool)
-    for i, prompt in enumerate(PROMPTS[:3]):
-        reply = openai.chat.completions.create(
+
+    def ask(i: int, prompt: str) -> Callable[[], Any]:
+        return lambda: openai.chat.completions.create(
             model=pool.uid,
             messages=[{"role": "user", "content": prompt}],
-            response_format=_schema_format(PERSON),  # type: ignore[arg-type]
+            response_format=_schema_format(PERSON),
             temperature=0.8,
             seed=100 + i,
             max_tokens=96,
         )
+
+    def anything() -> Any:
+        return openai.chat.completions.create(
+            model=pool.uid,
+            messages=[{"role": "user", "content": "Give me a JSON object about cats."}],
+            response_format={"type": "json_object"},
+            temperature=0.7,
+            seed=3,
+            max_tokens=96,
+        )
+
+    *replies, free = _at_once([*(ask(i, prompt) for i, prompt in enumerate(PROMPTS[:3])), anything])
+    for reply in replies:
         jsonschema.validate(json.loads(reply.choices[0].message.content or ""), PERSON)
-    anything = openai.chat.completions.create(
-        model=pool.uid,
-        messages=[{"role": "user", "content": "Give me a JSON object about cats."}],
-        response_format={"type": "json_object"},
-        temperature=0.7,
-        seed=3,
-        max_tokens=96,
-    )
-    if anything.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
+    # Any object: one cut by max_tokens cannot parse, one that stopped must.
+    if free.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(free.choices[0].message.content or ""), dict)
 
 
 def test_regex_and_choice(pool: Pool, client: Client) -> None:
@@ -244,27 +265,33 @@ def _check_call(call: dict[str, Any], name: str | None = None) -> None:
 def test_a_forced_tool_call_has_arguments_that_parse(pool: Pool, client: Client) -> None:
     model = client.get_model(model_uid=pool.uid)
     named = {"type": "function", "function": {"name": "get_weather"}}
-    for seed in range(3):
-        reply = model.chat(
-            WEATHER_CHAT,
-            {
-                "tools": [WEATHER, ADD],
-                "tool_choice": named,
-                "temperature": 0.8,
-                "seed": seed,
-                "max_tokens": 64,
-            },
+    started = time.monotonic()
+
+    def ask(seed: int) -> Callable[[], Any]:
+        config = {
+            "tools": [WEATHER, ADD],
+            "tool_choice": named,
+            "temperature": 0.8,
+            "seed": seed,
+            "max_tokens": 64,
+        }
+        return lambda: model.chat(WEATHER_CHAT, config)
+
+    def required() -> Any:
+        return model.chat(
+            [{"role": "user", "content": "What is 2 plus 3?"}],
+            {"tools": [WEATHER, ADD], "tool_choice": "required", "temperature": 0, "max_tokens": 64},
         )
+
+    *replies, any_tool = _at_once([ask(0), ask(1), required])
+    for reply in replies:
         [choice] = reply["choices"]
         assert choice["finish_reason"] == "tool_calls", choice
         [call] = choice["message"]["tool_calls"]
         _check_call(call, "get_weather")
-    required = model.chat(
-        [{"role": "user", "content": "What is 2 plus 3?"}],
-        {"tools": [WEATHER, ADD], "tool_choice": "required", "temperature": 0, "max_tokens": 64},
-    )
-    [call] = required["choices"][0]["message"]["tool_calls"]
+    [call] = any_tool["choices"][0]["message"]["tool_calls"]
     _check_call(call)
+    print(f"3 forced calls side by side in {time.monotonic() - started:.1f} s")
 
     # Streamed: the call comes as a tool_calls delta, then the finish reason.
     chunks = list(
@@ -394,3 +421,49 @@ def test_include_usage_on_a_nats_stream(pool: Pool, client: Client) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 2
     assert all("usage" not in chunk for chunk in chunks[:-1])
     assert sorted(c["choices"][0]["index"] for c in chunks[:-1] if c["choices"][0]["finish_reason"]) == [0, 1]
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_the_cli_takes_a_json_schema_file_logprobs_and_n(pool: Pool, tmp_path: Path) -> None:
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    where = {"NATSERVE_HOME": pool.home, "NATSERVE_NATS_URL": pool.nats_url}
+    chat = natserve(
+        "chat",
+        pool.uid,
+        "Describe a sailor.",
+        "--json-schema",
+        str(schema),
+        "--seed",
+        "1",
+        "--json",
+        tmp_path=tmp_path,
+        **where,
+    )
+    assert chat.returncode == 0, chat.stderr
+    jsonschema.validate(json.loads(json.loads(chat.stdout)["choices"][0]["message"]["content"]), PERSON)
+
+    scored = natserve(
+        "generate",
+        pool.uid,
+        "The capital of France is",
+        "--logprobs",
+        "2",
+        "--n",
+        "2",
+        "--max-tokens",
+        "3",
+        tmp_path=tmp_path,
+        **where,
+    )
+    assert scored.returncode == 0, scored.stderr
+    # Each choice's text, then its tokens with their logprobs.
+    assert "[0]" in scored.stdout and "[1]" in scored.stdout
+    assert len(re.findall(r"^ +'.*' +-?\d+\.\d{4}$", scored.stdout, re.MULTILINE)) >= 2, scored.stdout
+
+    missing = natserve(
+        "chat", pool.uid, "hi", "--json-schema", str(tmp_path / "nope.json"), tmp_path=tmp_path, **where
+    )
+    assert "nope.json" in assert_one_error_line(missing)
