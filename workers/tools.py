@@ -249,9 +249,19 @@ class ToolStreamSplitter:
         return parsed
 
 
+def _closed(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameter schema with no arguments beyond its properties, unless it says otherwise
+    (OpenAI's strict mode does the same): a function takes the arguments it declares, and left
+    open, SmolLM2 under a forced call wandered into made-up keys until max_tokens cut it."""
+    out = dict(parameters)
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _call_object(tool: Mapping[str, Any], key: str) -> dict[str, Any]:
     function = tool["function"]
-    parameters = function.get("parameters") or {"type": "object"}
+    parameters = _closed(function.get("parameters") or {"type": "object"})
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, key: parameters},

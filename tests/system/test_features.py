@@ -467,3 +467,31 @@ def test_the_cli_takes_a_json_schema_file_logprobs_and_n(pool: Pool, tmp_path: P
         "chat", pool.uid, "hi", "--json-schema", str(tmp_path / "nope.json"), tmp_path=tmp_path, **where
     )
     assert "nope.json" in assert_one_error_line(missing)
+
+
+# ---------------------------------------------------------------------------- LangChain
+
+
+def test_langchain_structured_output_and_bound_tools(pool: Pool) -> None:
+    from langchain_core.tools import tool as tool_def
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=24)
+        country: str = Field(max_length=24)
+
+    llm = ChatOpenAI(base_url=pool.v1, api_key="unused", model=pool.uid, max_tokens=64, temperature=0)
+    # with_structured_output sends response_format json_schema (strict), as LangChain does by default.
+    city = llm.with_structured_output(City, method="json_schema").invoke("Name a big city in Europe.")
+    assert isinstance(city, City) and city.name
+
+    @tool_def
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "sunny"
+
+    bound = llm.bind_tools([get_weather], tool_choice="get_weather")
+    message = bound.invoke("What is the weather like in Rome?")
+    [call] = message.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"].get("city"), str)

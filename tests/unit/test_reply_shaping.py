@@ -313,7 +313,11 @@ async def test_a_forced_call_is_decoded_under_the_tools_schema() -> None:
     assert constraint is not None and constraint.kind == "json_schema"
     schema = constraint.value
     assert schema["properties"]["name"] == {"const": "add"}
-    assert schema["properties"]["arguments"] == TOOLS[0]["function"]["parameters"]
+    # The declared arguments only (as OpenAI's strict mode): the parameters say nothing else.
+    assert schema["properties"]["arguments"] == {
+        **TOOLS[0]["function"]["parameters"],
+        "additionalProperties": False,
+    }
     [call] = reply["choices"][0]["message"]["tool_calls"]
     assert json.loads(call["function"]["arguments"]) == {"a": 1}
     assert reply["choices"][0]["finish_reason"] == "tool_calls"

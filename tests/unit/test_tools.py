@@ -96,6 +96,17 @@ def test_a_forced_call_schema_and_its_parse() -> None:
     any_tool = forced_call_schema(TOOLS, "llama3")
     assert [s["properties"]["name"]["const"] for s in any_tool["anyOf"]] == list(NAMES)
     assert all("parameters" in s["properties"] for s in any_tool["anyOf"])
+    declared = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": declared}}]
+    closed = forced_call_schema(tools, "hermes")["properties"]["arguments"]
+    assert closed == {**declared, "additionalProperties": False} and "additionalProperties" not in declared
+    opened = [
+        {
+            "type": "function",
+            "function": {"name": "add", "parameters": {**declared, "additionalProperties": True}},
+        }
+    ]
+    assert forced_call_schema(opened, "hermes")["properties"]["arguments"]["additionalProperties"] is True
     with pytest.raises(ValueError, match="'nope'"):
         forced_call_schema(TOOLS, "hermes", "nope")
     assert parse_forced_call('{"name": "add", "arguments": {"a": 1}}', "hermes").calls == [
