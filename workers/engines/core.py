@@ -157,6 +157,7 @@ class EngineCore:
                 return
             self._thread = threading.Thread(target=self._run, name="natserve-batching-engine", daemon=True)
             self._thread.start()
+        self._grammars.warm()
 
     def close(self) -> None:
         """Stops the generation thread after its current step; pending requests end with
