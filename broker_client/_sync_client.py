@@ -272,6 +272,9 @@ class Client:
     def list_workers(self) -> list[dict[str, Any]]:
         return self._run(self._async.list_workers())
 
+    def pool_report(self) -> dict[str, Any]:
+        return self._run(self._async.pool_report())
+
 
 # ---------------------------------------------------------------------------- sync handles
 

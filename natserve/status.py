@@ -35,9 +35,7 @@ RECENT_ERRORS_SHOWN = 10
 
 def collect_status(client: Any) -> dict[str, Any]:
     """The raw status from the registry ``client`` (a sync ``broker_client.Client``) talks to."""
-    # The raw workers.list reply: list_workers() returns only its "workers".
-    reply = client._run(client._async._request(client.subjects.workers_list, {}))
-    return build_status(reply, client.list_models())
+    return build_status(client.pool_report(), client.list_models())
 
 
 def build_status(reply: Any, models: dict[str, Any]) -> dict[str, Any]:
