@@ -320,6 +320,21 @@ def test_tools_through_openai_and_a_history_with_tool_results(pool: Pool) -> Non
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
     call = choice.message.tool_calls[0]
     jsonschema.validate(json.loads(call.function.arguments), PARAMETERS["get_weather"])
+    # Streamed, openai-python puts the call together from its tool_calls delta.
+    stream = openai.chat.completions.create(
+        model=pool.uid,
+        messages=WEATHER_CHAT,  # type: ignore[arg-type]
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="required",
+        max_tokens=64,
+        stream=True,
+    )
+    parts = [d for chunk in stream for c in chunk.choices for d in (c.delta.tool_calls or ())]
+    assert parts and parts[0].function and parts[0].function.name == "get_weather"
+    jsonschema.validate(
+        json.loads("".join(p.function.arguments or "" for p in parts if p.function)),
+        PARAMETERS["get_weather"],
+    )
     # The answer goes back as a tool message; the model answers in words (tool_choice auto).
     follow = openai.chat.completions.create(
         model=pool.uid,
