@@ -100,10 +100,11 @@ class GrammarState:
     """The grammar of one running row: what it allows next, advanced by every accepted token
     (generation thread)."""
 
-    __slots__ = ("matcher",)
+    __slots__ = ("matcher", "words")
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, words: int) -> None:
         self.matcher = matcher
+        self.words = words  # 32-bit words of its mask (the grammar's vocabulary, rounded up)
 
     def advance(self, token: int) -> bool:
         """Accepts ``token``; True when the output is complete and the grammar allows nothing
@@ -115,8 +116,9 @@ class GrammarState:
 
 
 def allowed_tokens(states: Sequence[GrammarState], vocab: int) -> torch.Tensor:
-    """``[len(states), vocab]`` bool (CPU): the tokens each row's grammar allows next."""
-    words = (vocab + 31) // 32
+    """``[len(states), vocab]`` bool (CPU): the tokens each row's grammar allows next, of the
+    model's ``vocab`` (a tokenizer may have more ids than the model has outputs)."""
+    words = states[0].words
     bitmask = np.empty((len(states), words), dtype=np.int32)
     row_bytes = words * 4
     base = bitmask.ctypes.data
@@ -132,13 +134,14 @@ def allowed_tokens(states: Sequence[GrammarState], vocab: int) -> torch.Tensor:
 class Grammar:
     """One compiled constraint; :meth:`start` gives a row its own state."""
 
-    __slots__ = ("_matcher",)
+    __slots__ = ("_matcher", "_words")
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, words: int) -> None:
         self._matcher = matcher
+        self._words = words
 
     def start(self) -> GrammarState:
-        return GrammarState(self._matcher.deep_copy())
+        return GrammarState(self._matcher.deep_copy(), self._words)
 
 
 class GrammarCompiler:
@@ -147,6 +150,12 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._vocab = vocab_size
+        # llguidance needs every id of the tokenizer, which may have more than the model outputs
+        # (an eos past them); the masks cover all, the sampler reads the model's part.
+        try:
+            self._ids = max(vocab_size, len(tokenizer))
+        except TypeError:
+            self._ids = vocab_size
         self._eos = sorted(int(t) for t in eos_token_ids if 0 <= int(t) < vocab_size)
         self._ll_tokenizer: Any = None
         self._lock = threading.Lock()
@@ -181,7 +190,7 @@ class GrammarCompiler:
                     )
             try:
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                    self._tokenizer, n_vocab=self._vocab, eos_token=eos
+                    self._tokenizer, n_vocab=self._ids, eos_token=eos
                 )
             except ValueError as exc:
                 raise InvalidRequestError(
@@ -206,7 +215,7 @@ class GrammarCompiler:
             raise InvalidRequestError(
                 f"the {constraint.kind} constraint does not compile: {matcher.get_error()}"
             )
-        grammar = Grammar(matcher)
+        grammar = Grammar(matcher, (self._ids + 31) // 32)
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > _CACHE_SIZE:
