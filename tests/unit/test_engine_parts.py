@@ -137,6 +137,14 @@ async def test_a_request_of_n_choices_is_admitted_as_n_rows_at_once() -> None:
     assert not scheduler.cancel(wide, notify=True)
 
 
+async def test_a_request_for_prompt_logprobs_is_prefilled_alone() -> None:
+    scheduler = _scheduler(max_batch_size=4, budget=100)
+    for rid, extra in [("a", {}), ("b", {"prompt_logprobs": 1}), ("c", {})]:
+        scheduler.submit(_request(rid, **extra))
+    assert scheduler.wait_for_work()
+    assert sorted([r.id for r in chunk] for chunk in scheduler.schedule()) == [["a", "c"], ["b"]]
+
+
 def test_choice_seeds_differ_and_the_first_is_the_seed() -> None:
     seeds = [choice_seed(7, i) for i in range(16)]
     assert seeds[0] == 7 and len(set(seeds)) == 16

@@ -67,11 +67,17 @@ class Sampler:
         """A float copy of ``logits`` whose ``shaped`` rows have their processors applied (the
         input may be a CUDA graph's output buffer: it is never written)."""
         device = logits.device
-        out = logits.float()
-        if out is logits:
-            out = out.clone()
-        idx = torch.tensor(shaped, device=device)
-        sub = out.index_select(0, idx)
+        whole = len(shaped) == len(rows)
+        if whole:
+            sub = logits.float()
+            if sub is logits:
+                sub = sub.clone()
+        else:
+            out = logits.float()
+            if out is logits:
+                out = out.clone()
+            idx = torch.tensor(shaped, device=device)
+            sub = out.index_select(0, idx)
         vocab = sub.shape[1]
         reqs = [rows[i] for i in shaped]
 
@@ -116,6 +122,8 @@ class Sampler:
             cidx = torch.tensor(constrained, device=device)
             sub.index_copy_(0, cidx, sub.index_select(0, cidx).masked_fill(~allowed, -math.inf))
 
+        if whole:
+            return sub
         out.index_copy_(0, idx, sub)
         return out
 
