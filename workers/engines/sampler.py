@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from .api import TokenLogprob
-from .grammar import allowed_tokens
+from .grammar import grammar_bias
 from .request import Request
 
 __all__ = ["Sampler", "prompt_logprobs"]
@@ -116,11 +116,15 @@ class Sampler:
 
         constrained = [j for j, r in enumerate(reqs) if r.grammar is not None]
         if constrained:
-            allowed = allowed_tokens([reqs[j].grammar for j in constrained], vocab)  # type: ignore[misc]
-            if allowed.device != device:
-                allowed = allowed.to(device, non_blocking=True)
-            cidx = torch.tensor(constrained, device=device)
-            sub.index_copy_(0, cidx, sub.index_select(0, cidx).masked_fill(~allowed, -math.inf))
+            states = [g for j in constrained if (g := reqs[j].grammar) is not None]
+            mask = grammar_bias(states, vocab)
+            if mask.device != device:
+                mask = mask.to(device)
+            if len(constrained) == len(reqs):
+                sub += mask
+            else:
+                cidx = torch.tensor(constrained, device=device)
+                sub.index_copy_(0, cidx, sub.index_select(0, cidx) + mask)
 
         if whole:
             return sub
