@@ -263,22 +263,8 @@ class EngineCore:
         constraint = params.constraint
         grammar = self._grammars.compile(constraint).start() if constraint is not None else None
         req = Request(request_id, prompt, params, mailbox, self.eos_token_ids, whole, grammar=grammar)
-        for index in range(1, params.n):
-            grammar = self._grammars.compile(constraint).start() if constraint is not None else None
-            choice = Request(
-                request_id,
-                prompt,
-                params,
-                mailbox,
-                self.eos_token_ids,
-                whole,
-                index=index,
-                queue=req.queue,
-                grammar=grammar,
-            )
-            req.group.append(choice)
-        for choice in req.group[1:]:
-            choice.group = req.group
+        for _ in range(1, params.n):
+            req.add_choice(self._grammars.compile(constraint).start() if constraint is not None else None)
         self._scheduler.submit(req)
         return req
 

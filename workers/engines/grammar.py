@@ -3,22 +3,26 @@ or one of some strings.
 
 llguidance does the work (a maintained grammar engine, Rust, with Python bindings). It was
 chosen by ``bench/grammar_mask.py``, which measures llguidance, xgrammar and outlines-core side by
-side on SmolLM2's tokenizer (49,152 tokens) and a JSON schema of a few fields: llguidance
-computed a token mask in ~30 µs a token, xgrammar in ~60 µs, and outlines-core compiled the
-schema into an index for seconds before its first mask (docs/benchmarks.md has the figures).
+side on SmolLM2's tokenizer (49,152 tokens) and a JSON schema of six fields (docs/benchmarks.md):
+xgrammar's masks were the cheapest (median 3.5 µs a token against llguidance's 8.9 µs; both
+under 0.2 ms a step for 32 rows, against a decode step of ~100 ms), llguidance compiled the
+schema in 2 ms against xgrammar's 17 ms and outlines-core's 0.7 s, with no first-mask cost.
+Schemas are compiled per request, inside ``generate`` on the caller's event loop, so the compile
+time is the one that a client sending new schemas sees.
 
 * :class:`GrammarCompiler` turns a :class:`~workers.engines.api.Constraint` into a
   :class:`Grammar` (cached by the constraint's key: a client that sends the same schema again
   gets the compiled one), raising :class:`~workers.engines.api.InvalidRequestError` with
   llguidance's reason when it does not compile. It compiles on the caller's thread, inside
-  ``generate`` (a schema of a few fields took ~45 ms). The llguidance view of the tokenizer is
-  built on a thread of its own when the engine starts (:meth:`GrammarCompiler.warm`; 1.5 s of CPU
-  for SmolLM2's 49,152 tokens on a quiet machine).
+  ``generate`` (a schema of six fields: 2 ms, 45 ms on a loaded machine). The llguidance view
+  of the tokenizer is built on a thread of its own when the engine starts
+  (:meth:`GrammarCompiler.warm`; 1.3 s for SmolLM2's 49,152 tokens, 7 s on a loaded machine).
 * :meth:`Grammar.start` gives one row its own :class:`GrammarState` (a copy of the compiled
   matcher, so the ``n`` choices of a request advance independently).
-* The sampler asks :func:`allowed_tokens` for the mask of the constrained rows of a step, before
-  it samples; the output processor calls :meth:`GrammarState.advance` with every accepted token,
-  which says when the grammar is complete and allows nothing more, so the row ends there.
+* The sampler adds :func:`grammar_bias` (0 or -inf per token) to the logits of the constrained
+  rows of a step, before it samples; the output processor calls :meth:`GrammarState.advance`
+  with every accepted token, which says when the grammar is complete and allows nothing more,
+  so the row ends there.
 
 The eos tokens are the engine's: the grammar allows them once the output is complete.
 """
@@ -38,7 +42,7 @@ import torch
 
 from .api import Constraint, InvalidRequestError
 
-__all__ = ["Grammar", "GrammarCompiler", "GrammarState", "allowed_tokens", "grammar_source"]
+__all__ = ["Grammar", "GrammarCompiler", "GrammarState", "grammar_bias", "grammar_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ _CACHE_SIZE = 64
 # with SmolLM2-135M, three prompts asking for a JSON object: free whitespace let it wander off
 # into newlines and indentation (2 of 3 ran out of tokens), no whitespace at all made it write
 # {"":null,...} until the end, this style ended all three as whole objects.
+_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # by mask bit: not allowed, allowed
+
 _JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -100,10 +106,11 @@ class GrammarState:
     """The grammar of one running row: what it allows next, advanced by every accepted token
     (generation thread)."""
 
-    __slots__ = ("matcher",)
+    __slots__ = ("matcher", "words")
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, words: int) -> None:
         self.matcher = matcher
+        self.words = words  # 32-bit words of its mask (the grammar's vocabulary, rounded up)
 
     def advance(self, token: int) -> bool:
         """Accepts ``token``; True when the output is complete and the grammar allows nothing
@@ -114,31 +121,36 @@ class GrammarState:
         return bool(matcher.is_stopped())
 
 
-def allowed_tokens(states: Sequence[GrammarState], vocab: int) -> torch.Tensor:
-    """``[len(states), vocab]`` bool (CPU): the tokens each row's grammar allows next."""
-    words = (vocab + 31) // 32
+def grammar_bias(states: Sequence[GrammarState], vocab: int) -> torch.Tensor:
+    """``[len(states), vocab]`` float32 (CPU): 0 for the tokens each row's grammar allows next,
+    -inf for the others, of the model's ``vocab`` (a tokenizer may have more ids than the model
+    has outputs), to add to the rows' logits."""
+    words = states[0].words
     bitmask = np.empty((len(states), words), dtype=np.int32)
     row_bytes = words * 4
     base = bitmask.ctypes.data
     for i, state in enumerate(states):
         # Writes the row's mask in place (llguidance drops the GIL while it computes).
         state.matcher.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
-    # numpy, not torch: torch spreads an op this small over its threads, whose hand-over took
-    # ~50 ms a step on a loaded machine against ~0.1 ms for the same unpacking here.
+    # numpy, and an additive mask: at 32 rows of 49,152 tokens, unpacking plus a table lookup
+    # and one add took 2.5 ms, a bool mask through torch's masked_fill 6.9 ms (best of 30, one
+    # thread), and torch's own bit unpacking ~50 ms a step on a loaded machine (its threads'
+    # hand-overs).
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, count=vocab, bitorder="little")
-    return torch.from_numpy(bits.view(np.bool_))
+    return torch.from_numpy(_BIAS[bits])
 
 
 class Grammar:
     """One compiled constraint; :meth:`start` gives a row its own state."""
 
-    __slots__ = ("_matcher",)
+    __slots__ = ("_matcher", "_words")
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, words: int) -> None:
         self._matcher = matcher
+        self._words = words
 
     def start(self) -> GrammarState:
-        return GrammarState(self._matcher.deep_copy())
+        return GrammarState(self._matcher.deep_copy(), self._words)
 
 
 class GrammarCompiler:
@@ -147,6 +159,12 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._vocab = vocab_size
+        # llguidance needs every id of the tokenizer, which may have more than the model outputs
+        # (an eos past them); the masks cover all, the sampler reads the model's part.
+        try:
+            self._ids = max(vocab_size, len(tokenizer))
+        except TypeError:
+            self._ids = vocab_size
         self._eos = sorted(int(t) for t in eos_token_ids if 0 <= int(t) < vocab_size)
         self._ll_tokenizer: Any = None
         self._lock = threading.Lock()
@@ -181,7 +199,7 @@ class GrammarCompiler:
                     )
             try:
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                    self._tokenizer, n_vocab=self._vocab, eos_token=eos
+                    self._tokenizer, n_vocab=self._ids, eos_token=eos
                 )
             except ValueError as exc:
                 raise InvalidRequestError(
@@ -206,7 +224,7 @@ class GrammarCompiler:
             raise InvalidRequestError(
                 f"the {constraint.kind} constraint does not compile: {matcher.get_error()}"
             )
-        grammar = Grammar(matcher)
+        grammar = Grammar(matcher, (self._ids + 31) // 32)
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > _CACHE_SIZE:

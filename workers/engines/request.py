@@ -124,6 +124,24 @@ class Request:
         self.whole = whole
         self.held: list[tuple[int, str, TokenLogprob | None]] = []
 
+    def add_choice(self, grammar: GrammarState | None = None) -> Request:
+        """Adds the next of this request's ``n`` choices: same prompt, parameters and reader
+        (its queue), its own index, seed and grammar state."""
+        choice = Request(
+            self.id,
+            self.prompt,
+            self.params,
+            self.mailbox,
+            self.eos,
+            self.whole,
+            index=len(self.group),
+            queue=self.queue,
+            grammar=grammar,
+        )
+        self.group.append(choice)
+        choice.group = self.group
+        return choice
+
     def finished_group(self) -> bool:
         """Every choice of this request has ended."""
         return all(r.done for r in self.group)

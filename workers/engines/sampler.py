@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from .api import TokenLogprob
-from .grammar import allowed_tokens
+from .grammar import grammar_bias
 from .request import Request
 
 __all__ = ["Sampler", "prompt_logprobs"]
@@ -67,11 +67,17 @@ class Sampler:
         """A float copy of ``logits`` whose ``shaped`` rows have their processors applied (the
         input may be a CUDA graph's output buffer: it is never written)."""
         device = logits.device
-        out = logits.float()
-        if out is logits:
-            out = out.clone()
-        idx = torch.tensor(shaped, device=device)
-        sub = out.index_select(0, idx)
+        whole = len(shaped) == len(rows)
+        if whole:
+            sub = logits.float()
+            if sub is logits:
+                sub = sub.clone()
+        else:
+            out = logits.float()
+            if out is logits:
+                out = out.clone()
+            idx = torch.tensor(shaped, device=device)
+            sub = out.index_select(0, idx)
         vocab = sub.shape[1]
         reqs = [rows[i] for i in shaped]
 
@@ -110,12 +116,18 @@ class Sampler:
 
         constrained = [j for j, r in enumerate(reqs) if r.grammar is not None]
         if constrained:
-            allowed = allowed_tokens([reqs[j].grammar for j in constrained], vocab)  # type: ignore[misc]
-            if allowed.device != device:
-                allowed = allowed.to(device, non_blocking=True)
-            cidx = torch.tensor(constrained, device=device)
-            sub.index_copy_(0, cidx, sub.index_select(0, cidx).masked_fill(~allowed, -math.inf))
+            states = [g for j in constrained if (g := reqs[j].grammar) is not None]
+            mask = grammar_bias(states, vocab)
+            if mask.device != device:
+                mask = mask.to(device)
+            if len(constrained) == len(reqs):
+                sub += mask
+            else:
+                cidx = torch.tensor(constrained, device=device)
+                sub.index_copy_(0, cidx, sub.index_select(0, cidx) + mask)
 
+        if whole:
+            return sub
         out.index_copy_(0, idx, sub)
         return out
 

@@ -171,11 +171,17 @@ class Scheduler:
         chunks: list[list[Request]] = []
         chunk: list[Request] = []
         for req in newcomers:
+            if req.params.prompt_logprobs is not None:
+                # Its prefill keeps the logits of every position ([width, vocab] floats): alone,
+                # so that its batch mates' prompts do not keep theirs too.
+                chunks.append([req])
+                continue
             if chunk and (len(chunk) + 1) * len(req.prompt) > self.prefill_budget:
                 chunks.append(chunk)
                 chunk = []
             chunk.append(req)
-        chunks.append(chunk)
+        if chunk:
+            chunks.append(chunk)
         return chunks
 
     def release(self, req: Request) -> None:
