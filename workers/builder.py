@@ -8,7 +8,11 @@
   and ``slots`` shape the engine, ``slots`` being the replica's batch capacity);
 * an LLM on a CUDA device: :class:`~workers.engines.StaticBatchingEngine` (static KV slots, one
   CUDA graph per batch-size bucket);
-* an LLM on the CPU: :class:`~workers.engines.BatchingEngine` (a left-padded dynamic cache);
+* an LLM on the CPU: :class:`~workers.engines.StaticBatchingEngine` too, eagerly (or
+  ``torch.compile``'d with ``WorkerSettings.compile``), its slots starting at
+  :data:`CPU_INITIAL_SEQ` positions and growing with the longest row; with
+  ``WorkerSettings(cpu_kv="padded")`` :class:`~workers.engines.BatchingEngine` (a left-padded
+  dynamic cache);
 * an embedding model: :class:`~workers.engines.EmbeddingEngine`.
 
 A real model is resolved (:mod:`workers.loading.sources`, downloading with ``download``
@@ -45,6 +49,10 @@ __all__ = ["DEFAULT_EMBEDDING_BATCH", "DEFAULT_LLM_BATCH", "PendingLaunch", "bui
 
 DEFAULT_LLM_BATCH = 32
 DEFAULT_EMBEDDING_BATCH = 64
+# Positions per slot the CPU's static KV slots start with (they double as rows need, up to the
+# context): 32 slots of SmolLM2-135M at 256 positions are 360 MiB in fp32, where the whole
+# context (8192) would be 11 GiB. registry_service.memory counts the same number.
+CPU_INITIAL_SEQ = 256
 # How often a slow echo load reports progress and looks for a cancel.
 _LOAD_TICK = 0.1
 
@@ -177,6 +185,8 @@ async def _loaded_replica(
     # Without a warm-up (or before it is over) the imports happen here, and on_warm follows
     # them before the model is built, as it would have after the warm-up.
     await asyncio.to_thread(warm_up, on_warm)
+    if settings.torch_threads is not None:
+        loading.set_threads(settings.torch_threads)
     loop = asyncio.get_running_loop()
 
     def progress(update: dict[str, Any]) -> None:
@@ -214,8 +224,14 @@ async def _loaded_replica(
                 device=device,
                 # Both switches: the definition asks, the operator allows (checked at launch).
                 trust_remote_code=settings.limits.trust_remote_code(definition.trust_remote_code),
+                dtype=settings.cpu_dtype if device == "cpu" else None,
             )
-            return _llm_replica(launch, definition, loaded, common)
+            if settings.compile and loaded.device.type == "cpu":
+                from .engines.compiled import use_cache_dir
+
+                use_cache_dir(settings.compile_cache_dir)
+            # Building the engine probes the model and, compiled, compiles every bucket: a thread.
+            return await asyncio.to_thread(_llm_replica, launch, definition, loaded, common, settings)
         loaded = await asyncio.to_thread(loading.load_embedding, source, device=device)
         from .engines import EmbeddingEngine
 
@@ -237,7 +253,11 @@ async def _loaded_replica(
 
 
 def _llm_replica(
-    launch: WorkerLaunch, definition: LLMDefinition, loaded: Any, common: dict[str, Any]
+    launch: WorkerLaunch,
+    definition: LLMDefinition,
+    loaded: Any,
+    common: dict[str, Any],
+    settings: WorkerSettings,
 ) -> LLMReplica:
     from .engines import BatchingEngine, Engine, StaticBatchingEngine
 
@@ -258,6 +278,21 @@ def _llm_replica(
             context_length=context,
             max_seq_len=context,
             capture_at_start=True,
+        )
+        context = engine.context_length
+    elif settings.cpu_kv == "slots":
+        # On the CPU the left-padded cache copies every row's K/V at each step (torch.cat: 15%
+        # of a SmolLM2-135M step at batch 8) and re-pads on every join; static slots write one
+        # position in place and attend over a window up to the longest row.
+        engine = StaticBatchingEngine(
+            loaded.model,
+            loaded.tokenizer,
+            max_batch_size=max_batch_size,
+            context_length=context,
+            max_seq_len=context,
+            initial_seq_len=CPU_INITIAL_SEQ,
+            compile_step=settings.compile,
+            capture_at_start=settings.compile,
         )
         context = engine.context_length
     else:

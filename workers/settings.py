@@ -21,7 +21,10 @@ from .limits import WorkerLimits
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["WorkerSettings"]
+__all__ = ["CPU_DTYPES", "CPU_KV_LAYOUTS", "WorkerSettings"]
+
+CPU_KV_LAYOUTS = ("slots", "padded")
+CPU_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,13 @@ class WorkerSettings:
       pays only for its model; a launch that comes sooner waits for it.
     * ``keepalive_silence``: seconds a stream whose reader asked for the keepalive may go
       unacknowledged (after two windows of chunks) before it stops (``broker_client._keepalive``).
+    * The CPU runner (:mod:`workers.builder`; the measurements are in docs/benchmarks.md):
+      ``cpu_kv``: ``"slots"`` (static KV slots, growing with the longest row; the default) or
+      ``"padded"`` (the left-padded dynamic cache); ``compile``: run the decode step through
+      ``torch.compile`` (off by default: minutes of compiling per launch for a few percent);
+      ``compile_cache_dir``: inductor's on-disk cache (its default when None);
+      ``torch_threads``: torch's intra-op threads (torch's default, one per core, when None);
+      ``cpu_dtype``: ``float32`` (default) or ``bfloat16`` weights for LLMs on the CPU.
     """
 
     nats_url: str | list[str]
@@ -61,8 +71,19 @@ class WorkerSettings:
     metrics_registry: CollectorRegistry | None = None
     warm_up: bool = False
     keepalive_silence: float = KEEPALIVE_SILENCE
+    cpu_kv: str = "slots"
+    compile: bool = False
+    compile_cache_dir: str | Path | None = None
+    torch_threads: int | None = None
+    cpu_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if self.cpu_kv not in CPU_KV_LAYOUTS:
+            raise ValueError(f"cpu_kv must be one of {list(CPU_KV_LAYOUTS)}, got {self.cpu_kv!r}")
+        if self.torch_threads is not None and self.torch_threads <= 0:
+            raise ValueError(f"torch_threads must be positive, got {self.torch_threads}")
+        if self.cpu_dtype is not None and self.cpu_dtype not in CPU_DTYPES:
+            raise ValueError(f"cpu_dtype must be one of {list(CPU_DTYPES)}, got {self.cpu_dtype!r}")
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}")
         if self.heartbeat_interval > MAX_HEARTBEAT_INTERVAL:
