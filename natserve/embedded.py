@@ -522,8 +522,6 @@ def worker_settings(
         metrics_registry=metrics_registry,
         warm_up=settings.warm_up,
         cpu_kv=settings.cpu_kv,
-        compile=settings.compile,
-        compile_cache_dir=settings.home / "inductor",
         torch_threads=settings.torch_threads,
         cpu_dtype=settings.cpu_dtype,
     )

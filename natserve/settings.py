@@ -48,10 +48,8 @@ class Settings(BaseSettings):
     # warmup.py): a launch after it does not pay seconds of imports.
     warm_up: bool = True
     # The CPU runner (workers/settings.py, docs/benchmarks.md): NATSERVE_CPU_KV=padded for the
-    # left-padded dynamic cache, NATSERVE_COMPILE=1 for a torch.compile'd decode step (its cache
-    # in $NATSERVE_HOME/inductor), NATSERVE_TORCH_THREADS, NATSERVE_CPU_DTYPE=bfloat16.
+    # left-padded dynamic cache, NATSERVE_TORCH_THREADS, NATSERVE_CPU_DTYPE=bfloat16.
     cpu_kv: Literal["slots", "padded"] = "slots"
-    compile: bool = False
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     cpu_dtype: Literal["float32", "bfloat16"] | None = None
     # The HTTP gateway (natserve/gateway): `natserve gateway --host/--port`; `natserve up` starts

@@ -8,8 +8,8 @@
   and ``slots`` shape the engine, ``slots`` being the replica's batch capacity);
 * an LLM on a CUDA device: :class:`~workers.engines.StaticBatchingEngine` (static KV slots, one
   CUDA graph per batch-size bucket);
-* an LLM on the CPU: :class:`~workers.engines.StaticBatchingEngine` too, eagerly (or
-  ``torch.compile``'d with ``WorkerSettings.compile``), its slots starting at
+* an LLM on the CPU: :class:`~workers.engines.StaticBatchingEngine` too, eagerly, its slots
+  starting at
   :data:`CPU_INITIAL_SEQ` positions and growing with the longest row; with
   ``WorkerSettings(cpu_kv="padded")`` :class:`~workers.engines.BatchingEngine` (a left-padded
   dynamic cache);
@@ -226,11 +226,7 @@ async def _loaded_replica(
                 trust_remote_code=settings.limits.trust_remote_code(definition.trust_remote_code),
                 dtype=settings.cpu_dtype if device == "cpu" else None,
             )
-            if settings.compile and loaded.device.type == "cpu":
-                from .engines.compiled import use_cache_dir
-
-                use_cache_dir(settings.compile_cache_dir)
-            # Building the engine probes the model and, compiled, compiles every bucket: a thread.
+            # Building the engine probes the model (a forward): on a thread.
             return await asyncio.to_thread(_llm_replica, launch, definition, loaded, common, settings)
         loaded = await asyncio.to_thread(loading.load_embedding, source, device=device)
         from .engines import EmbeddingEngine
@@ -291,8 +287,6 @@ def _llm_replica(
             context_length=context,
             max_seq_len=context,
             initial_seq_len=CPU_INITIAL_SEQ,
-            compile_step=settings.compile,
-            capture_at_start=settings.compile,
         )
         context = engine.context_length
     else:

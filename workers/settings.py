@@ -51,11 +51,9 @@ class WorkerSettings:
       unacknowledged (after two windows of chunks) before it stops (``broker_client._keepalive``).
     * The CPU runner (:mod:`workers.builder`; the measurements are in docs/benchmarks.md):
       ``cpu_kv``: ``"slots"`` (static KV slots, growing with the longest row; the default) or
-      ``"padded"`` (the left-padded dynamic cache); ``compile``: run the decode step through
-      ``torch.compile`` (off by default: minutes of compiling per launch for a few percent);
-      ``compile_cache_dir``: inductor's on-disk cache (its default when None);
-      ``torch_threads``: torch's intra-op threads (torch's default, one per core, when None);
-      ``cpu_dtype``: ``float32`` (default) or ``bfloat16`` weights for LLMs on the CPU.
+      ``"padded"`` (the left-padded dynamic cache); ``torch_threads``: torch's intra-op threads
+      (torch's default, one per core, when None); ``cpu_dtype``: ``float32`` (default) or
+      ``bfloat16`` weights for LLMs on the CPU.
     """
 
     nats_url: str | list[str]
@@ -72,8 +70,6 @@ class WorkerSettings:
     warm_up: bool = False
     keepalive_silence: float = KEEPALIVE_SILENCE
     cpu_kv: str = "slots"
-    compile: bool = False
-    compile_cache_dir: str | Path | None = None
     torch_threads: int | None = None
     cpu_dtype: str | None = None
 

@@ -7,11 +7,17 @@ serves every bucket above 1 and every window (dynamo specialises the value 1: ba
 of its own); a step never waits for a recompile once each bucket ran once.
 :class:`CompiledRunner` is the bucket runner of ``runner.BucketRunners`` over it.
 
-Compiled code is cached on disk by inductor (its FX graph cache and AOTAutograd cache, both on by
-default in torch 2.13) under ``cache_dir`` (``TORCHINDUCTOR_CACHE_DIR``; the worker gives one
-under the natserve home), so a second launch of the same model in a new process skips inductor's
-code generation and the C++ compiler and pays only for the trace. :func:`compile_counters` says
-what a compile did: graphs compiled, and hits and misses of the FX graph cache.
+Inductor caches compiled code on disk (its FX graph cache and AOTAutograd cache, both on by
+default in torch 2.13) under ``TORCHINDUCTOR_CACHE_DIR`` (:func:`use_cache_dir`).
+:func:`compile_counters` says what a compile did: graphs compiled, and hits and misses of the FX
+graph cache.
+
+The worker does not use it (``StaticBatchingEngine(compile_step=True)`` and
+``bench/cpu_levers.py --compile`` do). Measured on the 2-core machine while other work loaded it
+(docs/benchmarks.md): compiling the decode step of the tiny 2-layer test Llama at start took
+340 s for buckets 1 and 4 (two graphs), a second process missed the FX graph cache both times
+(363 s), and in fp32 about 88 % of a SmolLM2-135M eager step is in ``aten::mm`` already, which
+compiling does not speed up: the part compiling can remove is the other ~12 %.
 """
 
 from __future__ import annotations
