@@ -24,6 +24,7 @@ reaches it; a launch cancelled that way ends with a 503 and leaves nothing loade
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,17 @@ from .engines import EchoEngine, echo_options, is_echo_uri
 from .replicas import EmbeddingReplica, LLMReplica, Replica
 from .settings import WorkerSettings
 
-__all__ = ["DEFAULT_EMBEDDING_BATCH", "DEFAULT_LLM_BATCH", "PendingLaunch", "build_replica", "warm_up"]
+__all__ = [
+    "CPU_INITIAL_SEQ",
+    "DEFAULT_EMBEDDING_BATCH",
+    "DEFAULT_LLM_BATCH",
+    "PendingLaunch",
+    "build_replica",
+    "cpu_engine",
+    "warm_up",
+]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LLM_BATCH = 32
 DEFAULT_EMBEDDING_BATCH = 64
@@ -248,6 +259,31 @@ async def _loaded_replica(
         raise
 
 
+def cpu_engine(model: Any, tokenizer: Any, *, max_batch_size: int, context: int, kv: str) -> Any:
+    """The LLM engine on the CPU: static slots (``kv="slots"``) where the model allows them, else
+    (or with ``kv="padded"``) the left-padded dynamic cache."""
+    from .engines import BatchingEngine, StaticBatchingEngine
+
+    if kv == "slots":
+        # On the CPU the left-padded cache copies every row's K/V at each step (torch.cat: 15%
+        # of a SmolLM2-135M step at batch 8) and re-pads on every join; static slots write one
+        # position in place and attend over a window up to the longest row.
+        try:
+            return StaticBatchingEngine(
+                model,
+                tokenizer,
+                max_batch_size=max_batch_size,
+                context_length=context,
+                max_seq_len=context,
+                initial_seq_len=CPU_INITIAL_SEQ,
+            )
+        except ValueError as exc:
+            # A sliding window shorter than the context, or attention that takes no ready mask:
+            # the padded cache serves those as before.
+            logger.info("static KV slots do not fit this model (%s); using the padded cache", exc)
+    return BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, context_length=context)
+
+
 def _llm_replica(
     launch: WorkerLaunch,
     definition: LLMDefinition,
@@ -255,7 +291,7 @@ def _llm_replica(
     common: dict[str, Any],
     settings: WorkerSettings,
 ) -> LLMReplica:
-    from .engines import BatchingEngine, Engine, StaticBatchingEngine
+    from .engines import Engine, StaticBatchingEngine
 
     context = loaded.context_length
     if "context_length" in definition.model_fields_set:
@@ -276,23 +312,11 @@ def _llm_replica(
             capture_at_start=True,
         )
         context = engine.context_length
-    elif settings.cpu_kv == "slots":
-        # On the CPU the left-padded cache copies every row's K/V at each step (torch.cat: 15%
-        # of a SmolLM2-135M step at batch 8) and re-pads on every join; static slots write one
-        # position in place and attend over a window up to the longest row.
-        engine = StaticBatchingEngine(
-            loaded.model,
-            loaded.tokenizer,
-            max_batch_size=max_batch_size,
-            context_length=context,
-            max_seq_len=context,
-            initial_seq_len=CPU_INITIAL_SEQ,
+    else:
+        engine = cpu_engine(
+            loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, context=context, kv=settings.cpu_kv
         )
         context = engine.context_length
-    else:
-        engine = BatchingEngine(
-            loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, context_length=context
-        )
     return LLMReplica(
         engine=engine,
         tokenizer=loaded.tokenizer,

@@ -84,3 +84,42 @@ async def test_bf16_weights_on_request(nats_url: str, prefix: str, tiny_llama_di
 def test_bad_settings_name_the_field(field: str, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         WorkerSettings("nats://127.0.0.1:4222", **{field: value})
+
+
+def test_a_model_the_slots_cannot_serve_gets_the_padded_cache() -> None:
+    """A sliding window shorter than the context: the static slots refuse it (their mask is full
+    causal attention), so the CPU engine is the padded cache, as before static slots."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.support.models import tiny_tokenizer
+    from workers.builder import cpu_engine
+
+    tokenizer = tiny_tokenizer(chat_template=None)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=16,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+    )
+    mistral = MistralForCausalLM(config).eval()
+    engine = cpu_engine(mistral, tokenizer, max_batch_size=2, context=128, kv="slots")
+    assert isinstance(engine, BatchingEngine), type(engine)
+
+
+def test_cpu_engine_by_layout(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.builder import cpu_engine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    slots = cpu_engine(model, tokenizer, max_batch_size=2, context=512, kv="slots")
+    assert isinstance(slots, StaticBatchingEngine) and slots.context_length == 512
+    assert slots.kv_cache.length == CPU_INITIAL_SEQ
+    padded = cpu_engine(model, tokenizer, max_batch_size=2, context=512, kv="padded")
+    assert isinstance(padded, BatchingEngine)

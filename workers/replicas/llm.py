@@ -2,9 +2,10 @@
 typed completions.
 
 The engine (:class:`~workers.engines.StaticBatchingEngine`,
-:class:`~workers.engines.BatchingEngine`, or the model-less :class:`~workers.engines.EchoEngine`) does the batching and sampling; this replica
-checks a request against the context (and the replica's limits), opens the engine's stream and
-turns its :class:`~workers.engines.Delta` s into OpenAI shapes.
+:class:`~workers.engines.BatchingEngine`, or the model-less :class:`~workers.engines.EchoEngine`)
+does the batching and sampling; this replica checks a request against the context (and the
+replica's limits), opens the engine's stream and turns its :class:`~workers.engines.Delta` s into
+OpenAI shapes.
 """
 
 from __future__ import annotations
