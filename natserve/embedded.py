@@ -524,6 +524,9 @@ def worker_settings(
         metrics_registry=metrics_registry,
         warm_up=settings.warm_up,
         memory_limit=settings.memory_limit,
+        cpu_kv=settings.cpu_kv,
+        torch_threads=settings.torch_threads,
+        cpu_dtype=settings.cpu_dtype,
     )
 
 

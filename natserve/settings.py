@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     # Import torch and the model-loading code on a thread once a worker answers (workers/loading/
     # warmup.py): a launch after it does not pay seconds of imports.
     warm_up: bool = True
+    # The CPU runner (workers/settings.py, docs/benchmarks.md): NATSERVE_CPU_KV=padded for the
+    # left-padded dynamic cache, NATSERVE_TORCH_THREADS, NATSERVE_CPU_DTYPE=bfloat16.
+    cpu_kv: Literal["slots", "padded"] = "slots"
+    torch_threads: int | None = Field(default=None, ge=1, le=1024)
+    cpu_dtype: Literal["float32", "bfloat16"] | None = None
     # The HTTP gateway (natserve/gateway): `natserve gateway --host/--port`; `natserve up` starts
     # one on http_host:http_port unless `--no-http` (NATSERVE_HTTP=0).
     http: bool = True

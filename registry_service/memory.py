@@ -16,7 +16,13 @@ quantization, the context length, and where it will run. From that:
                   current models (older multi-head models use more).
                   tokens on a GPU: min(context, 2048) x max_batch_size (default 32): the static
                   engine allocates its KV slots up front (workers/engines/static.py).
-                  tokens on the CPU: one full context; the dynamic cache grows with use.
+                  tokens on the CPU: max_batch_size x min(context, 256) + one full context.
+                  Its static slots are allocated at 256 positions (workers/builder.py) and
+                  grow with use, every slot to the longest row's length, as the left-padded
+                  cache (cpu_kv="padded") grows to rows x the longest row: the growth is
+                  counted as one long request, not as every slot at full context (which would
+                  refuse a 1B model on a 16 GiB laptop for a worst case that needs 32 long
+                  requests' worth of memory to be at risk).
 
 Embedding models need their weights and the overhead only. ``echo:`` models need nothing (or
 the bytes their ``memory=`` option names: the echo engine's drill of memory pressure), and a
@@ -33,6 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "CPU_INITIAL_SEQ",
     "DEFAULT_BATCH",
     "GIB",
     "estimate_bytes",
@@ -42,6 +49,9 @@ __all__ = [
 GIB = 1 << 30
 DEFAULT_BATCH = 32
 _STATIC_MAX_SEQ = 2048
+# The CPU's static KV slots at start: workers.builder.CPU_INITIAL_SEQ (the registry does not
+# import the worker).
+CPU_INITIAL_SEQ = 256
 _OVERHEAD = 0.15
 _CUDA_CONTEXT = 512 << 20
 _GQA = 4
@@ -84,10 +94,11 @@ def estimate_bytes(
         # The cache is kept in the compute dtype, whatever the weights' quantization.
         per_token = _kv_bytes_per_token(parameters, 2.0 if on_gpu else 4.0)
         context = context_length or 2048
+        slots = max_batch_size or DEFAULT_BATCH
         if on_gpu:
-            tokens = min(context, _STATIC_MAX_SEQ) * (max_batch_size or DEFAULT_BATCH)
+            tokens = min(context, _STATIC_MAX_SEQ) * slots
         else:
-            tokens = context
+            tokens = min(context, CPU_INITIAL_SEQ) * slots + context
         need += per_token * tokens
     return int(need)
 

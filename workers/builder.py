@@ -8,7 +8,11 @@
   and ``slots`` shape the engine, ``slots`` being the replica's batch capacity);
 * an LLM on a CUDA device: :class:`~workers.engines.StaticBatchingEngine` (static KV slots, one
   CUDA graph per batch-size bucket);
-* an LLM on the CPU: :class:`~workers.engines.BatchingEngine` (a left-padded dynamic cache);
+* an LLM on the CPU: :class:`~workers.engines.StaticBatchingEngine` too, eagerly, its slots
+  starting at
+  :data:`CPU_INITIAL_SEQ` positions and growing with the longest row; with
+  ``WorkerSettings(cpu_kv="padded")`` :class:`~workers.engines.BatchingEngine` (a left-padded
+  dynamic cache);
 * an embedding model: :class:`~workers.engines.EmbeddingEngine`.
 
 A real model is resolved (:mod:`workers.loading.sources`, downloading with ``download``
@@ -20,6 +24,7 @@ reaches it; a launch cancelled that way ends with a 503 and leaves nothing loade
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -41,10 +46,24 @@ from .engines import EchoEngine, echo_options, is_echo_uri
 from .replicas import EmbeddingReplica, LLMReplica, Replica
 from .settings import WorkerSettings
 
-__all__ = ["DEFAULT_EMBEDDING_BATCH", "DEFAULT_LLM_BATCH", "PendingLaunch", "build_replica", "warm_up"]
+__all__ = [
+    "CPU_INITIAL_SEQ",
+    "DEFAULT_EMBEDDING_BATCH",
+    "DEFAULT_LLM_BATCH",
+    "PendingLaunch",
+    "build_replica",
+    "cpu_engine",
+    "warm_up",
+]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LLM_BATCH = 32
 DEFAULT_EMBEDDING_BATCH = 64
+# Positions per slot the CPU's static KV slots start with (they double as rows need, up to the
+# context): 32 slots of SmolLM2-135M at 256 positions are 360 MiB in fp32, where the whole
+# context (8192) would be 11 GiB. registry_service.memory counts the same number.
+CPU_INITIAL_SEQ = 256
 # How often a slow echo load reports progress and looks for a cancel.
 _LOAD_TICK = 0.1
 
@@ -177,6 +196,8 @@ async def _loaded_replica(
     # Without a warm-up (or before it is over) the imports happen here, and on_warm follows
     # them before the model is built, as it would have after the warm-up.
     await asyncio.to_thread(warm_up, on_warm)
+    if settings.torch_threads is not None:
+        loading.set_threads(settings.torch_threads)
     loop = asyncio.get_running_loop()
 
     def progress(update: dict[str, Any]) -> None:
@@ -214,8 +235,10 @@ async def _loaded_replica(
                 device=device,
                 # Both switches: the definition asks, the operator allows (checked at launch).
                 trust_remote_code=settings.limits.trust_remote_code(definition.trust_remote_code),
+                dtype=settings.cpu_dtype if device == "cpu" else None,
             )
-            return _llm_replica(launch, definition, loaded, common)
+            # Building the engine probes the model (a forward): on a thread.
+            return await asyncio.to_thread(_llm_replica, launch, definition, loaded, common, settings)
         loaded = await asyncio.to_thread(loading.load_embedding, source, device=device)
         from .engines import EmbeddingEngine
 
@@ -236,10 +259,39 @@ async def _loaded_replica(
         raise
 
 
+def cpu_engine(model: Any, tokenizer: Any, *, max_batch_size: int, context: int, kv: str) -> Any:
+    """The LLM engine on the CPU: static slots (``kv="slots"``) where the model allows them, else
+    (or with ``kv="padded"``) the left-padded dynamic cache."""
+    from .engines import BatchingEngine, StaticBatchingEngine
+
+    if kv == "slots":
+        # On the CPU the left-padded cache copies every row's K/V at each step (torch.cat: 15%
+        # of a SmolLM2-135M step at batch 8) and re-pads on every join; static slots write one
+        # position in place and attend over a window up to the longest row.
+        try:
+            return StaticBatchingEngine(
+                model,
+                tokenizer,
+                max_batch_size=max_batch_size,
+                context_length=context,
+                max_seq_len=context,
+                initial_seq_len=CPU_INITIAL_SEQ,
+            )
+        except ValueError as exc:
+            # A sliding window shorter than the context, or attention that takes no ready mask:
+            # the padded cache serves those as before.
+            logger.info("static KV slots do not fit this model (%s); using the padded cache", exc)
+    return BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, context_length=context)
+
+
 def _llm_replica(
-    launch: WorkerLaunch, definition: LLMDefinition, loaded: Any, common: dict[str, Any]
+    launch: WorkerLaunch,
+    definition: LLMDefinition,
+    loaded: Any,
+    common: dict[str, Any],
+    settings: WorkerSettings,
 ) -> LLMReplica:
-    from .engines import BatchingEngine, Engine, StaticBatchingEngine
+    from .engines import Engine, StaticBatchingEngine
 
     context = loaded.context_length
     if "context_length" in definition.model_fields_set:
@@ -261,9 +313,10 @@ def _llm_replica(
         )
         context = engine.context_length
     else:
-        engine = BatchingEngine(
-            loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, context_length=context
+        engine = cpu_engine(
+            loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, context=context, kv=settings.cpu_kv
         )
+        context = engine.context_length
     return LLMReplica(
         engine=engine,
         tokenizer=loaded.tokenizer,

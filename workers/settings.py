@@ -21,7 +21,10 @@ from .limits import WorkerLimits
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["WorkerSettings"]
+__all__ = ["CPU_DTYPES", "CPU_KV_LAYOUTS", "WorkerSettings"]
+
+CPU_KV_LAYOUTS = ("slots", "padded")
+CPU_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class WorkerSettings:
       heartbeats report a device's total as at most this and its free memory as at most this
       less what its replicas there take, so that a worker sharing a machine leaves the rest
       to others, and the registry places (and evicts idle models) by that.
+    * The CPU runner (:mod:`workers.builder`; the measurements are in docs/benchmarks.md):
+      ``cpu_kv``: ``"slots"`` (static KV slots, growing with the longest row; the default) or
+      ``"padded"`` (the left-padded dynamic cache); ``torch_threads``: torch's intra-op threads
+      (torch's default, one per core, when None); ``cpu_dtype``: ``float32`` (default) or
+      ``bfloat16`` weights for LLMs on the CPU.
     """
 
     nats_url: str | list[str]
@@ -66,10 +74,19 @@ class WorkerSettings:
     warm_up: bool = False
     keepalive_silence: float = KEEPALIVE_SILENCE
     memory_limit: int | None = None
+    cpu_kv: str = "slots"
+    torch_threads: int | None = None
+    cpu_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.memory_limit is not None and self.memory_limit <= 0:
             raise ValueError(f"memory_limit must be a positive number of bytes, got {self.memory_limit}")
+        if self.cpu_kv not in CPU_KV_LAYOUTS:
+            raise ValueError(f"cpu_kv must be one of {list(CPU_KV_LAYOUTS)}, got {self.cpu_kv!r}")
+        if self.torch_threads is not None and self.torch_threads <= 0:
+            raise ValueError(f"torch_threads must be positive, got {self.torch_threads}")
+        if self.cpu_dtype is not None and self.cpu_dtype not in CPU_DTYPES:
+            raise ValueError(f"cpu_dtype must be one of {list(CPU_DTYPES)}, got {self.cpu_dtype!r}")
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}")
         if self.heartbeat_interval > MAX_HEARTBEAT_INTERVAL:

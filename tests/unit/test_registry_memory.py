@@ -43,6 +43,29 @@ def test_the_kv_cache_grows_with_the_context_and_the_batch() -> None:
     assert 24 * GIB < need(context_length=8192) < 30 * GIB
 
 
+def test_the_cpu_counts_its_slots_at_start_and_one_long_request() -> None:
+    """The CPU's static slots: max_batch x 256 positions allocated at start, plus one full
+    context of growth, in fp32 (twice the GPU's fp16 per token)."""
+
+    def kv(kind: str, **kw: Any) -> int:
+        with_kv = estimate_bytes(spec(1), quantization="none", device_kind=kind, **kw)
+        without = estimate_bytes(spec(1), quantization="none", device_kind=kind, model_type="embedding")
+        return with_kv - without
+
+    per_token = kv("cuda", context_length=256, max_batch_size=1) * 2 / 256  # fp32 on the CPU
+    assert kv("cpu", context_length=2048, max_batch_size=32) == pytest.approx(
+        per_token * (32 * 256 + 2048), rel=1e-6
+    )
+    assert kv("cpu", context_length=2048, max_batch_size=8) == pytest.approx(
+        per_token * (8 * 256 + 2048), rel=1e-6
+    )
+    # A context shorter than the initial slots: the slots are that short.
+    assert kv("cpu", context_length=128, max_batch_size=4) == pytest.approx(
+        per_token * (4 * 128 + 128), rel=1e-6
+    )
+    assert kv("cpu", context_length=8192) > kv("cpu", context_length=2048)
+
+
 def test_echo_and_unsized_models_need_nothing() -> None:
     assert estimate_bytes(spec(70, model_uri="echo:"), quantization="none", device_kind="cuda") == 0
     assert estimate_bytes({"model_id": "org/m"}, quantization="none", device_kind="cuda") == 0

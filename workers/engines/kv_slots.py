@@ -52,6 +52,8 @@ class SlotLayer(StaticLayer):
         self.is_initialized = True
         # ``[b, 1]`` write positions of the step being run; set by ``SlotCache.begin_step``.
         self.positions: torch.Tensor | None = None
+        # How many leading positions the step's attention reads (None: all of them).
+        self.window: int | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the tensors exist from construction on, at fixed addresses."""
@@ -69,6 +71,9 @@ class SlotLayer(StaticLayer):
         index = positions.view(rows, 1, 1, 1)
         keys.scatter_(2, index.expand(key_states.shape), key_states)
         values.scatter_(2, index.expand(value_states.shape), value_states)
+        if self.window is not None:
+            # Views of the positions in use: attention reads window, not all L, positions.
+            return keys[:, :, : self.window], values[:, :, : self.window]
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -100,10 +105,33 @@ class SlotCache(Cache):
             layers.append(SlotLayer(k, v))
         return cls(layers)
 
-    def begin_step(self, positions: torch.Tensor) -> None:
-        """``positions``: ``[b, 1]`` long, where each row's token of this step goes."""
+    @property
+    def length(self) -> int:
+        """Positions per slot (``L``)."""
+        return int(self.layers[0].keys.shape[2])
+
+    def begin_step(self, positions: torch.Tensor, window: int | None = None) -> None:
+        """``positions``: ``[b, 1]`` long, where each row's token of this step goes; ``window``:
+        how many leading positions attention reads (every position of a row in the step must be
+        below it), None for all ``L``, as a CUDA graph needs."""
         for layer in self.layers:
             layer.positions = positions
+            layer.window = window
+
+    def grow(self, length: int) -> bool:
+        """Makes every slot hold ``length`` positions (more than now): new zeroed tensors, the
+        old contents copied in. Only for a cache no CUDA graph was captured on (it moves the
+        tensors). False when ``length`` is not more than ``L``."""
+        if length <= self.length:
+            return False
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros((old.shape[0], old.shape[1], length, old.shape[3]))
+                new[:, :, : old.shape[2]] = old
+                setattr(layer, name, new)
+            layer.max_cache_len = length
+        return True
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))

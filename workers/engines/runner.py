@@ -9,8 +9,7 @@ The static engine's decode step works on fixed buffers, so it can run as a repla
 :class:`DecodeRunner` runs the step of one batch-size bucket, either eagerly
 (:class:`EagerRunner`, on the CPU or without graphs) or captured as a CUDA graph
 (:class:`GraphRunner`); :class:`BucketRunners` builds each bucket's runner once, falling back to
-eager when a capture fails. Another kind of runner (a ``torch.compile``'d step) is one more class
-with ``run()`` and one more branch in :meth:`BucketRunners.build`.
+eager when a capture fails, or over one ``torch.compile``'d step (``compiled.CompiledRunner``).
 """
 
 from __future__ import annotations
@@ -202,11 +201,19 @@ class BucketRunners:
     :meth:`build_all`. With ``use_graphs`` the buckets are CUDA graphs sharing one memory pool
     (only one replays at a time, and its outputs are read before the next replay)."""
 
-    def __init__(self, step: Step, *, use_graphs: bool) -> None:
+    def __init__(self, step: Step, *, use_graphs: bool, compile_step: bool = False) -> None:
+        if use_graphs and compile_step:
+            raise ValueError("a decode step is either captured as CUDA graphs or compiled, not both")
         self._step = step
         self.use_graphs = use_graphs
         self._runners: dict[int, DecodeRunner] = {}
         self._pool: Any = None
+        # One compiled graph for every bucket (compiled.py); None when not compiling.
+        self.compiled: Any = None
+        if compile_step:
+            from .compiled import CompiledStep
+
+            self.compiled = CompiledStep(step)
 
     def get(self, bucket: int) -> DecodeRunner:
         runner = self._runners.get(bucket)
@@ -238,6 +245,10 @@ class BucketRunners:
             else:
                 logger.debug("captured the decode step of bucket %d", bucket)
                 return runner
+        if self.compiled is not None:
+            from .compiled import CompiledRunner
+
+            return CompiledRunner(bucket, self.compiled)
         return EagerRunner(bucket, self._step)
 
     def snapshot(self) -> Mapping[int, DecodeRunner]:

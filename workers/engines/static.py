@@ -92,16 +92,21 @@ class SlotStep:
     everything comes from the buffers, and the mask is derived from the positions on the device.
     """
 
-    def __init__(self, runner: ModelRunner, kv: SlotCache, *, slots: int, additive_mask: bool) -> None:
+    def __init__(
+        self, runner: ModelRunner, kv: SlotCache, *, slots: int, additive_mask: bool, windowed: bool = False
+    ) -> None:
         self._runner = runner
         self._kv = kv
         # Eager attention adds the mask to the scores, so it needs an additive float mask;
         # SDPA takes the bool mask (True = attend) directly.
         self._additive_mask = additive_mask
+        # Windowed (not for CUDA graphs, whose shapes are fixed): attention reads only the
+        # positions up to the step's longest row, not all L.
+        self.windowed = windowed
+        self.window: int | None = None
         device = runner.device
         dtype = kv.layers[0].keys.dtype
-        cache_len = kv.layers[0].keys.shape[2]
-        self._kv_index = torch.arange(cache_len, device=device).view(1, 1, 1, -1)
+        self._kv_index = torch.arange(kv.length, device=device).view(1, 1, 1, -1)
         self._mask_on = torch.zeros((), dtype=dtype, device=device)
         self._mask_off = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
         # Step inputs: tokens in [:b], positions in [b:2b] -- one contiguous copy per step.
@@ -122,15 +127,28 @@ class SlotStep:
         host[n:bucket] = 0
         host[bucket + n : 2 * bucket] = 0
         self._step_in[: 2 * bucket].copy_(self._host_in[: 2 * bucket], non_blocking=True)
+        if self.windowed:
+            # Exactly the longest row's positions: a single stream then attends over the same
+            # keys as a DynamicCache would hold, which bf16 needs to round the same way (a
+            # window rounded up to 16 changed SmolLM2's 10th greedy token in bf16).
+            self.window = min(self._kv.length, max((r.n_ctx for r in rows), default=0) + 1)
 
-    def __call__(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits [b, V], argmax [b])`` of one decode forward of rows ``0..bucket-1``."""
+    def resized(self) -> None:
+        """The cache grew (:meth:`SlotCache.grow`): the mask's position index follows it."""
+        self._kv_index = torch.arange(self._kv.length, device=self._kv_index.device).view(1, 1, 1, -1)
+
+    def __call__(self, bucket: int, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [b, V], argmax [b])`` of one decode forward of rows ``0..bucket-1``;
+        ``window``: the attention window (default: the one ``load`` set, when windowed)."""
         runner = self._runner
         ids = self._step_in[:bucket].view(bucket, 1)
         positions = self._step_in[bucket : 2 * bucket].view(bucket, 1)
-        valid = self._kv_index <= positions.view(bucket, 1, 1, 1)  # [b, 1, 1, L]
+        if window is None and self.windowed:
+            window = self.window
+        kv_index = self._kv_index if window is None else self._kv_index[..., :window]
+        valid = kv_index <= positions.view(bucket, 1, 1, 1)  # [b, 1, 1, window or L]
         mask = torch.where(valid, self._mask_on, self._mask_off) if self._additive_mask else valid
-        self._kv.begin_step(positions)
+        self._kv.begin_step(positions, window)
         kwargs: dict[str, Any] = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -157,23 +175,40 @@ class SlotExecutor:
         use_graphs: bool,
         capture_at_start: bool,
         buckets: list[int],
+        initial_seq: int | None = None,
+        compile_step: bool = False,
     ) -> None:
         self._runner = runner
         self.buckets = buckets
         self._capture_at_start = capture_at_start
-        cache_len = -(-max_seq // SEQ_ALIGN) * SEQ_ALIGN
+        self.max_cache_len = _aligned(max_seq)
+        # A CUDA graph holds the addresses of the K/V tensors, so with graphs the slots are
+        # allocated at their full length; eagerly they start at ``initial_seq`` and double as
+        # rows need (SlotCache.grow, one copy per doubling).
+        cache_len = self.max_cache_len
+        if initial_seq is not None and not use_graphs:
+            cache_len = min(cache_len, _aligned(max(initial_seq, 1)))
         self.kv_cache = SlotCache.allocate(runner.probe_kv_shapes(), max_batch_size, cache_len)
         self._slots = SlotKV(self.kv_cache)
-        self.step = SlotStep(runner, self.kv_cache, slots=max_batch_size, additive_mask=additive_mask)
-        self.runners = BucketRunners(self.step, use_graphs=use_graphs)
+        self.step = SlotStep(
+            runner, self.kv_cache, slots=max_batch_size, additive_mask=additive_mask, windowed=not use_graphs
+        )
+        self.runners = BucketRunners(self.step, use_graphs=use_graphs, compile_step=compile_step)
         self.bucket_steps: Counter[int] = Counter()
         # Waiting on an event releases the GIL, unlike a blocking ``.tolist()``: the asyncio
         # loops can run while the GPU computes a step.
         self._done = torch.cuda.Event() if runner.device.type == "cuda" else None
 
     def prepare(self) -> None:
-        if self._capture_at_start:
-            self.runners.build_all(self.buckets)
+        if not self._capture_at_start:
+            return
+        self.runners.build_all(self.buckets)
+        if self.runners.compiled is not None:
+            # Compiling happens at a runner's first run: one step of padding rows per bucket
+            # (they write position 0 of free slots, which every occupant's prefill overwrites).
+            for bucket in self.buckets:
+                self.step.load([], bucket)
+                self.runners.get(bucket).run()
 
     def release(self) -> None:
         # The graphs hold their memory pool; nothing replays them any more.
@@ -187,10 +222,13 @@ class SlotExecutor:
         return prefill
 
     def join(self, first: int, reqs: Sequence[Request], prefill: PaddedPrefill) -> None:
+        self._reserve(prefill.mask.shape[1])
         self._slots.join(first, reqs, prefill)
 
     def decode(self, rows: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(rows)
+        # This step writes position n_ctx of each row.
+        self._reserve(max(r.n_ctx for r in rows) + 1)
         bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
         self._runner.forward_passes += 1
         self.step.load(rows, bucket)
@@ -201,6 +239,18 @@ class SlotExecutor:
 
     def keep(self, rows: list[Request], keep: list[int]) -> list[Request]:
         return self._slots.keep(rows, keep)
+
+    def _reserve(self, positions: int) -> None:
+        """Grows the slots (doubling, at most to ``max_cache_len``) to hold ``positions``."""
+        length = self.kv_cache.length
+        if positions <= length:
+            return
+        target = min(self.max_cache_len, max(2 * length, _aligned(positions)))
+        if self.runners.use_graphs or target < positions:  # the engine's limits never allow it
+            raise RuntimeError(f"{positions} positions exceed the static KV cache of {length}")
+        self.kv_cache.grow(target)
+        self.step.resized()
+        logger.debug("static KV slots grown from %d to %d positions", length, target)
 
     def reset(self) -> None:
         """Nothing to free. After a failed step every row's K/V of that step may be half
@@ -223,6 +273,11 @@ class StaticBatchingEngine(EngineCore):
     * ``use_graphs``: capture decode steps as CUDA graphs (default: when the model is on CUDA).
     * ``capture_at_start``: build every bucket's runner in ``start()`` instead of at first use.
     * ``buckets``: decode batch sizes (default powers of two, and ``max_batch_size``).
+    * ``initial_seq_len``: without CUDA graphs, positions per slot allocated at start (rounded
+      up to 16); the slots double as rows need, up to ``max_seq_len``. Default: all of them.
+    * ``compile_step``: run the decode step through ``torch.compile`` (``compiled.py``) instead
+      of eagerly or as CUDA graphs; each bucket compiles at its first step, or in ``start()``
+      with ``capture_at_start``.
 
     The model must use full attention in every layer (no sliding window shorter than the cache)
     through ``sdpa`` or ``eager`` attention, the two that honour a ready 4-D mask.
@@ -241,6 +296,8 @@ class StaticBatchingEngine(EngineCore):
         use_graphs: bool | None = None,
         capture_at_start: bool = False,
         buckets: Iterable[int] | None = None,
+        initial_seq_len: int | None = None,
+        compile_step: bool = False,
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
@@ -248,6 +305,8 @@ class StaticBatchingEngine(EngineCore):
         self.model_context_length = runner.context_length(context_length)
         if max_seq_len <= 1:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        if initial_seq_len is not None and initial_seq_len <= 0:
+            raise ValueError(f"initial_seq_len must be positive, got {initial_seq_len}")
         self.max_seq_len = int(max_seq_len)
         self.max_seq = min(self.model_context_length, self.max_seq_len)
 
@@ -262,6 +321,8 @@ class StaticBatchingEngine(EngineCore):
         on_cuda = runner.device.type == "cuda"
         if use_graphs and not on_cuda:
             raise ValueError(f"use_graphs=True needs a CUDA model; the model is on {runner.device}")
+        if compile_step:
+            use_graphs = False
         self._slot_exec = SlotExecutor(
             runner,
             max_batch_size=max_batch_size,
@@ -270,6 +331,8 @@ class StaticBatchingEngine(EngineCore):
             use_graphs=on_cuda if use_graphs is None else bool(use_graphs),
             capture_at_start=capture_at_start,
             buckets=_normalise_buckets(buckets, max_batch_size),
+            initial_seq=initial_seq_len,
+            compile_step=compile_step,
         )
         super().__init__(
             runner,
@@ -286,12 +349,13 @@ class StaticBatchingEngine(EngineCore):
             prefill_token_budget=prefill_token_budget,
         )
         logger.info(
-            "static KV cache: %d slots x %d positions, %.1f MiB; buckets %s; cuda graphs %s",
+            "static KV cache: %d slots x %d positions, %.1f MiB; buckets %s; cuda graphs %s; compiled %s",
             max_batch_size,
             self.kv_cache.layers[0].keys.shape[2],
             self.kv_cache.nbytes() / 2**20,
             self.buckets,
             "on" if self._slot_exec.runners.use_graphs else "off",
+            "on" if compile_step else "off",
         )
 
     @property
@@ -317,6 +381,10 @@ class StaticBatchingEngine(EngineCore):
     def bucket_steps(self) -> Mapping[int, int]:
         """Decode steps run so far, by bucket."""
         return types.MappingProxyType(dict(self._slot_exec.bucket_steps))
+
+
+def _aligned(length: int) -> int:
+    return -(-length // SEQ_ALIGN) * SEQ_ALIGN
 
 
 def _normalise_buckets(buckets: Iterable[int] | None, max_batch_size: int) -> list[int]:

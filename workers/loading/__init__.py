@@ -14,7 +14,7 @@ its start and answers before they are loaded.
 from .embedding import POOLING_MODES, LoadedEmbedding, load_embedding
 from .llm import QUANTIZATIONS, LoadedLLM, load_llm
 from .sources import ModelSource, ProgressCallback, parse_model_uri, progress_tqdm, resolve_source
-from .warmup import warm_up
+from .warmup import set_threads, warm_up
 
 __all__ = [
     "POOLING_MODES",
@@ -28,5 +28,6 @@ __all__ = [
     "parse_model_uri",
     "progress_tqdm",
     "resolve_source",
+    "set_threads",
     "warm_up",
 ]

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["preload_torch_libraries", "warm_up"]
+__all__ = ["preload_torch_libraries", "set_threads", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +116,12 @@ def warm_up(then: Callable[[], None] | None = None, *, imports: Callable[[], Non
         if then is not None:
             then()
         return seconds
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads for the whole process (every replica of a worker shares them)."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch uses %d intra-op threads", threads)

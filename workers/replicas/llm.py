@@ -1,10 +1,11 @@
 """A causal LM replica: requests to token ids and sampling parameters, the engine's deltas to
 typed completions.
 
-The engine (:class:`~workers.engines.BatchingEngine`, its static-slot variant on CUDA, or the
-model-less :class:`~workers.engines.EchoEngine`) does the batching and sampling; this replica
-checks a request against the context (and the replica's limits), opens the engine's stream and
-turns its :class:`~workers.engines.Delta` s into OpenAI shapes.
+The engine (:class:`~workers.engines.StaticBatchingEngine`,
+:class:`~workers.engines.BatchingEngine`, or the model-less :class:`~workers.engines.EchoEngine`)
+does the batching and sampling; this replica checks a request against the context (and the
+replica's limits), opens the engine's stream and turns its :class:`~workers.engines.Delta` s into
+OpenAI shapes.
 """
 
 from __future__ import annotations
