@@ -44,6 +44,10 @@ worker (``launch_<model>_s``).
 
     python bench/engine.py [--device cpu|cuda] [--models tiny,small] [--concurrency 1,8,32]
                            [--quick] [--threads N] [--max-wait S] [--retries N] [--json]
+    python bench/engine.py --real [--concurrency 1,8,32] [--threads N] [--json]
+
+``--real`` measures the real model instead: SmolLM2-135M-Instruct on llama.cpp alone, natserve's
+GGUF engine and natserve's transformers engine (bench/_real_model.py says how).
 """
 
 from __future__ import annotations
@@ -1027,7 +1031,25 @@ def main() -> int:
         help="measure a point again when other processes took over 10%% of the CPU (default 2)",
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="the real model instead (SmolLM2-135M-Instruct): llama.cpp alone, natserve's GGUF "
+        "engine and its transformers engine, side by side (bench/_real_model.py)",
+    )
     args = parser.parse_args()
+    if args.real:
+        from bench import _real_model
+
+        real = tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (1, 8, 32)
+        result = _real_model.run(real, args.threads, 512, lambda line: print(line, flush=True))
+        for name, value in result["ratios"].items():
+            print(f"{name}: {value:.2f}")
+        equal = result["gguf_engine_tokens_equal_llama_cpp"]
+        print(f"greedy tokens of the GGUF engine equal llama.cpp's: {equal}")
+        if args.json:
+            print(json.dumps(result))
+        return 0
 
     workload = CPU if args.device == "cpu" else CUDA
     models = args.models.split(",") if args.models else list(workload.models)
