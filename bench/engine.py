@@ -1042,7 +1042,9 @@ def main() -> int:
         from bench import _real_model
 
         real = tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (1, 8, 32)
-        result = _real_model.run(real, args.threads, 512, lambda line: print(line, flush=True))
+        result = _real_model.run(
+            real, args.threads, 512, lambda line: print(line, flush=True), rounds=1 if args.quick else 2
+        )
         for name, value in result["ratios"].items():
             print(f"{name}: {value:.2f}")
         equal = result["gguf_engine_tokens_equal_llama_cpp"]
