@@ -74,8 +74,8 @@ _RANDOM_SEED = 0xFFFFFFFF
 
 
 def default_threads() -> int:
-    """The CPUs this process may run on: llama.cpp's matmuls scale with them (on the 2-core
-    machine the benchmarks ran on, 2 threads gave 1.7x the decode speed of 1)."""
+    """One llama.cpp thread per CPU this process may run on (llama-cpp-python's ``Llama`` takes
+    half the CPUs, which leaves one of this machine's two idle); the benchmark uses the same."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not on Linux
