@@ -36,6 +36,7 @@ EXTRAS: Mapping[str, tuple[str, ...]] = {
         "bitsandbytes",
         "huggingface_hub",
         "prometheus_client",
+        "llguidance",
     ),
     "gateway": ("starlette", "uvicorn", "httptools", "orjson", "jinja2", "prometheus_client"),
     # Optional on a worker: only a ggufv2 launch needs it, and says so (workers/loading/gguf.py).

@@ -19,6 +19,7 @@ from broker_client.runtime import NATSConnection, connect
 
 from . import db
 from .launcher import DEFAULT_LAUNCH_TIMEOUT
+from .ondemand import DEFAULT_HOLD_MAX_AGE, DEFAULT_HOLD_MAX_REQUESTS
 from .repository import RegistryRepository
 from .service import RegistryService
 
@@ -43,7 +44,13 @@ class Registry:
         name: str = "natserve-registry",
         auth: NatsAuth | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        hold_max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
+        hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
     ) -> None:
+        """``hold_max_requests`` and ``hold_max_age``: how many requests the registry holds for
+        a model starting on demand, and how long each may wait (``ondemand/``)."""
+        self.hold_max_requests = hold_max_requests
+        self.hold_max_age = hold_max_age
         self.nats_url = nats_url
         self.auth = auth
         self.metrics_registry = metrics_registry
@@ -73,6 +80,8 @@ class Registry:
                 resync_window=self.resync_window,
                 launch_timeout=self.launch_timeout,
                 metrics_registry=self.metrics_registry,
+                hold_max_requests=self.hold_max_requests,
+                hold_max_age=self.hold_max_age,
             )
             await service.start()
         except BaseException:
@@ -121,6 +130,8 @@ async def run_registry(
     migrate: bool = True,
     auth: NatsAuth | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    hold_max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
+    hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
 ) -> None:
     """Serve the registry until ``stop`` is set; ``ready`` is set once it answers requests.
 
@@ -133,6 +144,8 @@ async def run_registry(
         migrate=migrate,
         auth=auth,
         metrics_registry=metrics_registry,
+        hold_max_requests=hold_max_requests,
+        hold_max_age=hold_max_age,
     )
     await registry.start()
     try:

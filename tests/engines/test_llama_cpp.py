@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.engines import GREEDY, TIMEOUT, collect, next_delta
 from tests.support.waits import eventually
-from workers.engines.api import RequestCancelledError, SamplingParams
+from workers.engines.api import Constraint, RequestCancelledError, SamplingParams
 from workers.engines.llama_cpp import LlamaCppEngine
 from workers.engines.llama_vocab import GGUFTokenizer
 from workers.loading import ModelSource
@@ -187,11 +187,11 @@ async def test_llama_cpp_samplers_serve_the_openai_fields(
     x = tokenizer.encode(" x", add_special_tokens=False)[0]
     biased = await collect(engine.generate(ids, with_fields(GREEDY(max_tokens=4), logit_bias=((x, 100.0),))))
     assert biased.ids == [x] * 4
-    # A large frequency penalty forbids repeating a generated token.
+    # A large repetition penalty (Hugging Face's: over the prompt too) forbids repeating a token.
     plain = await collect(engine.generate(engine.encode("1 1 1 1 1 1 1 1"), GREEDY(max_tokens=12)))
     penalised = await collect(
         engine.generate(
-            engine.encode("1 1 1 1 1 1 1 1"), with_fields(GREEDY(max_tokens=12), frequency_penalty=50.0)
+            engine.encode("1 1 1 1 1 1 1 1"), with_fields(GREEDY(max_tokens=12), repetition_penalty=100.0)
         )
     )
     assert len(set(plain.ids)) < len(plain.ids)
@@ -236,3 +236,19 @@ def test_the_gguf_tokenizer_and_template_match_hugging_faces(
         CHAT, tokenize=False, add_generation_prompt=True
     )
     assert hf.convert_tokens_to_ids("<|im_end|>") in tokenizer.end_of_generation_ids()
+
+
+async def test_a_choice_constraint_runs_as_a_llama_cpp_grammar(
+    engine: LlamaCppEngine, tokenizer: GGUFTokenizer
+) -> None:
+    chat = tokenizer.encode(
+        tokenizer.apply_chat_template([{"role": "user", "content": "Is Paris in France? Answer yes or no."}]),
+        add_special_tokens=False,
+    )
+    choices = ("Absolutely yes", "No")
+    for params in (GREEDY(max_tokens=16), SamplingParams(max_tokens=16, temperature=1.0, seed=3)):
+        constrained = with_fields(params, constraint=Constraint("choice", choices))
+        answer = await collect(engine.generate(chat, constrained))
+        assert answer.text in choices and answer.last.finish_reason == "stop"
+    with pytest.raises(ValueError, match=r"constraint 'regex' is not supported by the llama\.cpp engine"):
+        engine.generate(chat, with_fields(GREEDY(max_tokens=4), constraint=Constraint("regex", "a+")))

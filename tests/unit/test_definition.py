@@ -361,7 +361,7 @@ class TestGGUF:
             ),
             (
                 {"quantizations": ["Q4 K M"]},
-                "model_specs[0].quantizations[0]: Value error, 'Q4 K M' is not a quantization",
+                "model_specs[0].quantizations[0]: 'Q4 K M' is not a quantization",
             ),
             ({"quantizations": ["Q" * 17]}, "model_specs[0].quantizations[0]"),
             ({"model_file_name_template": "../m.{quantization}.gguf"}, "must be a file name"),

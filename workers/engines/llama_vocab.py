@@ -104,11 +104,14 @@ class GGUFTokenizer:
         self,
         messages: list[dict[str, Any]],
         chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
         tokenize: bool = False,
         add_generation_prompt: bool = True,
+        **template_vars: Any,
     ) -> str:
         """Renders a Jinja chat template (the GGUF's own unless ``chat_template``) in the sandbox
-        and with the globals transformers gives it; its ``TemplateError``s go to the caller."""
+        and with the globals and variables transformers gives it (``tools`` and any extra keyword
+        as template variables); its ``TemplateError``s go to the caller."""
         if tokenize:
             raise ValueError("GGUFTokenizer.apply_chat_template renders text only (tokenize=False)")
         template = chat_template or self.chat_template
@@ -129,7 +132,9 @@ class GGUFTokenizer:
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = strftime_now
         return env.from_string(template).render(
+            **template_vars,
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
