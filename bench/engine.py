@@ -55,6 +55,10 @@ tokens/s over plain's (targets: >= 0.85 and >= 0.95). ``--features-only`` runs j
     python bench/engine.py [--device cpu|cuda] [--models tiny,small] [--concurrency 1,8,32]
                            [--quick] [--threads N] [--max-wait S] [--retries N] [--json]
                            [--features-only | --no-features] [--feature-rounds N]
+    python bench/engine.py --real [--concurrency 1,8,32] [--threads N] [--json]
+
+``--real`` measures the real model instead: SmolLM2-135M-Instruct on llama.cpp alone, natserve's
+GGUF engine and natserve's transformers engine (bench/_real_model.py says how).
 """
 
 from __future__ import annotations
@@ -1172,7 +1176,27 @@ def main() -> int:
     parser.add_argument(
         "--feature-rounds", type=int, help="rounds of each sampler-feature variant (default 4, --quick 2)"
     )
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="the real model instead (SmolLM2-135M-Instruct): llama.cpp alone, natserve's GGUF "
+        "engine and its transformers engine, side by side (bench/_real_model.py)",
+    )
     args = parser.parse_args()
+    if args.real:
+        from bench import _real_model
+
+        real = tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (1, 8, 32)
+        result = _real_model.run(
+            real, args.threads, 512, lambda line: print(line, flush=True), rounds=1 if args.quick else 2
+        )
+        for name, value in result["ratios"].items():
+            print(f"{name}: {value:.2f}")
+        equal = result["gguf_engine_tokens_equal_llama_cpp"]
+        print(f"greedy tokens of the GGUF engine equal llama.cpp's: {equal}")
+        if args.json:
+            print(json.dumps(result))
+        return 0
     feature_rounds = args.feature_rounds or (2 if args.quick else 4)
 
     workload = CPU if args.device == "cpu" else CUDA

@@ -28,6 +28,8 @@ from ._bounds import MAX_DEFINITION_BYTES, MAX_HEARTBEAT_INTERVAL, MAX_IDLE_TIME
 from ._client_transport import ClientTransport, EventHandler, EventSubscription
 from ._definition import (
     ABILITIES,
+    GGUF_QUANTIZATION_PATTERN,
+    MODEL_FORMATS,
     MODEL_TYPES,
     QUANTIZATIONS,
     EmbeddingDefinition,
@@ -134,10 +136,12 @@ except PackageNotFoundError:  # a source tree that is not installed
 __all__ = [
     "ABILITIES",
     "DEFAULT_PREFIX",
+    "GGUF_QUANTIZATION_PATTERN",
     "LOCAL_TOKEN_FILE",
     "MAX_DEFINITION_BYTES",
     "MAX_HEARTBEAT_INTERVAL",
     "MAX_IDLE_TIMEOUT",
+    "MODEL_FORMATS",
     "MODEL_TYPES",
     "NAME_PATTERN",
     "QUANTIZATIONS",

@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._bounds import (
     INT64_MAX,
@@ -34,6 +43,8 @@ from ._subjects import NAME_PATTERN
 
 __all__ = [
     "ABILITIES",
+    "GGUF_QUANTIZATION_PATTERN",
+    "MODEL_FORMATS",
     "MODEL_TYPES",
     "QUANTIZATIONS",
     "EmbeddingDefinition",
@@ -42,16 +53,38 @@ __all__ = [
     "ModelDefinition",
     "ModelSpec",
     "PromptStyle",
+    "QuantizationName",
     "definition_size",
     "format_validation_error",
     "parse_definition",
 ]
 
 MODEL_TYPES = ("LLM", "embedding")
+# "pytorch": a transformers checkpoint; "ggufv2": one GGUF file per quantization, served by the
+# llama.cpp engine (Xinference's names for both).
+MODEL_FORMATS = ("pytorch", "ggufv2")
+# What a pytorch spec takes (bitsandbytes); a ggufv2 spec names GGUF types (Q4_K_M, Q8_0, F16...).
 QUANTIZATIONS = ("none", "8-bit", "4-bit")
+# A GGUF quantization as GGUF files and Xinference's templates spell it (Q4_K_M, q4_k_m, IQ2_XXS,
+# F16, BF16): a letter, then letters, digits and "_"; 16 characters at most (the registry's
+# column). It also becomes part of a file name, so nothing else is allowed.
+GGUF_QUANTIZATION_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,15}$"
+_GGUF_QUANTIZATION = re.compile(GGUF_QUANTIZATION_PATTERN)
 ABILITIES = {"LLM": ("generate", "chat"), "embedding": ("embed",)}
 
-Quantization = Literal["none", "8-bit", "4-bit"]
+
+def _quantization_name(value: str) -> str:
+    if value in QUANTIZATIONS or _GGUF_QUANTIZATION.match(value):
+        return value
+    raise ValueError(
+        f"{_shown(value)} is not a quantization: a pytorch spec takes {', '.join(QUANTIZATIONS)}; "
+        "a ggufv2 spec a GGUF type such as Q4_K_M (a letter, then letters, digits and '_', "
+        "16 characters at most)"
+    )
+
+
+# Either kind of name; which one a spec may use depends on its model_format (checked there).
+QuantizationName = Annotated[str, AfterValidator(_quantization_name)]
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Texts = Annotated[list[Text], Field(max_length=MAX_LIST)]
@@ -128,13 +161,18 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    model_format: Literal["pytorch"] = "pytorch"
+    model_format: Literal["pytorch", "ggufv2"] = "pytorch"
     model_size_in_billions: float = Field(gt=0, le=1e5)
-    quantizations: list[Quantization] = Field(default_factory=lambda: ["none"], min_length=1, max_length=3)  # type: ignore[arg-type]
+    quantizations: list[QuantizationName] = Field(
+        default_factory=lambda: ["none"], min_length=1, max_length=MAX_LIST
+    )
     model_id: Annotated[str, Field(max_length=256)] | None = None
     model_uri: Text | None = None
     model_revision: Annotated[str, Field(max_length=256)] | None = None
     model_hub: Literal["huggingface"] = "huggingface"
+    # ggufv2: the file of one quantization, in the model_id repo or the model_uri folder
+    # ("smollm2-135m-instruct.{quantization}.gguf"), as Xinference's schema has it.
+    model_file_name_template: Annotated[str, Field(max_length=256)] | None = None
 
     @field_validator("model_size_in_billions", mode="before")
     @classmethod
@@ -154,10 +192,50 @@ class ModelSpec(_Strict):
             raise ValueError(f"{value!r} is not a Hugging Face repo id (like 'Org/Name')")
         return value
 
+    @field_validator("model_file_name_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.strip() or "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError(
+                f"{_shown(value)} must be a file name (no folder, not starting with '.'), "
+                "such as 'model.{quantization}.gguf'"
+            )
+        try:
+            fields = [name for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"{_shown(value)} is not a valid template: {exc}") from None
+        if any(name != "quantization" for name in fields):
+            raise ValueError(f"{_shown(value)} may hold only the placeholder {{quantization}}")
+        return value
+
     @model_validator(mode="after")
     def _source(self) -> ModelSpec:
         if not self.model_id and not self.model_uri:
             raise ValueError("give model_id (a Hugging Face repo id) or model_uri (a local path)")
+        if self.model_format == "pytorch":
+            for i, q in enumerate(self.quantizations):
+                if q not in QUANTIZATIONS:
+                    raise ValueError(
+                        f"quantizations[{i}] {q!r} is a GGUF quantization; a pytorch spec takes "
+                        f"{', '.join(QUANTIZATIONS)} (use model_format 'ggufv2' for GGUF files)"
+                    )
+            if self.model_file_name_template is not None:
+                raise ValueError("model_file_name_template is for model_format 'ggufv2' only")
+        else:
+            for i, q in enumerate(self.quantizations):
+                if q in ("8-bit", "4-bit"):
+                    raise ValueError(
+                        f"quantizations[{i}] {q!r} is a bitsandbytes quantization; a ggufv2 spec "
+                        "names the GGUF file's type, such as Q4_K_M or Q8_0"
+                    )
+            single_file = bool(self.model_uri) and str(self.model_uri).strip().lower().endswith(".gguf")
+            if self.model_file_name_template is None and not single_file:
+                raise ValueError(
+                    "a ggufv2 spec needs model_file_name_template (such as "
+                    "'model.{quantization}.gguf'), unless model_uri names one .gguf file"
+                )
         return self
 
 

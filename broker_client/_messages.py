@@ -43,6 +43,7 @@ from ._bounds import (
     MAX_TOOLS,
     MAX_WORKER_REPLICAS,
 )
+from ._definition import QuantizationName
 from ._subjects import NAME_PATTERN
 
 __all__ = [
@@ -584,9 +585,10 @@ class LaunchRequest(Request):
     model_name: Name
     model_type: ModelType | None = None
     model_uid: Name | None = None
-    model_format: Literal["pytorch"] | None = None
+    model_format: Literal["pytorch", "ggufv2"] | None = None
     model_size_in_billions: float | None = Field(default=None, gt=0, le=1e5)
-    quantization: Literal["none", "8-bit", "4-bit"] | None = None
+    # "none", "8-bit", "4-bit" for a pytorch spec, a GGUF type (Q4_K_M) for a ggufv2 one.
+    quantization: QuantizationName | None = None
     replica: int = Field(default=1, ge=1, le=MAX_REPLICAS)
     n_gpu: Annotated[int, Field(ge=0, le=MAX_DEVICES)] | Literal["auto"] | None = "auto"
     worker_id: Name | None = None
@@ -727,7 +729,7 @@ class WorkerLaunch(Request):
     model_name: Name
     definition: dict[str, Any]
     spec: dict[str, Any]
-    quantization: Literal["none", "8-bit", "4-bit"] = "none"
+    quantization: QuantizationName = "none"
     device: Device | None = None
     request_limits: int | None = Field(default=None, ge=1, le=MAX_REQUEST_LIMITS)
     max_batch_size: int | None = Field(default=None, ge=1, le=MAX_BATCH_SIZE)

@@ -194,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--model-uid")
     p.add_argument("--model-type", choices=["LLM", "embedding"])
-    p.add_argument("--model-format", choices=["pytorch"])
+    p.add_argument("--model-format", choices=["pytorch", "ggufv2"])
     p.add_argument("--size", type=float, help="model_size_in_billions of the spec to use")
-    p.add_argument("--quantization", choices=["none", "8-bit", "4-bit"])
+    p.add_argument(
+        "--quantization", help="none, 8-bit or 4-bit for a pytorch spec; a GGUF type (Q4_K_M) for ggufv2"
+    )
     p.add_argument("--replica", type=int, default=1)
     p.add_argument("--n-gpu", default="auto", help="'auto' or a number")
     p.add_argument("--request-limits", type=int, help="concurrent requests per replica")

@@ -6,6 +6,7 @@ pydantic, pydantic-settings, rich). The services come with extras (pyproject.tom
     natserve[registry]   natserve registry, natserve db upgrade   SQLAlchemy, drivers, Alembic
     natserve[worker]     natserve worker                          torch, transformers, ...
     natserve[gateway]    natserve gateway                         Starlette, uvicorn, ...
+    natserve[gguf]       GGUF models on a worker (ggufv2)         llama-cpp-python
     natserve[all]        natserve up                              the three, and nats-server
 
 A command that runs a service calls :func:`require_extras` before it imports or starts anything,
@@ -38,6 +39,8 @@ EXTRAS: Mapping[str, tuple[str, ...]] = {
         "llguidance",
     ),
     "gateway": ("starlette", "uvicorn", "httptools", "orjson", "jinja2", "prometheus_client"),
+    # Optional on a worker: only a ggufv2 launch needs it, and says so (workers/loading/gguf.py).
+    "gguf": ("llama_cpp",),
 }
 
 # Enough names to recognise what is missing, few enough to keep the error to one short line.

@@ -197,6 +197,9 @@ class Launcher:
         """Places ``replica`` replicas of ``plan`` on the live workers, counting the memory
         promised to replicas still loading and the model's replicas already placed
         (``siblings``, per worker); ``Unavailable`` or ``NotFound`` when it cannot."""
+        if plan.spec.get("model_format") == "ggufv2":
+            # The llama.cpp engine of GGUF models runs on the CPU (workers/engines/llama_cpp.py).
+            n_gpu = 0
         return place_replicas(
             self.directory.alive(),
             replica,
@@ -216,7 +219,15 @@ class Launcher:
         """Place and record the launch of ``req``, and start it; returns its uid and its task
         (the task ends when every replica is ready, or with the launch's error)."""
         registration = await self._registration(req.model_name, req.model_type)
-        plan = LaunchPlan.from_request(req, registration, timeout=self.launch_timeout)
+        # A pool without a GPU serves GGUF files faster than checkpoints (llama.cpp on the CPU:
+        # docs/benchmarks.md), so a definition with both runs its ggufv2 spec there unless the
+        # launch names a format.
+        no_gpu = req.n_gpu in (0, None) or not any(
+            d.kind == "cuda" for w in self.directory.alive() for d in w.devices
+        )
+        plan = LaunchPlan.from_request(
+            req, registration, timeout=self.launch_timeout, prefer_format="ggufv2" if no_gpu else None
+        )
         uid = plan.model_uid
         # Requests run concurrently: the in-memory reservation closes the gap between the
         # check below and the insert; the primary key guards against other processes.

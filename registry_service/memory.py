@@ -24,6 +24,17 @@ quantization, the context length, and where it will run. From that:
                   refuse a 1B model on a 16 GiB laptop for a worst case that needs 32 long
                   requests' worth of memory to be at risk).
 
+A ``ggufv2`` spec runs on llama.cpp (workers/engines/llama_cpp.py), on the CPU:
+
+    weights   = parameters x the GGUF type's bits per weight / 8 (llama.cpp's block layouts:
+                Q4_0 4.5, Q4_1 5, Q8_0 8.5, F16 16; the K-quant mixes as llama-quantize reports
+                them for a 7B model, Q4_K_M 4.89), which is the file's size within a few percent
+                (the file is memory-mapped: its pages are the weights' memory) + 5 %
+    KV cache  = the same bytes per token in f16 x every sequence's cells: the engine gives each
+                of its max_batch_size sequences a whole context (rounded up to 256 positions),
+                allocated when the replica starts
+    buffers   = 128 MiB (llama.cpp's compute buffers for a 512-token batch and the logits)
+
 Embedding models need their weights and the overhead only. ``echo:`` models need nothing (or
 the bytes their ``memory=`` option names: the echo engine's drill of memory pressure), and a
 spec without ``model_size_in_billions`` is estimated at 0 (placed by free memory alone).
@@ -44,6 +55,7 @@ __all__ = [
     "GIB",
     "estimate_bytes",
     "format_bytes",
+    "gguf_bits_per_weight",
 ]
 
 GIB = 1 << 30
@@ -56,12 +68,58 @@ _OVERHEAD = 0.15
 _CUDA_CONTEXT = 512 << 20
 _GQA = 4
 _BYTES_PER_PARAM = {"4-bit": 0.5, "8-bit": 1.0}
+# Bits per weight of GGUF types (llama.cpp's ggml-common.h blocks; K-quant mixes as
+# llama-quantize lists them). Unlisted names: the number in them + 1 (Q5_K_S ~ 6), else 8.5.
+_GGUF_BITS = {
+    "F32": 32.0,
+    "F16": 16.0,
+    "BF16": 16.0,
+    "Q8_0": 8.5,
+    "Q6_K": 6.56,
+    "Q5_0": 5.5,
+    "Q5_1": 6.0,
+    "Q5_K_S": 5.54,
+    "Q5_K_M": 5.69,
+    "Q4_0": 4.5,
+    "Q4_1": 5.0,
+    "Q4_K_S": 4.58,
+    "Q4_K_M": 4.89,
+    "IQ4_XS": 4.25,
+    "IQ4_NL": 4.5,
+    "Q3_K_S": 3.5,
+    "Q3_K_M": 3.91,
+    "Q3_K_L": 4.27,
+    "Q2_K": 2.96,
+    "IQ3_XXS": 3.06,
+    "IQ2_XXS": 2.06,
+    "IQ2_XS": 2.31,
+    "IQ1_S": 1.56,
+}
+_GGUF_KV_PAD = 256
+_GGUF_BUFFERS = 128 << 20
+_GGUF_OVERHEAD = 0.05
 
 
 def _bytes_per_param(quantization: str, on_gpu: bool) -> float:
     if quantization in _BYTES_PER_PARAM:
         return _BYTES_PER_PARAM[quantization]
     return 2.0 if on_gpu else 4.0
+
+
+def gguf_bits_per_weight(quantization: str) -> float:
+    """Bits per weight of a GGUF type (``Q4_K_M``, ``q8_0``; see ``_GGUF_BITS``)."""
+    name = quantization.upper()
+    if name in _GGUF_BITS:
+        return _GGUF_BITS[name]
+    digits = "".join(c for c in name.split("_")[0] if c.isdigit())
+    return float(digits) + 1 if digits else 8.5
+
+
+def _gguf_bytes(parameters: float, quantization: str, context: int, batch: int) -> int:
+    weights = parameters * gguf_bits_per_weight(quantization) / 8
+    cells = -(-context // _GGUF_KV_PAD) * _GGUF_KV_PAD * batch
+    kv = _kv_bytes_per_token(parameters, 2.0) * cells
+    return int(weights * (1 + _GGUF_OVERHEAD) + kv + _GGUF_BUFFERS)
 
 
 def _kv_bytes_per_token(parameters: float, dtype_bytes: float) -> float:
@@ -87,6 +145,9 @@ def estimate_bytes(
     if not size:
         return 0
     parameters = float(size) * 1e9
+    if spec.get("model_format") == "ggufv2":
+        # On the CPU wherever it is placed (the engine's llama.cpp has no GPU offload here).
+        return _gguf_bytes(parameters, quantization, context_length or 2048, max_batch_size or DEFAULT_BATCH)
     on_gpu = device_kind != "cpu"
     weights = parameters * _bytes_per_param(quantization, on_gpu)
     need = weights * (1 + _OVERHEAD) + (_CUDA_CONTEXT if on_gpu else 0)

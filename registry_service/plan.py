@@ -78,13 +78,27 @@ class LaunchPlan:
     idle_timeout: float | None = None
 
     @classmethod
-    def from_request(cls, req: LaunchRequest, registration: Registration, *, timeout: float) -> LaunchPlan:
+    def from_request(
+        cls,
+        req: LaunchRequest,
+        registration: Registration,
+        *,
+        timeout: float,
+        prefer_format: str | None = None,
+    ) -> LaunchPlan:
         """The plan for ``req``; ``timeout`` applies when the request gives none. Raises
-        ``BadRequest`` when the definition has no spec matching the request."""
+        ``BadRequest`` when the definition has no spec matching the request. ``prefer_format``:
+        when the request names no format, a matching spec of that format wins if there is one."""
         definition = parse_definition(registration.model_type, registration.definition)
-        spec, quantization = definition.spec_for(
-            req.model_format, req.model_size_in_billions, req.quantization
-        )
+        model_format: str | None = req.model_format
+        if model_format is None and prefer_format is not None:
+            if any(s.model_format == prefer_format for s in definition.model_specs or ()):
+                try:
+                    definition.spec_for(prefer_format, req.model_size_in_billions, req.quantization)
+                    model_format = prefer_format
+                except BadRequest:
+                    pass
+        spec, quantization = definition.spec_for(model_format, req.model_size_in_billions, req.quantization)
         min_replicas, idle_timeout = on_demand_options(req, registration.definition, req.replica)
         return cls(
             model_uid=req.model_uid or req.model_name,

@@ -9,11 +9,13 @@
 * an LLM on a CUDA device: :class:`~workers.engines.StaticBatchingEngine` (static KV slots, one
   CUDA graph per batch-size bucket);
 * an LLM on the CPU: :class:`~workers.engines.StaticBatchingEngine` too, eagerly, its slots
-  starting at
-  :data:`CPU_INITIAL_SEQ` positions and growing with the longest row; with
+  starting at :data:`CPU_INITIAL_SEQ` positions and growing with the longest row; with
   ``WorkerSettings(cpu_kv="padded")`` :class:`~workers.engines.BatchingEngine` (a left-padded
   dynamic cache);
-* an embedding model: :class:`~workers.engines.EmbeddingEngine`.
+* an embedding model: :class:`~workers.engines.EmbeddingEngine`;
+* a ``ggufv2`` spec: :class:`~workers.engines.LlamaCppEngine` (llama.cpp's parallel sequences,
+  on the CPU), its file found by :func:`workers.loading.resolve_gguf`; a worker without
+  llama-cpp-python answers with a 503 naming ``pip install 'natserve[gguf]'``.
 
 A real model is resolved (:mod:`workers.loading.sources`, downloading with ``download``
 progress), then loaded on a thread (``loading``), so that the worker keeps answering meanwhile.
@@ -145,7 +147,94 @@ async def build_replica(
         if not isinstance(definition, LLMDefinition):
             raise BadRequest("model_uri 'echo:' serves LLM models only")
         return await _echo_replica(pending, definition, spec, common, event)
+    if spec.model_format == "ggufv2":
+        if not isinstance(definition, LLMDefinition):
+            raise BadRequest("model_format 'ggufv2' serves LLM models only")
+        return await _gguf_replica(pending, definition, spec, common, settings, event, spawn)
     return await _loaded_replica(pending, definition, spec, common, settings, event, spawn, on_warm)
+
+
+def _progress_sink(
+    event: EventSink, spawn: Callable[[Awaitable[Any]], None]
+) -> Callable[[dict[str, Any]], None]:
+    """A download progress callback (called on download threads) that publishes events."""
+    loop = asyncio.get_running_loop()
+
+    def progress(update: dict[str, Any]) -> None:
+        total = update.get("total") or 0
+        fraction = update.get("bytes", 0) / total if total else None
+        loop.call_soon_threadsafe(
+            spawn,
+            event("download", fraction=fraction, message=f"{update.get('bytes', 0)} of {total} bytes"),
+        )
+
+    return progress
+
+
+async def _gguf_replica(
+    pending: PendingLaunch,
+    definition: LLMDefinition,
+    spec: ModelSpec,
+    common: dict[str, Any],
+    settings: WorkerSettings,
+    event: EventSink,
+    spawn: Callable[[Awaitable[Any]], None],
+) -> LLMReplica:
+    from . import loading
+
+    launch = pending.launch
+    if not loading.llama_cpp_available():
+        raise Unavailable(
+            f"model {launch.model_name!r} is a GGUF model (model_format 'ggufv2'), served by the "
+            f"llama.cpp engine, and this worker has no llama-cpp-python: {loading.GGUF_INSTALL}"
+        )
+    ref = spec.model_uri or spec.model_id
+    await event("download", message=f"resolving {ref} ({launch.quantization})")
+    cache_dir = settings.cache_dir or os.environ.get("HF_HUB_CACHE") or None
+    source = await asyncio.to_thread(
+        loading.resolve_gguf,
+        spec.model_id,
+        spec.model_uri,
+        file_name_template=spec.model_file_name_template,
+        quantization=launch.quantization,
+        revision=spec.model_revision,
+        cache_dir=cache_dir,
+        progress=_progress_sink(event, spawn),
+    )
+    pending.check()
+    await event("loading", message=f"loading {source.path} with llama.cpp (cpu)")
+    loaded = await asyncio.to_thread(
+        loading.load_gguf, source, quantization=launch.quantization, what=f"model {launch.model_name!r}"
+    )
+    try:
+        pending.check()
+        from .engines import LlamaCppEngine
+        from .engines.llama_vocab import GGUFTokenizer
+
+        tokenizer = GGUFTokenizer(loaded.llama_cpp, loaded.vocab, loaded.metadata)
+        # The definition's context (2048 unless it says), never more than the model's: every
+        # sequence gets KV cells for a whole context, so the model's 8k-128k would take GiBs.
+        context = min(definition.context_length, loaded.context_length)
+        max_batch_size = launch.max_batch_size or DEFAULT_LLM_BATCH
+        engine = LlamaCppEngine(
+            loaded.llama_cpp,
+            loaded.model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            context_length=context,
+        )
+        return LLMReplica(
+            engine=engine,
+            tokenizer=tokenizer,
+            context_length=context,
+            max_batch_size=max_batch_size,
+            memory_bytes=loaded.file_bytes + engine.kv_bytes,
+            loaded=loaded,
+            **{**common, "device": "cpu"},
+        )
+    except BaseException:
+        loaded.unload()
+        raise
 
 
 async def _echo_replica(
@@ -198,16 +287,7 @@ async def _loaded_replica(
     await asyncio.to_thread(warm_up, on_warm)
     if settings.torch_threads is not None:
         loading.set_threads(settings.torch_threads)
-    loop = asyncio.get_running_loop()
-
-    def progress(update: dict[str, Any]) -> None:
-        # Called on download threads.
-        total = update.get("total") or 0
-        fraction = update.get("bytes", 0) / total if total else None
-        loop.call_soon_threadsafe(
-            spawn,
-            event("download", fraction=fraction, message=f"{update.get('bytes', 0)} of {total} bytes"),
-        )
+    progress = _progress_sink(event, spawn)
 
     ref = spec.model_uri or spec.model_id
     await event("download", message=f"resolving {ref}")

@@ -1,5 +1,6 @@
 """The ``Engine`` contract (workers/engines/api.py), held against every LLM engine: the batching
-engine and the static engine over a tiny random Llama, and the model-less echo.
+engine and the static engine over a tiny random Llama, the llama.cpp engine over SmolLM2's GGUF
+file (its expected text from llama.cpp's own ``Llama``), and the model-less echo.
 
 The engines differ in what they generate, not in the contract: each case knows its prompts and
 its greedy completion of a prompt (transformers' own ``generate`` for a model, the prompt's first
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import random
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,9 +111,79 @@ def _echo_case() -> Case:
     )
 
 
-@pytest.fixture(params=["batching", "static", "echo"])
+@pytest.fixture(scope="module")
+def gguf(smollm2_gguf: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """SmolLM2's GGUF loaded for the engine, its tokenizer, and llama.cpp's own ``Llama``."""
+    from llama_cpp import Llama
+
+    from workers.engines.llama_vocab import GGUFTokenizer
+    from workers.loading import ModelSource, load_gguf
+
+    loaded = load_gguf(ModelSource(path=smollm2_gguf, origin="uri"), quantization="Q4_1")
+    llm = Llama(str(smollm2_gguf), n_ctx=ECHO_CONTEXT, verbose=False)
+    yield loaded, GGUFTokenizer(loaded.llama_cpp, loaded.vocab, loaded.metadata), llm
+    llm.close()
+    loaded.unload()
+
+
+_SENTENCES = [
+    "The history of the café on the corner began in 1921, when a baker from Lyon opened it",
+    "Once upon a time in a small village by the sea there lived an old fisherman and his cat",
+    "To make a good bread you need flour, water, salt and yeast, and above all a little patience",
+    "In the summer of 1969 the first people walked on the Moon while millions watched on television",
+    "Über den Wolken muss die Freiheit wohl grenzenlos sein, sang Reinhard Mey in einem Lied",
+]
+
+
+def _llama_cpp_case(gguf: tuple[Any, Any, Any]) -> Case:
+    from workers.engines import LlamaCppEngine
+
+    loaded, tokenizer, llm = gguf
+    cache: dict[tuple[tuple[int, ...], int], str] = {}
+
+    def build(max_batch_size: int | None) -> Engine:
+        return LlamaCppEngine(
+            loaded.llama_cpp,
+            loaded.model,
+            tokenizer,
+            max_batch_size=max_batch_size or 16,
+            context_length=ECHO_CONTEXT,
+            eos_token_ids=(),
+        )
+
+    def expected(prompt: Sequence[Any], max_tokens: int) -> str:
+        key = (tuple(prompt), max_tokens)
+        if key not in cache:
+            # Llama.generate does not stop at end-of-generation either.
+            ids = list(itertools.islice(llm.generate(list(prompt), temp=0.0, reset=True), max_tokens))
+            cache[key] = tokenizer.decode(ids)
+        return cache[key]
+
+    def prompts(n: int, seed: int) -> list[list[Any]]:
+        # A real model repeats itself on random words: the beginnings of real sentences, cut at
+        # different lengths.
+        rng = random.Random(seed)
+        out = []
+        for i in range(n):
+            words = rng.choice(_SENTENCES).split()
+            out.append(tokenizer.encode(" ".join(words[: 2 + (i * 5) % (len(words) - 1)])))
+        return out
+
+    return Case(
+        name="llama.cpp",
+        build=build,
+        prompts=prompts,
+        filler=lambda n: [5] * n,
+        expected=expected,
+        has_ids=True,
+    )
+
+
+@pytest.fixture(params=["batching", "static", "echo", "llama.cpp"])
 def case(request: pytest.FixtureRequest, tiny: tuple[Any, Any]) -> Case:
     name = request.param
+    if name == "llama.cpp":
+        return _llama_cpp_case(request.getfixturevalue("gguf"))
     return _echo_case() if name == "echo" else _model_case(name, tiny)
 
 

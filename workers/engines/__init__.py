@@ -8,7 +8,9 @@ requests, admission, cancels), a KV layout (``kv_padded``: the left-padded dynam
 ``kv_slots``: static slots), ``runner`` (eager forwards; bucketed eager or CUDA-graph decode
 steps), ``sampler``, ``output`` (detokenizing with ``detokenizer``, stops, finish reasons) and
 ``bridge`` (generation thread -> event loop). ``core`` is the step loop over them;
-``batching`` and ``static`` pick a KV layout and a decode runner for it.
+``batching`` and ``static`` pick a KV layout and a decode runner for it. ``llama_cpp`` is the
+engine of GGUF models (llama.cpp's parallel sequences; its tokenizer in ``llama_vocab``), which
+shares the scheduler, output and bridge.
 
 ``BatchingEngine``, ``StaticBatchingEngine`` and ``EmbeddingEngine`` import torch and
 transformers, so they are imported when first used (``from workers.engines import
@@ -37,6 +39,7 @@ from .echo import EchoEngine, echo_options, is_echo_uri
 if TYPE_CHECKING:
     from .batching import BatchingEngine
     from .embedding import EmbeddingEngine
+    from .llama_cpp import LlamaCppEngine
     from .static import StaticBatchingEngine
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "EngineClosedError",
     "EngineError",
     "EngineStats",
+    "LlamaCppEngine",
     "RequestCancelledError",
     "SamplingParams",
     "StaticBatchingEngine",
@@ -60,6 +64,7 @@ __all__ = [
 _LAZY = {
     "BatchingEngine": ".batching",
     "EmbeddingEngine": ".embedding",
+    "LlamaCppEngine": ".llama_cpp",
     "StaticBatchingEngine": ".static",
 }
 
