@@ -10,8 +10,10 @@ its own (``first_*``), the others give the steady per-token figures (median and 
 
     python bench/grammar_mask.py [--rounds N] [--libs llguidance,xgrammar,outlines-core] [--json]
 
-The libraries are not natserve's dependencies but llguidance (the ``worker`` extra); install the
-other two to compare: ``pip install xgrammar outlines-core``.
+Of the three, natserve depends on llguidance only (the ``worker`` extra). Install the other two
+in a scratch environment to compare (``pip install xgrammar outlines-core``): xgrammar brings
+triton, which torch then imports, and triton's nanobind prints leak reports into the stderr of
+every natserve process at exit (which broke the test that reads ``natserve up``'s JSON logs).
 """
 
 from __future__ import annotations
