@@ -5,8 +5,8 @@ errors, wire models, definitions, subjects and auth); nothing outside this packa
 one of its private modules.
 
 - ``connect``: a NATS connection with natserve's reconnect and refusal rules (``_connect``).
-- ``NatsTransport`` (also ``Transport``, its former name): the client side, every request of a
-  connection over one inbox (``_multiplexer``, ``_nats_transport``).
+- ``NatsTransport``: the client side, every request of a connection over one inbox
+  (``_multiplexer``, ``_nats_transport``).
 - ``Responder``: one incoming request, answered in its encoding, in parts or as a stream
   (``_responder``).
 - ``ServiceHost``: a NATS micro service of bounded request tasks that answers the micro
@@ -38,10 +38,6 @@ from .wire import (
     SEQ_HEADER,
 )
 
-# The concrete NATS transport's name before there was a transport protocol; kept while callers
-# still use it.
-Transport = NatsTransport
-
 __all__ = [
     "ACCEPTED_HEADER",
     "ACK_DELAY",
@@ -69,7 +65,6 @@ __all__ = [
     "Responder",
     "ServiceHost",
     "StreamAbandoned",
-    "Transport",
     "connect",
     "current_request",
 ]

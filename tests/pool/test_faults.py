@@ -22,7 +22,7 @@ import nats
 import pytest
 
 from broker_client import AsyncClient, TransportError, Unavailable, WorkerLaunch
-from broker_client.runtime import Transport
+from broker_client.runtime import NatsTransport
 from tests.support.pool import Pool, echo_definition, words
 from tests.support.waits import eventually_despite_errors, within
 
@@ -170,7 +170,7 @@ async def test_a_killed_registry_comes_back_from_sql_without_duplicates_or_orpha
             assert (await model.generate("c d", {"max_tokens": 2}))["choices"][0]["text"] == "c d"
             # Meanwhile a replica appears that no registry recorded (a launch whose registry
             # died): the test sends the worker command itself.
-            transport = Transport(nc)
+            transport = NatsTransport(nc)
             stray = f"stray-{unique}"
             command = WorkerLaunch(
                 model_uid=stray,

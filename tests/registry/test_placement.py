@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from broker_client import NotFound, Subjects, Unavailable
-from broker_client.runtime import Transport
+from broker_client.runtime import NatsTransport
 from registry_service import Registry
 from registry_service.memory import GIB, estimate_bytes, format_bytes
 from tests.support.registry import (
@@ -62,7 +62,7 @@ async def silence(w: FakeWorker) -> None:
     await w.stop()
 
 
-async def describe(transport: Transport, subjects: Subjects, uid: str) -> dict[str, Any]:
+async def describe(transport: NatsTransport, subjects: Subjects, uid: str) -> dict[str, Any]:
     reply: dict[str, Any] = await transport.request(
         subjects.models_describe, {"model_uid": uid}, timeout=TIMEOUT
     )
@@ -71,7 +71,7 @@ async def describe(transport: Transport, subjects: Subjects, uid: str) -> dict[s
 
 async def test_a_launch_nothing_can_hold_fails_at_once_naming_the_need(
     registry: Registry,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -121,7 +121,7 @@ async def test_a_launch_nothing_can_hold_fails_at_once_naming_the_need(
 async def test_a_dead_workers_replica_moves_to_a_worker_with_room(
     registry: Registry,
     nc: NATS,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -164,7 +164,7 @@ async def test_a_dead_workers_replica_moves_to_a_worker_with_room(
 
 async def test_a_moved_replica_is_launched_with_every_option_of_its_launch(
     registry: Registry,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -194,7 +194,7 @@ async def test_a_moved_replica_is_launched_with_every_option_of_its_launch(
 
 async def test_with_no_room_left_the_replica_fails_with_the_reason_until_a_worker_joins(
     registry: Registry,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,

@@ -1,7 +1,7 @@
 """The registry service against a real nats-server and real databases.
 
 Requests go out the way users send them: raw nats-py requests with a JSON body and no headers
-(what ``nats req`` does), msgpack with a Content-Type, and broker_client's ``Transport``.
+(what ``nats req`` does), msgpack with a Content-Type, and broker_client's ``NatsTransport``.
 Launch, terminate and describe run against ``FakeWorker`` (``tests/support/registry.py``, with the
 fixtures): a few NATS subscriptions that answer ``worker.<id>.launch|terminate`` and publish
 heartbeats, enough to test the registry layer alone.
@@ -31,7 +31,7 @@ from broker_client import (
     WorkerLaunch,
 )
 from broker_client.codec import MSGPACK
-from broker_client.runtime import Transport
+from broker_client.runtime import NatsTransport
 from registry_service import Registry
 from tests.support.registry import (
     GIB,
@@ -104,7 +104,7 @@ async def test_msgpack_request_gets_a_msgpack_reply(
 
 
 async def test_duplicate_registration_is_a_409_naming_it(
-    registry: Registry, transport: Transport, subjects: Subjects, unique: str
+    registry: Registry, transport: NatsTransport, subjects: Subjects, unique: str
 ) -> None:
     name = f"m-{unique}"
     await register(transport, subjects, name)
@@ -146,7 +146,7 @@ async def test_msgpack_garbage_is_a_400(registry: Registry, nc: NATS, subjects: 
 
 
 async def test_unknown_keys_and_bad_definitions_are_400s_naming_them(
-    registry: Registry, nc: NATS, transport: Transport, subjects: Subjects, unique: str
+    registry: Registry, nc: NATS, transport: NatsTransport, subjects: Subjects, unique: str
 ) -> None:
     name = f"m-{unique}"
     body = json.dumps({"model": definition(name), "persistt": True}).encode()
@@ -184,7 +184,7 @@ async def test_unknown_keys_and_bad_definitions_are_400s_naming_them(
 
 
 async def test_launch_of_an_unregistered_model_is_a_404(
-    registry: Registry, transport: Transport, subjects: Subjects, unique: str
+    registry: Registry, transport: NatsTransport, subjects: Subjects, unique: str
 ) -> None:
     name = f"never-{unique}"
     with pytest.raises(NotFound) as info:
@@ -197,7 +197,7 @@ async def test_launch_of_an_unregistered_model_is_a_404(
 
 
 async def test_launch_without_a_live_worker_is_a_503(
-    registry: Registry, nc: NATS, transport: Transport, subjects: Subjects, unique: str
+    registry: Registry, nc: NATS, transport: NatsTransport, subjects: Subjects, unique: str
 ) -> None:
     name = f"m-{unique}"
     await register(transport, subjects, name)
@@ -213,7 +213,7 @@ async def test_launch_without_a_live_worker_is_a_503(
 
 
 async def test_persist_true_survives_a_restart_and_persist_false_does_not(
-    nats_url: str, db_url: str, prefix: str, subjects: Subjects, transport: Transport, unique: str
+    nats_url: str, db_url: str, prefix: str, subjects: Subjects, transport: NatsTransport, unique: str
 ) -> None:
     kept, dropped = f"kept-{unique}", f"dropped-{unique}"
     async with Registry(nats_url=nats_url, db_url=db_url, prefix=prefix):
@@ -274,7 +274,7 @@ async def test_nats_micro_discovery_lists_the_endpoints(own_nats_server: Any, sq
 async def test_launch_describe_and_terminate(
     registry: Registry,
     nc: NATS,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -351,7 +351,7 @@ async def test_launch_describe_and_terminate(
 
 async def test_replicas_spread_over_workers_most_free_memory_first(
     registry: Registry,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -380,7 +380,7 @@ async def test_replicas_spread_over_workers_most_free_memory_first(
 async def test_a_worker_launch_failure_comes_back_and_leaves_nothing(
     registry: Registry,
     nc: NATS,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -418,7 +418,7 @@ async def test_a_worker_launch_failure_comes_back_and_leaves_nothing(
 async def test_launch_with_wait_false_replies_at_once(
     registry: Registry,
     nc: NATS,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -450,7 +450,7 @@ async def test_launch_with_wait_false_replies_at_once(
 
 async def test_terminate_while_loading_cancels_the_launch(
     registry: Registry,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -473,7 +473,7 @@ async def test_terminate_while_loading_cancels_the_launch(
 
 async def test_concurrent_launches_of_one_uid_give_one_winner(
     registry: Registry,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -493,7 +493,7 @@ async def test_concurrent_launches_of_one_uid_give_one_winner(
 
 async def test_terminate_tolerates_a_dead_worker(
     registry: Registry,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -516,7 +516,7 @@ async def test_workers_list_shows_heartbeats_and_a_silent_worker_dies(
     sqlite_url: str,
     prefix: str,
     nc: NATS,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -559,7 +559,7 @@ async def test_restart_reconciles_models_with_what_workers_report(
     nats_url: str,
     sqlite_url: str,
     prefix: str,
-    transport: Transport,
+    transport: NatsTransport,
     subjects: Subjects,
     workers: Callable[..., Awaitable[FakeWorker]],
     unique: str,
@@ -619,7 +619,7 @@ async def test_restart_reconciles_models_with_what_workers_report(
 
 
 async def test_a_launch_as_the_registry_starts_waits_for_the_first_worker(
-    nats_url: str, sqlite_url: str, prefix: str, subjects: Subjects, transport: Transport, unique: str
+    nats_url: str, sqlite_url: str, prefix: str, subjects: Subjects, transport: NatsTransport, unique: str
 ) -> None:
     # A worker that starts together with the registry can miss its resync (it subscribed too
     # late) and have sent its first heartbeat before the registry listened: the registry hears

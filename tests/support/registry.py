@@ -34,7 +34,7 @@ from broker_client import (
     WorkerTerminate,
 )
 from broker_client.codec import MSGPACK
-from broker_client.runtime import Responder, Transport
+from broker_client.runtime import NatsTransport, Responder
 from registry_service import Registry
 from tests.support.waits import eventually, within
 
@@ -224,8 +224,8 @@ async def nc(nats_url: str) -> AsyncIterator[NATS]:
 
 
 @pytest.fixture
-async def transport(nc: NATS) -> AsyncIterator[Transport]:
-    t = Transport(nc)
+async def transport(nc: NATS) -> AsyncIterator[NatsTransport]:
+    t = NatsTransport(nc)
     await t.start()
     yield t
     await t.close()
@@ -259,7 +259,7 @@ async def raw_json(nc: NATS, subject: str, body: bytes) -> tuple[dict[str, str],
     return dict(msg.headers or {}), json.loads(msg.data)
 
 
-async def until_worker_seen(transport: Transport, subjects: Subjects, worker_id: str) -> dict[str, Any]:
+async def until_worker_seen(transport: NatsTransport, subjects: Subjects, worker_id: str) -> dict[str, Any]:
     async def probe() -> dict[str, Any] | None:
         reply = await transport.request(subjects.workers_list, {}, timeout=TIMEOUT)
         return next((w for w in reply["workers"] if w["worker_id"] == worker_id and w["alive"]), None)
@@ -267,7 +267,7 @@ async def until_worker_seen(transport: Transport, subjects: Subjects, worker_id:
     return await eventually(probe, f"worker {worker_id} in workers.list", TIMEOUT)
 
 
-async def register(transport: Transport, subjects: Subjects, name: str, **options: Any) -> None:
+async def register(transport: NatsTransport, subjects: Subjects, name: str, **options: Any) -> None:
     payload = {"model_type": "LLM", "model": json.dumps(definition(name)), **options}
     reply = await transport.request(subjects.registry_register, payload, timeout=TIMEOUT)
     assert reply == {"model_type": "LLM", "model_name": name}

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 from nats.aio.msg import Msg
 
-from broker_client.runtime import Transport, connect
+from broker_client.runtime import NatsTransport, connect
 from tests.support.waits import within
 from workers import Worker, WorkerSettings
 
@@ -69,7 +69,7 @@ def launch_message(
 class Harness:
     """A worker, a client connection and the helpers a test needs to drive them."""
 
-    def __init__(self, worker: Worker, nc: Any, transport: Transport) -> None:
+    def __init__(self, worker: Worker, nc: Any, transport: NatsTransport) -> None:
         self.worker = worker
         self.nc = nc
         self.transport = transport
@@ -128,10 +128,10 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def client_connection(nats_url: str) -> AsyncIterator[tuple[Any, Transport]]:
+async def client_connection(nats_url: str) -> AsyncIterator[tuple[Any, NatsTransport]]:
     """A connection and a JSON transport on it, as a client of the worker."""
     nc = await connect(nats_url, name="test-client")
-    transport = Transport(nc, encoding="application/json")
+    transport = NatsTransport(nc, encoding="application/json")
     await transport.start()
     try:
         yield nc, transport

@@ -31,7 +31,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from broker_client import NatsAuth, TransportError, connect_options
-from broker_client.runtime import NATSConnection, Transport, connect
+from broker_client.runtime import NATSConnection, NatsTransport, connect
 from registry_service import Registry
 from tests.support.nats_server import running_nats_server
 
@@ -452,7 +452,7 @@ async def test_registry_with_auth_serves_an_authenticated_client(sqlite_url: str
         await registry.start()
         try:
             async with connected(server.url, NatsAuth(user="client", password="cli-pw")) as nc:
-                transport = Transport(nc)
+                transport = NatsTransport(nc)
                 await transport.start()
                 reply = await transport.request("natserve.registry.list", {}, timeout=FAST)
                 assert reply == {"registrations": []}

@@ -28,7 +28,7 @@ from nats.micro import ServiceConfig, add_service
 
 from broker_client import NatsAuth, Subjects, connect_options
 from broker_client.codec import MSGPACK, encode
-from broker_client.runtime import NATSConnection, Transport, connect
+from broker_client.runtime import NATSConnection, NatsTransport, connect
 from registry_service import Registry
 from tests.support.nats_server import NatsServer
 from tests.support.registry import FakeWorker, definition, until_worker_seen
@@ -214,7 +214,7 @@ async def test_denied(session: Any, role: str, action: str, subject: str) -> Non
 
 async def test_client_uses_the_registry(session: Any, registry: Registry) -> None:
     client = await session("client")
-    transport = Transport(client.nc)
+    transport = NatsTransport(client.nc)
     await transport.start()
     reply = await transport.request(S.registry_list, {}, timeout=TIMEOUT)
     assert reply == {"registrations": []}
@@ -231,7 +231,7 @@ async def test_whole_launch_flow_under_the_permissions(
     ).start()
     try:
         client = await session("client")
-        transport = Transport(client.nc)
+        transport = NatsTransport(client.nc)
         await transport.start()
         name = f"m{uuid.uuid4().hex[:8]}"
         events: asyncio.Queue[Msg] = asyncio.Queue()
@@ -275,7 +275,7 @@ async def test_a_model_that_starts_on_demand_under_the_permissions(
     await worker.start()
     try:
         client = await session("client")
-        transport = Transport(client.nc)
+        transport = NatsTransport(client.nc)
         await transport.start()
         name = f"od{uuid.uuid4().hex[:8]}"
         await transport.request(
@@ -311,7 +311,7 @@ async def test_a_stream_of_50_chunks_reaches_the_client_whole(session: Any) -> N
 
     await worker.nc.subscribe(subject, queue=S.model_queue_group(uid), cb=generate)
     await worker.nc.flush()
-    transport = Transport(client.nc)
+    transport = NatsTransport(client.nc)
     await transport.start()
     chunks = [
         c
@@ -430,7 +430,7 @@ async def test_forged_heartbeats_are_refused_or_ignored_and_launches_go_on(
             b"not a heartbeat",
         ]
         mine = S.worker_heartbeat("w-a")
-        transport = Transport(client.nc)
+        transport = NatsTransport(client.nc)
         await transport.start()
         stop = asyncio.Event()
 
@@ -485,7 +485,7 @@ async def test_a_worker_with_its_own_user_serves_under_its_id(server: NatsServer
     try:
         nc = await connect(server.url, name="t", **connect_options(auth("client")))
         try:
-            transport = Transport(nc)
+            transport = NatsTransport(nc)
             await transport.start()
             await until_worker_seen(transport, S, "w-b")
             name = f"m{uuid.uuid4().hex[:8]}"

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from broker_client import BadRequest
-from broker_client.runtime import Transport, connect
+from broker_client.runtime import NatsTransport, connect
 from tests.support.models import minilm_path
 from tests.support.nats_server import NatsServer, running_nats_server
 from tests.support.waits import within
@@ -33,7 +33,7 @@ async def test_embeddings_larger_than_max_payload(small_payload_server: NatsServ
     )
     await worker.start()
     nc = await connect(url, name="test-embed")
-    transport = Transport(nc)
+    transport = NatsTransport(nc)
     harness = Harness(worker, nc, transport)
     try:
         assert nc.max_payload == SMALL_PAYLOAD

@@ -20,7 +20,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from broker_client import BadRequest, Conflict, NotFound, Overloaded, Subjects, WorkerLaunch
-from broker_client.runtime import Transport
+from broker_client.runtime import NatsTransport
 from tests.support.waits import within
 from tests.support.worker import Harness, client_connection, launch_message, llm_definition, running_harness
 from workers import Worker, WorkerSettings, run_worker
@@ -43,7 +43,7 @@ def header(msg: Msg, name: str) -> str:
 
 
 @pytest.fixture
-async def client(nats_url: str) -> AsyncIterator[tuple[Any, Transport]]:
+async def client(nats_url: str) -> AsyncIterator[tuple[Any, NatsTransport]]:
     async with client_connection(nats_url) as pair:
         yield pair
 
@@ -308,7 +308,7 @@ async def test_request_limits_and_cancel(harness: Harness, tiny_llama_dir: Path,
     assert replica["active"] == 0 and replica["waiting"] == 0
 
 
-async def test_heartbeats_and_resync(nats_url: str, prefix: str, client: tuple[Any, Transport]) -> None:
+async def test_heartbeats_and_resync(nats_url: str, prefix: str, client: tuple[Any, NatsTransport]) -> None:
     nc, transport = client
     subjects = Subjects(prefix)
     beats: asyncio.Queue[Msg] = asyncio.Queue()
@@ -426,7 +426,7 @@ async def test_echo_engine(harness: Harness, unique: str) -> None:
 
 
 async def test_stop_drains_in_flight_requests(
-    nats_url: str, prefix: str, tiny_llama_dir: Path, client: tuple[Any, Transport], unique: str
+    nats_url: str, prefix: str, tiny_llama_dir: Path, client: tuple[Any, NatsTransport], unique: str
 ) -> None:
     worker = Worker(
         WorkerSettings(nats_url, prefix=prefix, device="cpu", heartbeat_interval=30, drain_timeout=30)
@@ -452,7 +452,7 @@ async def test_stop_drains_in_flight_requests(
         await harness.nc.request(harness.subjects.model(uid, "generate"), b"{}", timeout=10)
 
 
-async def test_run_worker_until_stop(nats_url: str, prefix: str, client: tuple[Any, Transport]) -> None:
+async def test_run_worker_until_stop(nats_url: str, prefix: str, client: tuple[Any, NatsTransport]) -> None:
     _, transport = client
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
