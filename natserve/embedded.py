@@ -521,6 +521,7 @@ def worker_settings(
         limits=worker_limits(settings),
         metrics_registry=metrics_registry,
         warm_up=settings.warm_up,
+        batch_slots=settings.batch_slots,
     )
 
 

@@ -9,6 +9,7 @@
     endpoints.py    the ``nats micro`` endpoints (service ``natserve-registry``) and heartbeats
     records.py      the workers table, written behind the heartbeats
     repository.py   SQL
+    batches/        batch jobs on JetStream (``batches.*``): records, files, streams, trackers
 
 Behaviours worth knowing:
 
@@ -42,6 +43,7 @@ from prometheus_client import CollectorRegistry
 from broker_client import Subjects, __version__
 from broker_client.runtime import NATSConnection, NatsTransport, ServiceHost
 
+from .batches import BatchEndpoints, BatchJobs, BatchLimits
 from .directory import WorkerDirectory
 from .endpoints import RegistryEndpoints
 from .events import RegistryEvents
@@ -106,6 +108,7 @@ class RegistryService:
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
         terminate_timeout: float = 30.0,
         metrics_registry: CollectorRegistry | None = None,
+        batch_limits: BatchLimits | None = None,
     ) -> None:
         self.nc = nc
         self.repo = repository
@@ -142,6 +145,8 @@ class RegistryService:
             self.subjects,
         )
         self.metrics.attach(self.directory, self.launcher.launches_in_flight)
+        self.batches = BatchJobs(nc, prefix, model_exists=self._model_exists, limits=batch_limits)
+        self.batch_endpoints = BatchEndpoints(self.batches)
         self._host: ServiceHost | None = None
         self._heartbeat_sub: Subscription | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
@@ -179,6 +184,8 @@ class RegistryService:
         await host.start()
         for name, subject, handler in self.endpoints.routes(self.subjects):
             await host.add_endpoint(name, subject, handler)
+        for name, subject, handler in self.batch_endpoints.routes(self.subjects):
+            await host.add_endpoint(name, subject, handler)
         self._host = host
         await host.until_subscribed()
         # Workers answer with an immediate heartbeat, so placement works within a round trip.
@@ -189,9 +196,11 @@ class RegistryService:
             self._reconcile_later(previous), name="natserve-registry reconcile"
         )
         self.liveness.start(judge_after=self.resync_window)
+        await self.batches.start()
         logger.info("registry serving on %s.* (service id %s)", self.subjects.prefix, host.id)
 
     async def stop(self, *, grace: float = 1.0) -> None:
+        await self.batches.stop()
         await self.liveness.stop()
         if self._reconcile_task is not None:
             self._reconcile_task.cancel()
@@ -207,6 +216,9 @@ class RegistryService:
             self._heartbeat_sub = None
         await self.records.stop()
         await self.transport.close()
+
+    async def _model_exists(self, model_uid: str) -> bool:
+        return await self.repo.get_model(model_uid) is not None
 
     async def _reconcile_later(self, uids: set[str]) -> None:
         if not uids:

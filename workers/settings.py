@@ -46,6 +46,8 @@ class WorkerSettings:
       pays only for its model; a launch that comes sooner waits for it.
     * ``keepalive_silence``: seconds a stream whose reader asked for the keepalive may go
       unacknowledged (after two windows of chunks) before it stops (``broker_client._keepalive``).
+    * ``batch_slots``: batch-job requests each ready replica runs at once beside the online ones
+      (:mod:`workers.batches`); 0 takes no batch work.
     """
 
     nats_url: str | list[str]
@@ -61,6 +63,7 @@ class WorkerSettings:
     metrics_registry: CollectorRegistry | None = None
     warm_up: bool = False
     keepalive_silence: float = KEEPALIVE_SILENCE
+    batch_slots: int = 2
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
@@ -73,5 +76,7 @@ class WorkerSettings:
             )
         if self.keepalive_silence <= 0:
             raise ValueError(f"keepalive_silence must be positive, got {self.keepalive_silence}")
+        if self.batch_slots < 0:
+            raise ValueError(f"batch_slots must be >= 0, got {self.batch_slots}")
         if self.worker_id:
             check_name(self.worker_id, "worker_id")
