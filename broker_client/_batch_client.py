@@ -23,7 +23,7 @@ import nats.js.errors
 from nats.js.api import ObjectMeta
 from nats.js.object_store import ObjectStore
 
-from ._auth import NatsAuth, connect_options
+from ._auth import NatsAuth, connect_options, with_local_token
 from ._batches import BatchNames, check_batch_id, check_file_id, new_file_id
 from ._connect import NATSConnection, connect
 from ._errors import NoResponders, NotFound, Unavailable
@@ -60,7 +60,9 @@ class AsyncBatchClient:
         timeout: float = DEFAULT_TIMEOUT,
         **options: Any,
     ) -> AsyncBatchClient:
-        nc = await connect(url, name="natserve-batches", **{**connect_options(auth), **options})
+        # As the client's: the local pool's token when nothing else identifies us (``_auth``).
+        merged = with_local_token(url, {**connect_options(auth), **options})
+        nc = await connect(url, name="natserve-batches", **merged)
         client = cls(nc, prefix=prefix, timeout=timeout)
         client._owns = True
         return client

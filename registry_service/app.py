@@ -18,6 +18,7 @@ from broker_client import DEFAULT_PREFIX, NatsAuth, connect_options
 from broker_client.runtime import NATSConnection, connect
 
 from . import db
+from .batches import BatchLimits
 from .launcher import DEFAULT_LAUNCH_TIMEOUT
 from .repository import RegistryRepository
 from .service import RegistryService
@@ -43,7 +44,9 @@ class Registry:
         name: str = "natserve-registry",
         auth: NatsAuth | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        batch_limits: BatchLimits | None = None,
     ) -> None:
+        self.batch_limits = batch_limits
         self.nats_url = nats_url
         self.auth = auth
         self.metrics_registry = metrics_registry
@@ -73,6 +76,7 @@ class Registry:
                 resync_window=self.resync_window,
                 launch_timeout=self.launch_timeout,
                 metrics_registry=self.metrics_registry,
+                batch_limits=self.batch_limits,
             )
             await service.start()
         except BaseException:

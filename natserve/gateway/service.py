@@ -34,6 +34,7 @@ from broker_client import (
 from broker_client.runtime import NATSConnection, NatsTransport, connect
 
 from ..status import build_status
+from .batches import GatewayBatches
 from .openai import (
     chat_call,
     completion_call,
@@ -72,8 +73,11 @@ class GatewayService:
         self._status_nc: NATSConnection | None = None
         self._status_transport: NatsTransport | None = None
         self._status_lock = asyncio.Lock()
+        # /v1/files and /v1/batches (batches.py), on a connection of their own.
+        self.batches = GatewayBatches(client, nats_options=self._nats_options)
 
     async def close(self) -> None:
+        await self.batches.close()
         transport, nc = self._status_transport, self._status_nc
         self._status_transport = self._status_nc = None
         if transport is not None:

@@ -64,9 +64,10 @@ _WINDOW = 24 * 3600
 # Progress events and the record's counts go out at most this often (and at each change of
 # status): a 1,000-request job on the tiny model gives ~20 events a second, not 1,000.
 _PROGRESS_EVERY = 0.5
-# A cancelled or expired job is written once no result has come for this long: the requests a
-# worker had taken before the purge end within it, or are marked in progress (ACK_WAIT).
-_QUIET = 2 * ACK_WAIT
+# A cancelled or expired job is written once no result has come for this long: a request a
+# worker had taken before the purge is answered within it unless it is a long one, whose line
+# then comes too late and is left out (the purge took it off the stream: it is not redone).
+_QUIET = ACK_WAIT
 # Requests published at once when a job is queued (each waits for its PubAck).
 _PUBLISH_WINDOW = 256
 
@@ -109,10 +110,20 @@ class _Tracker:
             self.jobs._trackers.pop(self.batch_id, None)
 
     async def _follow(self) -> None:
+        self.sub: Any = None
+        try:
+            await self._follow_results()
+        finally:
+            # A subscription left with messages in its queue would hold up the connection's drain.
+            if self.sub is not None:
+                with contextlib.suppress(Exception):
+                    await self.sub.unsubscribe()
+
+    async def _follow_results(self) -> None:
         jobs, store = self.jobs, self.jobs.store
-        sub: Any = None
         published = 0.0
         while True:
+            sub = self.sub
             record = await self.jobs._record(self.batch_id)
             if record is None:
                 return
@@ -143,6 +154,7 @@ class _Tracker:
                             inactive_threshold=60.0,
                         ),
                     )
+                    self.sub = sub
                 msgs = await sub.fetch(512, timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
                 msgs = []
@@ -154,7 +166,7 @@ class _Tracker:
                 if sub is not None:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
-                sub = None
+                self.sub = None
                 await asyncio.sleep(0.5)  # a retry timer, not a barrier
                 continue
             for msg in msgs:
@@ -470,10 +482,10 @@ class BatchJobs:
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         await self._ready()
-        record = await self.store.get_job(batch_id)
+        # The cached record when there is one: the tracker saves that same object.
+        record = await self._record(batch_id)
         if record is None:
             raise NotFound(f"batch {batch_id!r} does not exist")
-        self._cache[batch_id] = record
         status = record["batch"]["status"]
         if status in ("validating", "in_progress"):
             await self._stop_requests(record, "cancelled")

@@ -133,10 +133,12 @@ class BatchStore:
         return record
 
     async def job_ids(self) -> list[str]:
-        try:
-            return list(await self.kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+        """Every job's key: the subjects of the bucket's stream, in one call (``KeyValue.keys``
+        walks a consumer, and missed keys put while it ran)."""
+        head = f"$KV.{self.names.jobs_bucket}."
+        info = await self.js.stream_info(f"KV_{self.names.jobs_bucket}", subjects_filter=f"{head}>")
+        subjects = info.state.subjects or {}
+        return [s.removeprefix(head) for s in subjects]
 
     # -- files
 
