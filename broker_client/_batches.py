@@ -89,7 +89,7 @@ MAX_DELIVERIES = 5
 
 # custom_id becomes part of a Nats-Msg-Id header: printable, one line, bounded.
 _CUSTOM_ID_MAX = 256
-_CUSTOM_ID_RE = re.compile(r"^[\x20-\x7e]+$")
+_CUSTOM_ID_RE = re.compile(r"[\x20-\x7e]+")
 # OpenAI's sampling fields -> natserve's generate_config keys (as the HTTP gateway takes them).
 _SAMPLING = {
     "max_tokens": "max_tokens",
@@ -114,13 +114,13 @@ def new_file_id() -> str:
 
 
 def check_batch_id(value: object) -> str:
-    if not isinstance(value, str) or not _BATCH_ID_RE.match(value):
+    if not isinstance(value, str) or not _BATCH_ID_RE.fullmatch(value):
         raise BadRequest(f"batch_id {value!r} is invalid: a batch id is 'batch_' and 24 hex digits")
     return value
 
 
 def check_file_id(value: object, field: str = "input_file_id") -> str:
-    if not isinstance(value, str) or not _FILE_ID_RE.match(value):
+    if not isinstance(value, str) or not _FILE_ID_RE.fullmatch(value):
         raise BadRequest(
             f"{field} {value!r} is invalid: a file id is 'file-' and up to 100 letters, digits, '_' or '-'"
         )
@@ -274,7 +274,7 @@ def parse_batch_lines(
         custom_id = line.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise _fail(number, "custom_id", f"required, a non-empty string; got {custom_id!r}")
-        if len(custom_id) > _CUSTOM_ID_MAX or not _CUSTOM_ID_RE.match(custom_id):
+        if len(custom_id) > _CUSTOM_ID_MAX or not _CUSTOM_ID_RE.fullmatch(custom_id):
             raise _fail(
                 number,
                 "custom_id",
