@@ -155,7 +155,9 @@ class _Tracker:
                         ),
                     )
                     self.sub = sub
-                msgs = await sub.fetch(512, timeout=1.0)
+                # A short wait: the job's end is seen within it (the fetch returns at once
+                # with what is there, else lingers this long for more).
+                msgs = await sub.fetch(512, timeout=0.25)
             except (nats.errors.TimeoutError, TimeoutError):
                 msgs = []
             except asyncio.CancelledError:
