@@ -156,24 +156,40 @@ async def bench_model(
         await handle.generate(prompt=prompts[0], generate_config={"max_tokens": 4})  # warm
         batches = await AsyncBatchClient.connect(url, timeout=120)
         try:
-            online_tps, job_tps = [], []
+            online_tps, job_tps, ratios = [], [], []
             for r in range(args.rounds):
-                seconds, tokens = await _online(handle, prompts, args.new_tokens, args.slots)
-                online_tps.append(tokens / seconds)
-                seconds, tokens = await _job(batches, _lines(uid, prompts, args.new_tokens, f"t{r}"))
-                job_tps.append(tokens / seconds)
+                # Side by side, in turns (online first, then the job first): on a loaded machine a
+                # round's pair sees the same load, and the median of the pairs' ratios is the figure.
+                async def online() -> float:
+                    seconds, tokens = await _online(handle, prompts, args.new_tokens, args.slots)
+                    return tokens / seconds
+
+                async def job(r: int = r) -> float:
+                    seconds, tokens = await _job(batches, _lines(uid, prompts, args.new_tokens, f"t{r}"))
+                    return tokens / seconds
+
+                if r % 2 == 0:
+                    online_tps.append(await online())
+                    job_tps.append(await job())
+                else:
+                    job_tps.append(await job())
+                    online_tps.append(await online())
+                ratios.append(job_tps[-1] / online_tps[-1])
                 log(f"{name} round {r}: online {online_tps[-1]:.0f} tok/s, job {job_tps[-1]:.0f} tok/s")
             result["online_tokens_per_s"] = statistics.median(online_tps)
             result["job_tokens_per_s"] = statistics.median(job_tps)
-            result["job_over_online"] = result["job_tokens_per_s"] / result["online_tokens_per_s"]
+            result["job_over_online"] = statistics.median(ratios)
+            result["job_over_online_rounds"] = ratios
 
             without: list[float] = []
             with_job: list[float] = []
+            rises: list[float] = []
             # A job larger than the window: it is still running when the window ends.
             per_second = max(result["job_tokens_per_s"] / args.new_tokens, 1.0)
             big = int(per_second * args.seconds * 3) + 20
             for r in range(args.rounds):
-                without += await _latencies(handle, prompts, args.new_tokens, args.seconds)
+                alone = await _latencies(handle, prompts, args.new_tokens, args.seconds)
+                without += alone
                 job = await batches.create(
                     requests=_lines(
                         uid, (prompts * (big // len(prompts) + 1))[:big], args.new_tokens, f"l{r}"
@@ -187,7 +203,9 @@ async def bench_model(
 
                 # Until the job's requests run beside the online ones.
                 await _poll(running, "the latency job's first requests", 0.05)
-                with_job += await _latencies(handle, prompts, args.new_tokens, args.seconds)
+                beside = await _latencies(handle, prompts, args.new_tokens, args.seconds)
+                with_job += beside
+                rises.append(_pct(beside, 0.99) / _pct(alone, 0.99) - 1)
                 state = await batches.get(job["id"])
                 if state["status"] != "in_progress":
                     raise RuntimeError(
@@ -207,6 +225,7 @@ async def bench_model(
                 result[f"p99_{label}_job_s"] = _pct(values, 0.99)
                 result[f"requests_{label}_job"] = len(values)
             result["p99_rise"] = result["p99_with_job_s"] / result["p99_without_job_s"] - 1
+            result["p99_rise_rounds"] = rises
             result["p50_rise"] = result["p50_with_job_s"] / result["p50_without_job_s"] - 1
         finally:
             await batches.close()
