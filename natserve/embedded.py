@@ -522,6 +522,7 @@ def worker_settings(
         metrics_registry=metrics_registry,
         warm_up=settings.warm_up,
         batch_slots=settings.batch_slots,
+        batch_pause_at=settings.batch_pause_at,
     )
 
 

@@ -3,9 +3,11 @@
 For every model uid it serves, a :class:`BatchPuller` binds to the uid's work-queue stream
 (``<prefix>_batch_<uid>``, durable pull consumer ``workers``; the registry makes both when a job
 is submitted) and fetches only as many requests as it has free batch slots: ``batch_slots`` per
-ready replica, and never past the replica's capacity counting the online requests in flight. A
-batch request runs on a replica like an online one (``Replica.track``, the same engine), so the
-online requests queue behind at most ``batch_slots`` batch requests per replica.
+ready replica, and never past the replica's capacity counting the online requests in flight;
+none while the uid's replicas have ``batch_pause_at`` online requests each in flight (and for a
+second after). A batch request runs on a replica like an online one (``Replica.track``, the same
+engine), so online requests share it with at most ``batch_slots`` batch requests per replica,
+and only until those end once online traffic comes.
 
 Each request is marked in progress every ``IN_PROGRESS_EVERY`` seconds while it runs, and
 acknowledged only after its result is stored in the results stream (the ``PubAck``), with the
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +52,7 @@ from broker_client.runtime import NATSConnection
 
 from .served import ServedModel
 
-__all__ = ["DEFAULT_BATCH_SLOTS", "BatchPuller"]
+__all__ = ["DEFAULT_BATCH_SLOTS", "DEFAULT_PAUSE_AT", "BatchPuller"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,18 @@ logger = logging.getLogger(__name__)
 # sharing the engine with at most two batch rows (bench/batch.py measures the online p99 with
 # and without a job running).
 DEFAULT_BATCH_SLOTS = 2
+# Online requests in flight per ready replica at which it takes no new batch requests (0: never
+# pauses). On two CPU cores, 8 online callers with two batch rows beside them had a 61% higher
+# p99 (bench/batch.py, tiny Llama): the CPU is the batch's only room, and it is the online
+# requests' too. A GPU replica, whose extra rows cost little, can take a higher figure or 0.
+DEFAULT_PAUSE_AT = 4
 # How long one fetch waits for requests; also how soon a new stream is noticed.
 _FETCH_WAIT = 1.0
+# While paused for online traffic, the online load is looked at this often, and the pause lasts
+# this long after the last look that found it busy: callers at concurrency 8 leave their replica
+# with 7 requests for a moment between two of theirs, which must not end the pause.
+_PAUSED_LOOK = 0.25
+_PAUSE_HOLD = 1.0
 # Between two looks for a stream that does not exist yet (no job was ever submitted for the uid).
 _NO_STREAM_WAIT = 2.0
 # A result that cannot be stored (the nats-server restarting) is tried again for this long; past
@@ -78,6 +91,8 @@ class _UidPuller:
         # request is answered, while the answer is still being stored (a PubAck's round trip,
         # 1-5 ms on two loaded cores, is a tenth of a tiny-model request).
         self.running = 0
+        # When the replicas last had pause_at online requests in flight.
+        self.busy_at = -_PAUSE_HOLD
         self.wake = asyncio.Event()
         self.task = asyncio.create_task(self._loop(), name=f"natserve-batches {self.uid}")
 
@@ -85,7 +100,14 @@ class _UidPuller:
         ready = [r for r in self.served.replicas.values() if r.accepting]
         if not ready:
             return 0
-        room = sum(r.capacity for r in ready) - sum(len(r.flights) for r in ready)
+        flights = sum(len(r.flights) for r in ready)
+        pause_at = self.owner.pause_at
+        now = time.monotonic()
+        if pause_at and flights - self.running >= pause_at * len(ready):
+            self.busy_at = now
+        if now - self.busy_at < _PAUSE_HOLD:
+            return 0  # online traffic: the batch waits (requests running end as usual)
+        room = sum(r.capacity for r in ready) - flights
         return max(0, min(self.owner.slots * len(ready) - self.running, room))
 
     async def _loop(self) -> None:
@@ -98,7 +120,7 @@ class _UidPuller:
                 self.wake.clear()
                 # Woken when a batch request ends; the bound covers online requests ending.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.1 if self.running else _FETCH_WAIT):
+                    async with asyncio.timeout(0.1 if self.running else _PAUSED_LOOK):
                         await self.wake.wait()
                 continue
             try:
@@ -246,7 +268,9 @@ class BatchPuller:
         models: Callable[[], dict[str, ServedModel]],
         *,
         slots: int = DEFAULT_BATCH_SLOTS,
+        pause_at: int = DEFAULT_PAUSE_AT,
     ) -> None:
+        self.pause_at = pause_at
         self.names = names
         self.js = nc.jetstream()
         self.models = models

@@ -187,6 +187,7 @@ class Worker:
                 BatchNames(self.subjects.prefix),
                 lambda: self._models,
                 slots=self.settings.batch_slots,
+                pause_at=self.settings.batch_pause_at,
             )
         except BaseException:
             self._status = "stopped"

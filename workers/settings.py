@@ -47,7 +47,8 @@ class WorkerSettings:
     * ``keepalive_silence``: seconds a stream whose reader asked for the keepalive may go
       unacknowledged (after two windows of chunks) before it stops (``broker_client._keepalive``).
     * ``batch_slots``: batch-job requests each ready replica runs at once beside the online ones
-      (:mod:`workers.batches`); 0 takes no batch work.
+      (:mod:`workers.batches`); 0 takes no batch work. ``batch_pause_at``: online requests in
+      flight per replica at which it starts no batch request (0: never pauses).
     """
 
     nats_url: str | list[str]
@@ -64,6 +65,7 @@ class WorkerSettings:
     warm_up: bool = False
     keepalive_silence: float = KEEPALIVE_SILENCE
     batch_slots: int = 2
+    batch_pause_at: int = 4
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
@@ -78,5 +80,7 @@ class WorkerSettings:
             raise ValueError(f"keepalive_silence must be positive, got {self.keepalive_silence}")
         if self.batch_slots < 0:
             raise ValueError(f"batch_slots must be >= 0, got {self.batch_slots}")
+        if self.batch_pause_at < 0:
+            raise ValueError(f"batch_pause_at must be >= 0, got {self.batch_pause_at}")
         if self.worker_id:
             check_name(self.worker_id, "worker_id")
