@@ -156,6 +156,8 @@ async def bench_model(
         await handle.generate(prompt=prompts[0], generate_config={"max_tokens": 4})  # warm
         batches = await AsyncBatchClient.connect(url, timeout=120)
         try:
+            # Warm, as the online path is: the uid's stream made and found by the worker.
+            await _job(batches, _lines(uid, prompts[:2], 4, "warm"))
             online_tps, job_tps, ratios = [], [], []
             for r in range(args.rounds):
                 # Side by side, in turns (online first, then the job first): on a loaded machine a
@@ -224,7 +226,10 @@ async def bench_model(
                 result[f"p50_{label}_job_s"] = _pct(values, 0.50)
                 result[f"p99_{label}_job_s"] = _pct(values, 0.99)
                 result[f"requests_{label}_job"] = len(values)
-            result["p99_rise"] = result["p99_with_job_s"] / result["p99_without_job_s"] - 1
+            # Each round's pair of windows sees the same load: the median of their rises is the
+            # figure; the rise of the pooled p99 follows the worst round of a loaded machine.
+            result["p99_rise"] = statistics.median(rises)
+            result["p99_rise_pooled"] = result["p99_with_job_s"] / result["p99_without_job_s"] - 1
             result["p99_rise_rounds"] = rises
             result["p50_rise"] = result["p50_with_job_s"] / result["p50_without_job_s"] - 1
         finally:
@@ -288,7 +293,8 @@ def main() -> int:
             f"{r['job_over_online']:>7.2f}   "
             f"{r['p50_without_job_s'] * 1e3:.0f} / {r['p99_without_job_s'] * 1e3:.0f} ms"
             f" -> {r['p50_with_job_s'] * 1e3:.0f} / {r['p99_with_job_s'] * 1e3:.0f} ms"
-            f" (p99 {r['p99_rise']:+.0%}; targets: ratio >= {TARGET_RATIO} {'ok' if ratio_ok else 'MISSED'},"
+            f" (p99 {r['p99_rise']:+.0%}, median of the rounds; targets: ratio >= {TARGET_RATIO}"
+            f" {'ok' if ratio_ok else 'MISSED'},"
             f" p99 rise <= {TARGET_P99_RISE:.0%} {'ok' if rise_ok else 'MISSED'})"
         )
     if args.json:

@@ -72,8 +72,10 @@ _FETCH_WAIT = 1.0
 # with 7 requests for a moment between two of theirs, which must not end the pause.
 _PAUSED_LOOK = 0.25
 _PAUSE_HOLD = 1.0
-# Between two looks for a stream that does not exist yet (no job was ever submitted for the uid).
-_NO_STREAM_WAIT = 2.0
+# Between two looks for a stream that does not exist yet (no job was ever submitted for the uid):
+# the first job of a uid waits up to this long for its workers, at one consumer-info request per
+# look per worker.
+_NO_STREAM_WAIT = 0.5
 # A result that cannot be stored (the nats-server restarting) is tried again for this long; past
 # it the request stays unacknowledged and is delivered again.
 _PUBLISH_FOR = 60.0
