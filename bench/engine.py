@@ -42,8 +42,19 @@ waits for the worker's warm-up, which imports torch and the transformers model c
 once the pool answers), and the wall time of ``launch_model`` for each model later, on a warm
 worker (``launch_<model>_s``).
 
+Two more rows, on the small model at C = 32 (CPU), measure what clients ask of the sampler
+against plain decoding in the same run, on one ``BatchingEngine`` in this process (the wire adds
+the same cost to every row, so the engine alone shows the difference): ``json-schema`` decodes
+under a JSON schema (constrained by ``workers/engines/grammar.py``; an array of at least 8 small
+objects, so that every row runs its 32 tokens through the grammar's structure) and
+``logprobs-5`` returns each token's logprob and its top 5. The variants take turns, round by
+round, so that a change in the machine's load hits them alike; each ratio is the variant's
+tokens/s over plain's (targets: >= 0.85 and >= 0.95). ``--features-only`` runs just these rows
+(no nats-server, no pool); ``--no-features`` leaves them out.
+
     python bench/engine.py [--device cpu|cuda] [--models tiny,small] [--concurrency 1,8,32]
                            [--quick] [--threads N] [--max-wait S] [--retries N] [--json]
+                           [--features-only | --no-features] [--feature-rounds N]
 """
 
 from __future__ import annotations
@@ -835,6 +846,132 @@ TARGETS = {
 }
 
 
+# ----------------------------------------------------------------------------- sampler features
+
+FEATURE_MODEL = "small"
+FEATURE_C = 32
+FEATURE_TARGETS = {"json_schema": 0.85, "logprobs5": 0.95}
+FEATURE_LABELS = {"plain": "plain", "json_schema": "json-schema", "logprobs5": "logprobs-5"}
+# At least 8 objects of three fields: far more than 32 tokens of the synthetic tokenizer (one
+# character a token), so that no row ends before max_tokens and every step goes through the mask.
+FEATURE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "people": {
+            "type": "array",
+            "minItems": 8,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 8},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                    "ok": {"type": "boolean"},
+                },
+                "required": ["name", "age", "ok"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["people"],
+    "additionalProperties": False,
+}
+
+
+def bench_features(path: Path, workload: Workload, rounds: int, results: dict[str, Any], log: Any) -> None:
+    """Plain, JSON-schema and logprobs-5 decoding of C prompts at once, on one engine in this
+    process, in turns (see the module doc)."""
+    from transformers import AutoTokenizer
+
+    from workers.engines.api import Constraint, SamplingParams
+    from workers.engines.batching import BatchingEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_model(path, workload)
+    # The grammar needs an end token inside the vocabulary: <pad> stands in for it. The schema
+    # never lets a row end within max_tokens, and the screened prompts' plain continuations
+    # hold no special token, so no row of any variant ends early (``*_short`` counts those).
+    engine = BatchingEngine(
+        model, tokenizer, max_batch_size=FEATURE_C, eos_token_ids=(tokenizer.pad_token_id,)
+    )
+    engine.start()
+    n = workload.new_tokens
+    variants = {
+        "plain": SamplingParams(max_tokens=n, temperature=0),
+        "json_schema": SamplingParams(
+            max_tokens=n, temperature=0, constraint=Constraint("json_schema", FEATURE_SCHEMA)
+        ),
+        "logprobs5": SamplingParams(max_tokens=n, temperature=0, logprobs=5),
+    }
+    prompts = [
+        tokenizer(p)["input_ids"] for p in make_prompts(tokenizer, FEATURE_C, workload.prompt_len, seed=7)
+    ]
+
+    async def one_round(params: SamplingParams) -> tuple[float, float, int, int]:
+        async def run(ids: list[int]) -> int:
+            tokens = 0
+            async for delta in engine.generate(ids, params, stream=False):
+                tokens = delta.completion_tokens
+            return tokens
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        counts = await asyncio.gather(*(run(ids) for ids in prompts))
+        return time.perf_counter() - t0, time.process_time() - c0, sum(counts), sum(c < n for c in counts)
+
+    async def measure() -> None:
+        for params in variants.values():  # warm-up: compiles the schema, fills the caches
+            await one_round(params)
+        totals = {name: [0.0, 0.0, 0, 0] for name in variants}
+        names = list(variants)
+        for r in range(rounds):
+            # Rotated each round, so that no variant always runs first or last.
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                for k, v in enumerate(await one_round(variants[name])):
+                    totals[name][k] += v
+        for name, (wall, cpu, tokens, short) in totals.items():
+            results[f"feature_{name}_tps"] = tokens / wall
+            # Tokens per CPU second of this process: on a machine that others load, wall time
+            # swings with their load, while the CPU the engine spends per token is its own cost.
+            results[f"feature_{name}_cpu_tps"] = tokens / cpu
+            results[f"feature_{name}_short"] = short
+            log(f"feature {name}: {tokens / wall:.0f} tok/s, {tokens / cpu:.0f} tok/CPU-s, {rounds} rounds")
+        for name in FEATURE_TARGETS:
+            results[f"feature_{name}_ratio"] = results[f"feature_{name}_tps"] / results["feature_plain_tps"]
+            results[f"feature_{name}_cpu_ratio"] = (
+                results[f"feature_{name}_cpu_tps"] / results["feature_plain_cpu_tps"]
+            )
+
+    try:
+        asyncio.run(measure())
+    finally:
+        engine.close()
+    results["feature_rounds"] = rounds
+
+
+def print_features(results: dict[str, Any]) -> None:
+    if "feature_plain_tps" not in results:
+        return
+    print()
+    print(
+        f"sampler features: {FEATURE_MODEL} model, C={FEATURE_C}, one BatchingEngine in this process, "
+        f"greedy, {results['feature_rounds']} rounds each, in turns"
+    )
+    print(f"  {'variant':<14}{'tok/s':>9}{'x plain':>9}{'tok/CPU-s':>11}{'x plain':>9}{'short':>7}  target")
+    for name, label in FEATURE_LABELS.items():
+        ratio = results.get(f"feature_{name}_ratio")
+        cpu_ratio = results.get(f"feature_{name}_cpu_ratio")
+        goal = FEATURE_TARGETS.get(name)
+        verdict = (
+            "" if goal is None else f">= {goal}x " + ("ok" if ratio is not None and ratio >= goal else "MISS")
+        )
+        shown = "-" if ratio is None else f"{ratio:.2f}"
+        cpu_shown = "-" if cpu_ratio is None else f"{cpu_ratio:.2f}"
+        print(
+            f"  {label:<14}{results[f'feature_{name}_tps']:>9.0f}{shown:>9}"
+            f"{results[f'feature_{name}_cpu_tps']:>11.0f}{cpu_shown:>9}"
+            f"{results[f'feature_{name}_short']:>7}  {verdict}"
+        )
+
+
 def print_report(
     results: dict[str, Any], workload: Workload, models: list[str], concurrency: tuple[int, ...]
 ) -> None:
@@ -1027,7 +1164,16 @@ def main() -> int:
         help="measure a point again when other processes took over 10%% of the CPU (default 2)",
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    features = parser.add_mutually_exclusive_group()
+    features.add_argument(
+        "--features-only", action="store_true", help="only the sampler-feature rows (CPU, small model)"
+    )
+    features.add_argument("--no-features", action="store_true", help="leave the sampler-feature rows out")
+    parser.add_argument(
+        "--feature-rounds", type=int, help="rounds of each sampler-feature variant (default 4, --quick 2)"
+    )
     args = parser.parse_args()
+    feature_rounds = args.feature_rounds or (2 if args.quick else 4)
 
     workload = CPU if args.device == "cpu" else CUDA
     models = args.models.split(",") if args.models else list(workload.models)
@@ -1055,6 +1201,25 @@ def main() -> int:
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    if args.features_only:
+        if args.device != "cpu":
+            parser.error("--features-only measures the CPU engine")
+        home = tempfile.mkdtemp(prefix="natserve-bench-")
+        feature_results: dict[str, Any] = {}
+        try:
+            path = build_model(FEATURE_MODEL, Path(home) / FEATURE_MODEL, workload)
+            bench_features(path, workload, feature_rounds, feature_results, log)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        print_features(feature_results)
+        if args.json:
+            print(
+                json.dumps(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in feature_results.items()}
+                )
+            )
+        return 0
 
     results: dict[str, Any] = {
         "device": args.device,
@@ -1134,6 +1299,8 @@ def main() -> int:
                     )
 
         asyncio.run(run_all())
+        if args.device == "cpu" and FEATURE_MODEL in paths and not args.no_features:
+            bench_features(paths[FEATURE_MODEL], workload, feature_rounds, results, log)
     finally:
         stop.set()
         if pool.pid is not None:
@@ -1144,6 +1311,7 @@ def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
 
     print_report(results, workload, models, concurrency)
+    print_features(results)
     if args.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
     return 0

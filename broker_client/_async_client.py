@@ -416,6 +416,15 @@ class AsyncClient:
         check_name(model_uid, "model_uid")
         await self._request(self.subjects.models_terminate, {"model_uid": model_uid})
 
+    async def pool_report(self) -> dict[str, Any]:
+        """The registry's whole ``workers.list`` reply: ``{"workers": [...], "recent_failures":
+        [...]}``, the workers as :meth:`list_workers` gives them and the launches that failed
+        lately (``natserve status`` and the gateway's pool page show both)."""
+        subject = self.subjects.workers_list
+        reply = await self._request(subject, {})
+        failures = _listed(reply, "recent_failures", subject) if isinstance(reply, dict) else []
+        return {"workers": list(_listed(reply, "workers", subject)), "recent_failures": list(failures)}
+
     async def list_workers(self) -> list[dict[str, Any]]:
         """``[{"worker_id", "host", "version", "devices", "replicas", "last_seen", "alive",
         "state", "dead_after", ...}]``; ``state`` is ``alive``, ``stopping``, ``stopped`` or

@@ -14,12 +14,19 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "MAX_BATCH_SIZE",
+    "MAX_CHOICES",
     "MAX_CONTEXT_LENGTH",
     "MAX_DEFINITION_BYTES",
+    "MAX_DESCRIPTION",
     "MAX_DEVICES",
     "MAX_HEARTBEAT_INTERVAL",
+    "MAX_IDLE_TIMEOUT",
     "MAX_KEEPALIVE",
     "MAX_LIST",
+    "MAX_LOGIT_BIAS",
+    "MAX_LOGPROBS",
+    "MAX_N",
+    "MAX_PATTERN",
     "MAX_RECENT_ERRORS",
     "MAX_REPLICAS",
     "MAX_REQUEST_LIMITS",
@@ -29,6 +36,7 @@ __all__ = [
     "MAX_STOP_TOKEN_IDS",
     "MAX_TEXT",
     "MAX_TOKENS",
+    "MAX_TOOLS",
     "MAX_WORKER_REPLICAS",
 ]
 
@@ -46,6 +54,18 @@ MAX_TOKENS = 1 << 24
 MAX_STOP = 256
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+# What a request may ask of the sampler, as OpenAI bounds it: choices per request (n), top
+# alternatives per token (logprobs / top_logprobs), logit_bias entries (OpenAI takes 300; a
+# vocabulary's worth would cost a per-row tensor of that size), tools of a chat (OpenAI: 128).
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
+# A constraint: a regex's characters, the strings a choice picks from.
+MAX_PATTERN = 16384
+MAX_CHOICES = 256
+# A tool's or a JSON schema's description (tool descriptions run to a few kilobytes).
+MAX_DESCRIPTION = 16384
 # Replicas of a launch (so a replica index is below it), requests per replica, a batch.
 MAX_REPLICAS = 64
 MAX_REQUEST_LIMITS = 1 << 16
@@ -64,3 +84,5 @@ DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]{1,3})?)$"
 # Seeds and other integers that reach torch or msgpack as 64-bit values.
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
+# The longest idle timeout of a model that starts on demand: a month, far above any real use.
+MAX_IDLE_TIMEOUT = 30 * 86400.0

@@ -10,6 +10,7 @@ serves it on every list and launch.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,7 +19,9 @@ from ._bounds import (
     INT64_MAX,
     MAX_CONTEXT_LENGTH,
     MAX_DEFINITION_BYTES,
+    MAX_IDLE_TIMEOUT,
     MAX_LIST,
+    MAX_REPLICAS,
     MAX_SPECS,
     MAX_STOP,
     MAX_STOP_CHARS,
@@ -35,6 +38,7 @@ __all__ = [
     "QUANTIZATIONS",
     "EmbeddingDefinition",
     "LLMDefinition",
+    "LaunchDefaults",
     "ModelDefinition",
     "ModelSpec",
     "PromptStyle",
@@ -58,7 +62,15 @@ StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]
 
 # Rule violations where the offending value helps the reader; type errors already say enough.
 _SHOW_INPUT = frozenset(
-    {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of", "string_too_long"}
+    {
+        "finite_number",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "multiple_of",
+        "string_too_long",
+    }
 )
 
 
@@ -72,6 +84,10 @@ def _shown(value: Any) -> str:
     return f"a {kind}" if kind[0] not in "aeiou" else f"an {kind}"
 
 
+# A message that starts with the field it is about: "tool_choice: ...", "generate_config.n: ...".
+_FIELD_FIRST = re.compile(r"^[A-Za-z_][\w.\[\]]*: ")
+
+
 def format_validation_error(exc: ValidationError, root: str = "") -> str:
     """One line per problem, each naming the field path: ``model_specs[0].quantizations[1]: ...``."""
     parts = []
@@ -83,6 +99,12 @@ def format_validation_error(exc: ValidationError, root: str = "") -> str:
             else:
                 path += f".{loc}" if path else str(loc)
         msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if _FIELD_FIRST.match(msg):
+                # A check across fields names the one it is about itself ("tools: ...").
+                parts.append(f"{path}.{msg}" if path else msg)
+                continue
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         elif err["type"] == "string_pattern_mismatch":
@@ -149,6 +171,18 @@ class PromptStyle(_Strict):
     stop_token_ids: StopTokenIds | None = None
 
 
+class LaunchDefaults(_Strict):
+    """The ``launch`` key of a definition: launch options a launch (and a start on demand) of
+    the model takes when its request does not give them.
+
+    ``min_replicas``: the replicas kept while the model is idle (0: it scales to zero and starts
+    again on its next request); ``idle_timeout``: seconds a replica may go without a request
+    before it is stopped, down to ``min_replicas``."""
+
+    min_replicas: int | None = Field(default=None, ge=0, lt=MAX_REPLICAS)
+    idle_timeout: float | None = Field(default=None, gt=0, le=MAX_IDLE_TIMEOUT, allow_inf_nan=False)
+
+
 class _Definition(_Strict):
     version: Literal[1, 2] = 1
     model_name: ModelName
@@ -158,6 +192,8 @@ class _Definition(_Strict):
     model_hub: Text | None = None
     architectures: Texts | None = None
     trust_remote_code: bool = False
+    # Launch options the model's launches take by default (on demand: min_replicas, idle_timeout).
+    launch: LaunchDefaults | None = None
 
     @field_validator("version", mode="before")
     @classmethod
@@ -175,6 +211,10 @@ class LLMDefinition(_Definition):
     model_specs: list[ModelSpec] = Field(min_length=1, max_length=MAX_SPECS)
     prompt_style: PromptStyle | None = None
     chat_template: str | None = None
+    # How the model writes a tool call (workers/tools.py): "hermes" (<tool_call>{json}</tool_call>,
+    # Hermes, Qwen), "llama3" (a bare {"name", "parameters"} object), "mistral"
+    # ([TOOL_CALLS][...]); None: chosen by the model's family and chat template.
+    tool_parser: Literal["hermes", "llama3", "mistral"] | None = None
     stop: StopStrings | None = None
     stop_token_ids: StopTokenIds | None = None
 

@@ -34,14 +34,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
 from ._client_transport import ClientTransport
 from ._definition import format_validation_error
 from ._errors import BadRequest, NoResponders, NotFound, RequestTimeout, TransportError, Unavailable
-from ._messages import GenerateConfig
+from ._messages import GenerateConfig, check_config_for
 from ._subjects import Subjects
 from .wire import malformed
 
@@ -105,10 +105,13 @@ def _plain_config(config: Mapping[str, Any]) -> bool:
     return True
 
 
-def check_generate_config(generate_config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def check_generate_config(
+    generate_config: Mapping[str, Any] | None, kind: Literal["completion", "chat"] | None = None
+) -> dict[str, Any] | None:
     """A ``generate_config`` as the handles send it, checked here so that a typo fails before
     anything is sent, naming the key (a BadRequest); what the wire model would take unchanged
-    passes as it is, without pydantic."""
+    passes as it is, without pydantic. ``kind`` also checks the keys only one kind of request
+    takes (``echo`` a completion, the tools a chat, ``logprobs`` an integer or a boolean)."""
     if generate_config is None:
         return None
     if not isinstance(generate_config, Mapping):
@@ -121,7 +124,13 @@ def check_generate_config(generate_config: Mapping[str, Any] | None) -> dict[str
         raise BadRequest(
             f"invalid generate_config: {format_validation_error(exc, 'generate_config')}"
         ) from exc
-    return config.model_dump(exclude_unset=True)
+    if kind is not None:
+        try:
+            check_config_for(config, kind)
+        except ValueError as exc:
+            raise BadRequest(f"invalid generate_config: {exc}") from exc
+    # by_alias: response_format.json_schema.schema is an alias.
+    return config.model_dump(exclude_unset=True, by_alias=True)
 
 
 def _messages_from_legacy(
@@ -318,7 +327,7 @@ class AsyncModelHandle:
         request_id: str | None,
     ) -> dict[str, Any] | AsyncStream:
         """Send a generate or chat ``body`` with its checked config: streamed when it asks."""
-        config = check_generate_config(generate_config)
+        config = check_generate_config(generate_config, "chat" if operation == "chat" else "completion")
         if config is not None:
             body["generate_config"] = config
         if config and config.get("stream"):
@@ -354,14 +363,20 @@ class AsyncChatModelHandle(AsyncGenerateModelHandle):
         prompt: str | None = None,
         system_prompt: str | None = None,
         chat_history: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> dict[str, Any] | AsyncStream:
         """A ``chat.completion`` dict, or with ``{"stream": True}`` an async iterator of chunks.
 
         ``messages`` is the OpenAI list. Xinference's older form, ``chat(prompt, system_prompt=...,
-        chat_history=...)``, is accepted too (a string first argument is the prompt).
+        chat_history=...)``, is accepted too (a string first argument is the prompt). ``tools``
+        (OpenAI's list) is ``generate_config["tools"]``, as Xinference's client takes it.
         """
+        if tools is not None:
+            if generate_config is not None and "tools" in generate_config:
+                raise BadRequest("tools given twice: as tools= and in generate_config")
+            generate_config = {**(generate_config or {}), "tools": list(tools)}
         if isinstance(messages, str):
             prompt, messages = messages, None
         if messages is None:

@@ -335,6 +335,24 @@ class ServiceHost:
                 keep.append(endpoint)
         self._endpoints = keep
 
+    async def drain_endpoints(self, subjects: set[str]) -> None:
+        """As :meth:`remove_endpoints`, without losing a request: the requests NATS routed here
+        before it took the unsubscribe in are still handled (their tasks started) when this
+        returns, rather than dropped with the subscription."""
+        keep: list[_Endpoint] = []
+        draining: list[_Endpoint] = []
+        for endpoint in self._endpoints:
+            (draining if endpoint.info.subject in subjects else keep).append(endpoint)
+        self._endpoints = keep
+        for endpoint in draining:
+            sub, endpoint.subscription = endpoint.subscription, None
+            if sub is not None:
+                try:
+                    await sub.drain()  # type: ignore[no-untyped-call]
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+
     @staticmethod
     async def _unsubscribe(endpoint: _Endpoint) -> None:
         sub, endpoint.subscription = endpoint.subscription, None

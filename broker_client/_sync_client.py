@@ -272,6 +272,9 @@ class Client:
     def list_workers(self) -> list[dict[str, Any]]:
         return self._run(self._async.list_workers())
 
+    def pool_report(self) -> dict[str, Any]:
+        return self._run(self._async.pool_report())
+
 
 # ---------------------------------------------------------------------------- sync handles
 
@@ -390,10 +393,12 @@ class ChatModelHandle(GenerateModelHandle):
         prompt: str | None = None,
         system_prompt: str | None = None,
         chat_history: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> dict[str, Any] | Stream:
-        """A ``chat.completion`` dict, or with ``{"stream": True}`` an iterator of chunk dicts."""
+        """A ``chat.completion`` dict, or with ``{"stream": True}`` an iterator of chunk dicts.
+        ``tools`` (OpenAI's list) is ``generate_config["tools"]``, as Xinference's client takes it."""
         return self._result(  # type: ignore[no-any-return]
             self._loop_thread.run(
                 self._handle.chat(
@@ -402,6 +407,7 @@ class ChatModelHandle(GenerateModelHandle):
                     prompt=prompt,
                     system_prompt=system_prompt,
                     chat_history=chat_history,
+                    tools=tools,
                     timeout=timeout,
                     request_id=request_id,
                 )

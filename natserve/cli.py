@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -203,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
     p.add_argument("--rate-limit", type=float, help="requests per second per replica (429 past it)")
     p.add_argument("--worker-id", help="place it on this worker")
+    p.add_argument(
+        "--min-replicas",
+        type=int,
+        help="replicas kept while idle; 0: it loads on its first request and scales to zero",
+    )
+    p.add_argument(
+        "--idle-timeout", type=float, help="seconds without a request before a replica stops (default 300)"
+    )
     p.add_argument("--no-wait", action="store_true", help="return once placed, not when ready")
     p.add_argument("--timeout", type=float, help="seconds to wait for ready (default 600)")
     p.set_defaults(func=cmd_launch)
@@ -232,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float)
         p.add_argument("--seed", type=int)
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--n", type=int, help="choices to generate (1-16)")
+        p.add_argument("--logprobs", type=int, metavar="N", help="log-probabilities, with the top N (0-20)")
+        p.add_argument("--presence-penalty", type=float)
+        p.add_argument("--frequency-penalty", type=float)
+        p.add_argument("--repetition-penalty", type=float)
+        p.add_argument("--min-p", type=float)
+        shape = p.add_mutually_exclusive_group()
+        shape.add_argument(
+            "--json-schema",
+            metavar="FILE",
+            help="the output is JSON valid for this schema (a JSON file: the schema, or "
+            "OpenAI's {name, schema, strict})",
+        )
+        shape.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+        shape.add_argument("--regex", help="the output matches this regular expression")
+        shape.add_argument("--choice", action="append", help="the output is one of these (repeatable)")
         p.add_argument("--stream", action="store_true", help="print tokens as they come")
         p.add_argument("--timeout", type=float, help="seconds (default 600)")
 
@@ -239,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uid", metavar="UID")
     p.add_argument("prompt", metavar="PROMPT")
     generation_options(p)
+    p.add_argument("--echo", action="store_true", help="the completion starts with the prompt")
     p.set_defaults(func=cmd_generate)
 
     p = add("chat", "send one chat message")
@@ -246,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("message", metavar="MESSAGE")
     p.add_argument("--system", help="system prompt")
     generation_options(p)
+    p.add_argument("--tools", metavar="FILE", help="OpenAI's tools list, as a JSON file")
+    p.add_argument(
+        "--tool-choice", help="none, auto, required, or the name of the function the model must call"
+    )
     p.set_defaults(func=cmd_chat)
 
     p = add("embed", "embed texts")
@@ -374,18 +405,75 @@ def _configure_logging(level: str, fmt: str = "text") -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _generate_config(args: argparse.Namespace) -> dict[str, Any]:
+def _json_file(path: str, flag: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CommandError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise CommandError(f"{flag} {path}: not JSON ({exc})") from exc
+
+
+def _json_schema_format(path: str) -> dict[str, Any]:
+    """``--json-schema FILE``: a bare schema, or OpenAI's ``{name, schema, strict}``."""
+    data = _json_file(path, "--json-schema")
+    if not isinstance(data, dict):
+        raise CommandError(f"--json-schema {path}: a schema is a JSON object, got {type(data).__name__}")
+    if "schema" in data and "name" in data:
+        return {"type": "json_schema", "json_schema": data}
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": data}}
+
+
+def _generate_config(args: argparse.Namespace, *, chat: bool = False) -> dict[str, Any]:
     config = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
+        "top_k": args.top_k,
         "seed": args.seed,
         "stop": args.stop,
+        "n": args.n,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "repetition_penalty": args.repetition_penalty,
+        "min_p": args.min_p,
+        "regex": args.regex,
+        "choice": args.choice,
     }
     config = {k: v for k, v in config.items() if v is not None}
+    if args.logprobs is not None:
+        # A completion takes k itself; a chat takes logprobs: true and top_logprobs: k.
+        if chat:
+            config.update(logprobs=True, top_logprobs=args.logprobs)
+        else:
+            config["logprobs"] = args.logprobs
+    if args.json_schema:
+        config["response_format"] = _json_schema_format(args.json_schema)
+    elif args.json_object:
+        config["response_format"] = {"type": "json_object"}
+    if getattr(args, "echo", False):
+        config["echo"] = True
+    if chat and args.tools:
+        tools = _json_file(args.tools, "--tools")
+        if not isinstance(tools, list):
+            raise CommandError(
+                f"--tools {args.tools}: OpenAI's tools are a JSON list, got {type(tools).__name__}"
+            )
+        config["tools"] = tools
+    if chat and args.tool_choice:
+        named = args.tool_choice not in ("none", "auto", "required")
+        config["tool_choice"] = (
+            {"type": "function", "function": {"name": args.tool_choice}} if named else args.tool_choice
+        )
     if args.stream:
         config["stream"] = True
     return config
+
+
+def _print_logprobs(tokens: Iterable[tuple[str, float | None]]) -> None:
+    for token, logprob in tokens:
+        print(f"  {token!r:>24}  {'' if logprob is None else f'{logprob:.4f}'}")
 
 
 def _require(
@@ -780,6 +868,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         extra["max_tokens_limit"] = args.max_tokens_limit
     if args.rate_limit is not None:
         extra["rate_limit"] = args.rate_limit
+    if args.min_replicas is not None:
+        extra["min_replicas"] = args.min_replicas
+    if args.idle_timeout is not None:
+        extra["idle_timeout"] = args.idle_timeout
     with _client(args) as client:
         uid = client.launch_model(
             model_name=args.name,
@@ -816,6 +908,18 @@ def _replica_summary(description: dict[str, Any]) -> tuple[str, str]:
     return str(replicas if replicas is not None else ""), ", ".join(map(str, workers))
 
 
+def _status_text(description: dict[str, Any]) -> str:
+    """``ready``; for a model that scales, its state too: ``ready, scaled to zero``,
+    ``ready, starting (3 held)``."""
+    status = str(description.get("status") or "")
+    state = description.get("state")
+    if not state or state == "running":
+        return status
+    held = description.get("held_requests") or 0
+    text = str(state).replace("_", " ") + (f" ({held} held)" if held else "")
+    return f"{status}, {text}" if status else text
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
@@ -832,7 +936,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 d.get("model_type"),
                 ", ".join(d.get("model_ability") or d.get("abilities") or []),
                 d.get("quantization"),
-                d.get("status") or "",
+                _status_text(d),
                 replicas,
                 workers,
             ]
@@ -910,16 +1014,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CommandError(f"model {args.uid!r} cannot generate (it is an embedding model)")
         result = model.generate(args.prompt, config or None, timeout=args.timeout)
         if args.stream:
-            _print_stream(result, args.json, lambda c: c["choices"][0].get("text") or "")
+            _print_stream(result, args.json, lambda c: "".join(x.get("text") or "" for x in c["choices"]))
         elif args.json:
             _print_json(result)
         else:
-            print(result["choices"][0]["text"])
+            choices = result["choices"]
+            for choice in choices:
+                if len(choices) > 1:
+                    print(f"[{choice['index']}]")
+                print(choice["text"])
+                logprobs = choice.get("logprobs")
+                if logprobs:
+                    _print_logprobs(zip(logprobs["tokens"], logprobs["token_logprobs"], strict=False))
     return EXIT_OK
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    config = _generate_config(args)
+    config = _generate_config(args, chat=True)
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -930,11 +1041,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
             raise CommandError(f"model {args.uid!r} has no chat ability; use `natserve generate`")
         result = model.chat(messages, config or None, timeout=args.timeout)
         if args.stream:
-            _print_stream(result, args.json, lambda c: c["choices"][0].get("delta", {}).get("content") or "")
+            _print_stream(
+                result,
+                args.json,
+                lambda c: "".join(x.get("delta", {}).get("content") or "" for x in c["choices"]),
+            )
         elif args.json:
             _print_json(result)
         else:
-            print(result["choices"][0]["message"].get("content") or "")
+            choices = result["choices"]
+            for choice in choices:
+                if len(choices) > 1:
+                    print(f"[{choice['index']}]")
+                message = choice["message"]
+                if message.get("content"):
+                    print(message["content"])
+                for call in message.get("tool_calls") or ():
+                    print(f"{call['function']['name']}({call['function']['arguments']})")
+                content = (choice.get("logprobs") or {}).get("content")
+                if content:
+                    _print_logprobs((entry["token"], entry["logprob"]) for entry in content)
     return EXIT_OK
 
 

@@ -392,6 +392,8 @@ async def run_services(
                 auth=auth,
                 metrics_registry=metrics_registry,
                 heartbeat_dead_after=settings.dead_after,
+                hold_max_requests=settings.hold_max_requests,
+                hold_max_age=settings.hold_max_age,
             )
 
         if db_url.startswith("sqlite") and settings.home:
@@ -523,6 +525,7 @@ def worker_settings(
         warm_up=settings.warm_up,
         batch_slots=settings.batch_slots,
         batch_pause_at=settings.batch_pause_at,
+        memory_limit=settings.memory_limit,
     )
 
 

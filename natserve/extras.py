@@ -35,6 +35,7 @@ EXTRAS: Mapping[str, tuple[str, ...]] = {
         "bitsandbytes",
         "huggingface_hub",
         "prometheus_client",
+        "llguidance",
     ),
     "gateway": ("starlette", "uvicorn", "httptools", "orjson", "jinja2", "prometheus_client"),
 }

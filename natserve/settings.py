@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     # The registry's dead window: a worker unheard of this long is dead (registry_service/
     # directory.py); default max(6 s, 3 x the worker's heartbeat interval).
     dead_after: float | None = Field(default=None, gt=0)
+    # Models that start on demand (registry_service/ondemand/): the requests the registry holds
+    # per model while it starts, and the seconds each may wait (429 and 504 past them).
+    hold_max_requests: int = Field(default=1000, ge=1, le=1_000_000)
+    hold_max_age: float = Field(default=300.0, gt=0, le=86400)
+    # The bytes of each device a worker offers at most (its heartbeats report no more).
+    memory_limit: int | None = Field(default=None, ge=1)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     # Prometheus /metrics of the registry and/or worker of this process; off when unset.

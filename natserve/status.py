@@ -35,9 +35,7 @@ RECENT_ERRORS_SHOWN = 10
 
 def collect_status(client: Any) -> dict[str, Any]:
     """The raw status from the registry ``client`` (a sync ``broker_client.Client``) talks to."""
-    # The raw workers.list reply: list_workers() returns only its "workers".
-    reply = client._run(client._async._request(client.subjects.workers_list, {}))
-    return build_status(reply, client.list_models())
+    return build_status(client.pool_report(), client.list_models())
 
 
 def build_status(reply: Any, models: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +83,27 @@ def format_clock(ts: Any) -> str:
         return datetime.fromtimestamp(float(ts)).strftime("%H:%M:%S")
     except (TypeError, ValueError, OverflowError, OSError):
         return ""
+
+
+def format_idle(seconds: Any) -> str:
+    """How long a replica has had no request: ``busy`` while it has one, ``12 s``, ``3 min``."""
+    if not isinstance(seconds, int | float):
+        return ""
+    if seconds <= 0:
+        return "busy"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def format_scaling(model: dict[str, Any]) -> str:
+    """A model that scales: its state, held requests and options (``scaled to zero; min 0,
+    idle 300 s``); empty for one that does not."""
+    if model.get("idle_timeout") is None:
+        return ""
+    state = str(model.get("state") or "").replace("_", " ")
+    held = _int(model.get("held_requests"))
+    if held:
+        state += f" ({held} held)"
+    return f"{state}; min {_int(model.get('min_replicas'))}, idle {model['idle_timeout']:g} s"
 
 
 def _int(value: Any) -> int:
@@ -157,6 +176,7 @@ def render_status(data: dict[str, Any], *, errors_shown: int = RECENT_ERRORS_SHO
                     _int(r.get("requests")),
                     _int(r.get("errors")),
                     format_bytes(r.get("memory_bytes")),
+                    format_idle(r.get("idle_for")),
                 ]
             )
     model_rows = []
@@ -164,7 +184,14 @@ def render_status(data: dict[str, Any], *, errors_shown: int = RECENT_ERRORS_SHO
         reps = [r for r in m.get("replicas") or [] if isinstance(r, dict)]
         ready = sum(1 for r in reps if r.get("status") == "ready")
         model_rows.append(
-            [uid, m.get("model_name"), m.get("model_type"), m.get("status") or "", f"{ready}/{len(reps)}"]
+            [
+                uid,
+                m.get("model_name"),
+                m.get("model_type"),
+                m.get("status") or "",
+                f"{ready}/{len(reps)}",
+                format_scaling(m),
+            ]
         )
     errors = list(data.get("recent_errors") or [])[-errors_shown:][::-1]
     error_rows = [
@@ -207,11 +234,12 @@ def render_status(data: dict[str, Any], *, errors_shown: int = RECENT_ERRORS_SHO
                 "REQUESTS",
                 "ERRORS",
                 "MEMORY",
+                "IDLE",
             ],
             replica_rows,
             "none",
         ),
-        _table("Models", ["UID", "NAME", "TYPE", "STATUS", "READY"], model_rows, "none"),
+        _table("Models", ["UID", "NAME", "TYPE", "STATUS", "READY", "ON DEMAND"], model_rows, "none"),
         _table(
             "Recent errors", ["TIME", "SOURCE", "MODEL", "ENDPOINT", "CODE", "MESSAGE"], error_rows, "none"
         ),

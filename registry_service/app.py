@@ -20,6 +20,7 @@ from broker_client.runtime import NATSConnection, connect
 from . import db
 from .batches import BatchLimits
 from .launcher import DEFAULT_LAUNCH_TIMEOUT
+from .ondemand import DEFAULT_HOLD_MAX_AGE, DEFAULT_HOLD_MAX_REQUESTS
 from .repository import RegistryRepository
 from .service import RegistryService
 
@@ -45,8 +46,14 @@ class Registry:
         auth: NatsAuth | None = None,
         metrics_registry: CollectorRegistry | None = None,
         batch_limits: BatchLimits | None = None,
+        hold_max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
+        hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
     ) -> None:
         self.batch_limits = batch_limits
+        """``hold_max_requests`` and ``hold_max_age``: how many requests the registry holds for
+        a model starting on demand, and how long each may wait (``ondemand/``)."""
+        self.hold_max_requests = hold_max_requests
+        self.hold_max_age = hold_max_age
         self.nats_url = nats_url
         self.auth = auth
         self.metrics_registry = metrics_registry
@@ -77,6 +84,8 @@ class Registry:
                 launch_timeout=self.launch_timeout,
                 metrics_registry=self.metrics_registry,
                 batch_limits=self.batch_limits,
+                hold_max_requests=self.hold_max_requests,
+                hold_max_age=self.hold_max_age,
             )
             await service.start()
         except BaseException:
@@ -125,6 +134,8 @@ async def run_registry(
     migrate: bool = True,
     auth: NatsAuth | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    hold_max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
+    hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
 ) -> None:
     """Serve the registry until ``stop`` is set; ``ready`` is set once it answers requests.
 
@@ -137,6 +148,8 @@ async def run_registry(
         migrate=migrate,
         auth=auth,
         metrics_registry=metrics_registry,
+        hold_max_requests=hold_max_requests,
+        hold_max_age=hold_max_age,
     )
     await registry.start()
     try:

@@ -52,6 +52,8 @@ class WorkerDirectory:
         # the ones that answer its resync: see first_workers().
         self._settle_until = 0.0
         self._first = asyncio.Event()
+        # Set (and replaced) on every heartbeat: what heard_since waits on.
+        self._beat = asyncio.Event()
 
     def settle(self, window: float) -> None:
         """Workers are expected to answer a resync within ``window`` seconds from now."""
@@ -71,6 +73,30 @@ class WorkerDirectory:
             return False
         try:
             await asyncio.wait_for(self._first.wait(), remaining)
+        except TimeoutError:
+            return False
+        return True
+
+    async def heard_since(self, worker_id: str, since: float, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) for a heartbeat of ``worker_id`` received after
+        ``since`` (monotonic); whether one came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self._workers.get(worker_id)
+            if entry is not None and entry.received > since:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._beat.wait(), remaining)
+            except TimeoutError:
+                return False
+
+    async def next_beat(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) for the next heartbeat of any worker."""
+        try:
+            await asyncio.wait_for(self._beat.wait(), timeout)
         except TimeoutError:
             return False
         return True
@@ -137,5 +163,7 @@ class WorkerDirectory:
             )
         self._workers[info.worker_id] = entry
         self._first.set()
+        beat, self._beat = self._beat, asyncio.Event()
+        beat.set()
         changed = previous is None or worker_state(previous.info) != worker_state(info)
         return entry, changed

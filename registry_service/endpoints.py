@@ -48,6 +48,8 @@ from .directory import WorkerDirectory
 from .launcher import Launcher
 from .liveness import Liveness
 from .metrics import RegistryMetrics
+from .models import ModelRow
+from .ondemand import OnDemand
 from .records import WorkerRecords
 from .repository import RegistryRepository
 from .views import model_description, registration_summary, registration_view, worker_view
@@ -92,7 +94,10 @@ class RegistryEndpoints:
         records: WorkerRecords,
         metrics: RegistryMetrics,
         subjects: Subjects,
+        *,
+        ondemand: OnDemand | None = None,
     ) -> None:
+        self.ondemand = ondemand
         self.repo = repository
         self.directory = directory
         self.launcher = launcher
@@ -190,15 +195,23 @@ class RegistryEndpoints:
         resp.body()
         rows = await self.repo.list_models()
         await resp.respond(
-            {"models": {row.model_uid: model_description(row, self.directory) for row in rows}}
+            {
+                "models": {
+                    row.model_uid: model_description(row, self.directory, self._scale_state(row))
+                    for row in rows
+                }
+            }
         )
+
+    def _scale_state(self, row: ModelRow) -> tuple[str, int] | None:
+        return self.ondemand.state_of(row.model_uid) if self.ondemand is not None else None
 
     async def describe(self, resp: Responder) -> None:
         req = resp.parse(DescribeRequest)
         row = await self.repo.get_model(req.model_uid)
         if row is None:
             raise self.launcher.not_running(req.model_uid)
-        await resp.respond(model_description(row, self.directory))
+        await resp.respond(model_description(row, self.directory, self._scale_state(row)))
 
     async def terminate(self, resp: Responder) -> None:
         req = resp.parse(TerminateRequest)

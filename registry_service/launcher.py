@@ -25,6 +25,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -54,7 +55,7 @@ from .placement import MemoryReservations, Placement, place_replicas
 from .plan import LaunchPlan
 from .repository import NewReplica, RegistryRepository
 
-__all__ = ["DEFAULT_LAUNCH_TIMEOUT", "Launcher"]
+__all__ = ["DEFAULT_LAUNCH_TIMEOUT", "Launcher", "ScalingHooks"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,22 @@ DEFAULT_LAUNCH_TIMEOUT = 600.0
 # Failed launches remembered so that describe can say why a uid is gone.
 _FAILURES_KEPT = 256
 _FAILURE_CHARS = 4000
+
+
+class ScalingHooks(Protocol):
+    """What the launcher tells the on-demand part of the registry (``ondemand/``), and asks it."""
+
+    async def scaled_to_zero(self, uid: str) -> None:
+        """``uid`` has no replica now: answer its subjects (before its launch says ready)."""
+
+    async def terminated(self, uid: str) -> None:
+        """``uid`` was terminated: the requests held for it get an error."""
+
+    async def make_room(
+        self, plan: LaunchPlan, replica: int, *, worker_id: str | None, n_gpu: int | str | None
+    ) -> bool:
+        """Stop idle on-demand replicas so that ``replica`` replicas of ``plan`` fit; whether
+        any was stopped (then placing again may succeed)."""
 
 
 class Launcher:
@@ -95,6 +112,8 @@ class Launcher:
         self._reserved: set[str] = set()
         self._launches: dict[str, asyncio.Task[None]] = {}
         self._failures: OrderedDict[str, str] = OrderedDict()
+        # The on-demand part (set by the service): starts from zero, idle stops, eviction.
+        self.scaling: ScalingHooks | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -209,16 +228,13 @@ class Launcher:
                 raise Conflict(
                     f"model_uid {uid!r} is already running; terminate it first or give another model_uid"
                 )
-            try:
-                placements = self.place(
-                    plan, req.replica, worker_id=req.worker_id, n_gpu=req.n_gpu, what=plan.label
-                )
-            except Unavailable:
-                if not await self.directory.first_workers():
-                    raise
-                placements = self.place(
-                    plan, req.replica, worker_id=req.worker_id, n_gpu=req.n_gpu, what=plan.label
-                )
+            # A model that starts on demand loads nothing now: its first request starts it.
+            count = 0 if plan.starts_on_demand else req.replica
+            placements = (
+                await self._place_launch(plan, count, worker_id=req.worker_id, n_gpu=req.n_gpu)
+                if count
+                else []
+            )
             await self.repo.create_model(
                 plan.row("launching"),
                 [NewReplica(p.replica_index, p.worker_id, p.device) for p in placements],
@@ -243,6 +259,71 @@ class Launcher:
         self.metrics.track_launch(task)
         return uid, task
 
+    async def _place_launch(
+        self, plan: LaunchPlan, count: int, *, worker_id: str | None, n_gpu: int | str | None
+    ) -> list[Placement]:
+        """Place ``count`` replicas of ``plan``: after the first workers' heartbeats when none has
+        been heard yet, after stopping idle on-demand replicas when they do not fit."""
+        try:
+            return self.place(plan, count, worker_id=worker_id, n_gpu=n_gpu, what=plan.label)
+        except Unavailable:
+            if await self.directory.first_workers():
+                try:
+                    return self.place(plan, count, worker_id=worker_id, n_gpu=n_gpu, what=plan.label)
+                except Unavailable:
+                    pass
+            if self.scaling is None or not await self.scaling.make_room(
+                plan, count, worker_id=worker_id, n_gpu=n_gpu
+            ):
+                raise
+        return self.place(plan, count, worker_id=worker_id, n_gpu=n_gpu, what=plan.label)
+
+    async def start_replicas(self, row: ModelRow, *, reason: str) -> None:
+        """Start the replicas of a launched model that has none (a start on demand), with the
+        options of its launch; returns once every one is ready, or raises the launch's error
+        (its replicas are then removed again; the model stays, with none)."""
+        plan = self.plan_of(row)
+        uid = plan.model_uid
+        if uid in self._reserved:
+            raise Conflict(f"model_uid {uid!r} is already being started")
+        self._reserved.add(uid)
+        try:
+            placements = await self._place_launch(plan, plan.replica, worker_id=None, n_gpu="auto")
+            await self.repo.add_replicas(
+                uid, [NewReplica(p.replica_index, p.worker_id, p.device) for p in placements]
+            )
+        except BaseException:
+            self._reserved.discard(uid)
+            raise
+        self._failures.pop(uid, None)
+        logger.info(
+            "starting %r (%s): %s",
+            uid,
+            reason,
+            ", ".join(f"replica {p.replica_index} on {p.worker_id}" for p in placements),
+        )
+        task = asyncio.create_task(
+            self._run(plan, placements, reason=reason), name=f"natserve-registry start {uid}"
+        )
+        self._launches[uid] = task
+        task.add_done_callback(lambda t: self._done(uid, t))
+        self.memory.reserve(placements)
+        task.add_done_callback(lambda t: self.memory.release(placements))
+        self.metrics.track_launch(task)
+        await self.until_ready(uid, task)
+
+    async def terminate_idle(self, worker_id: str, uid: str, index: int, if_idle_for: float) -> None:
+        """Ask a worker to stop one replica if it has had no request for ``if_idle_for`` seconds;
+        ``Conflict`` when it had one (it keeps running). A worker that does not have it is fine."""
+        subject = self.subjects.worker(worker_id, "terminate")
+        command = WorkerTerminate(model_uid=uid, replica_index=index, if_idle_for=if_idle_for)
+        try:
+            await self.transport.request(
+                subject, command.model_dump(mode="json"), timeout=self.terminate_timeout, worker_id=worker_id
+            )
+        except NotFound:
+            pass
+
     @staticmethod
     async def until_ready(uid: str, task: asyncio.Task[None]) -> None:
         """Wait for a launch started by :meth:`start`; raises its error."""
@@ -261,8 +342,26 @@ class Launcher:
             # Retrieved here so that a wait=False failure is not reported as never retrieved.
             logger.info("launch of %r failed: %s", uid, task.exception())
 
-    async def _run(self, plan: LaunchPlan, placements: list[Placement]) -> None:
+    async def _run(self, plan: LaunchPlan, placements: list[Placement], *, reason: str | None = None) -> None:
+        """Launch ``placements``; ``reason`` is set for a start of a launched model (on demand),
+        whose failure removes the replicas started and keeps the model."""
         uid = plan.model_uid
+        if not placements:
+            # Starts on demand: its subjects are answered by the registry before it is ready.
+            if self.scaling is not None:
+                await self.scaling.scaled_to_zero(uid)
+            await self.repo.set_model_status(uid, "ready")
+            logger.info("model %r is ready, scaled to zero: its first request starts it", uid)
+            await self.events.model(
+                uid,
+                "ready",
+                model_name=plan.model_name,
+                status="ready",
+                fraction=1.0,
+                reason="scaled_to_zero",
+                message="scaled to zero: its first request starts it",
+            )
+            return
         for p in placements:
             where = f" ({p.device})" if p.device else ""
             await self.events.model(
@@ -272,6 +371,7 @@ class Launcher:
                 replica_index=p.replica_index,
                 worker_id=p.worker_id,
                 status="launching",
+                reason=reason,
                 message=f"replica {p.replica_index} placed on worker {p.worker_id}{where}",
             )
         tasks = [
@@ -289,9 +389,12 @@ class Launcher:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._abort(plan, placements, exc)
+            await self._abort(plan, placements, exc, keep_model=reason is not None)
             raise
-        await self.repo.set_model_status(uid, "ready")
+        if reason is None:
+            # A start on demand finds its model ready already: one SQL write less before the
+            # held requests are handed over (a commit is 10 to 40 ms on a loaded SQLite disk).
+            await self.repo.set_model_status(uid, "ready")
         logger.info("model %r is ready (%d replica(s))", uid, len(placements))
         await self.events.model(
             uid,
@@ -299,7 +402,8 @@ class Launcher:
             model_name=plan.model_name,
             status="ready",
             fraction=1.0,
-            message=f"{len(placements)} replica(s) ready",
+            reason=reason,
+            message=f"{len(placements)} replica(s) ready" + (f" ({reason})" if reason else ""),
         )
 
     async def launch_replica(self, plan: LaunchPlan, placement: Placement) -> None:
@@ -348,7 +452,9 @@ class Launcher:
             message=f"replica {index} ready on {worker_id} ({reply.device})",
         )
 
-    async def _abort(self, plan: LaunchPlan, placements: list[Placement], exc: BaseException) -> None:
+    async def _abort(
+        self, plan: LaunchPlan, placements: list[Placement], exc: BaseException, *, keep_model: bool = False
+    ) -> None:
         uid = plan.model_uid
         if isinstance(exc, asyncio.CancelledError):
             message = f"launch of {uid!r} was cancelled"
@@ -359,12 +465,23 @@ class Launcher:
         logger.warning("launch of %r failed, removing it: %s", uid, message)
         try:
             await self._terminate_on_workers(uid, {p.worker_id for p in placements})
-            await self.repo.delete_model(uid)
+            if keep_model:
+                # A start on demand: the model stays, with no replica, for its next request.
+                for p in placements:
+                    await self.repo.delete_replica(uid, p.replica_index)
+            else:
+                await self.repo.delete_model(uid)
         except Exception:
             logger.error("cannot clean up the failed launch of %r", uid, exc_info=True)
         if not isinstance(exc, asyncio.CancelledError):
             self._remember_failure(uid, message)
-        await self.events.model(uid, "failed", model_name=plan.model_name, status="failed", message=message)
+        await self.events.model(
+            uid,
+            "failed",
+            model_name=plan.model_name,
+            status="ready" if keep_model else "failed",
+            message=message,
+        )
 
     # ------------------------------------------------------------------ terminate
 
@@ -379,6 +496,8 @@ class Launcher:
         row = await self.repo.get_model(uid)
         if row is None:
             if launch is not None:
+                if self.scaling is not None:
+                    await self.scaling.terminated(uid)
                 await self.events.model(
                     uid, "terminated", status="terminated", message="terminated while loading"
                 )
@@ -387,6 +506,8 @@ class Launcher:
         await self.repo.set_model_status(uid, "terminating")
         await self._terminate_on_workers(uid, {r.worker_id for r in row.replicas})
         await self.repo.delete_model(uid)
+        if self.scaling is not None:
+            await self.scaling.terminated(uid)
         logger.info("terminated model %r", uid)
         await self.events.model(uid, "terminated", model_name=row.model_name, status="terminated")
 

@@ -315,8 +315,8 @@ class Liveness:
     async def _refresh_model_status(self, uid: str) -> None:
         """``ready`` while one replica is, ``failed`` (with the reasons) when none is left."""
         row = await self.repo.get_model(uid)
-        if row is None or row.status in ("launching", "terminating"):
-            return
+        if row is None or row.status in ("launching", "terminating") or not row.replicas:
+            return  # no replica at all: a model scaled to zero, which is ready
         if any(r.status != "failed" for r in row.replicas):
             if row.status != "ready":
                 await self.repo.set_model_status(uid, "ready")

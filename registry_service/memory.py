@@ -18,7 +18,8 @@ quantization, the context length, and where it will run. From that:
                   engine allocates its KV slots up front (workers/engines/static.py).
                   tokens on the CPU: one full context; the dynamic cache grows with use.
 
-Embedding models need their weights and the overhead only. ``echo:`` models need nothing, and a
+Embedding models need their weights and the overhead only. ``echo:`` models need nothing (or
+the bytes their ``memory=`` option names: the echo engine's drill of memory pressure), and a
 spec without ``model_size_in_billions`` is estimated at 0 (placed by free memory alone).
 
 It is an estimate, meant to refuse at once what cannot fit and to choose where things fit; the
@@ -27,6 +28,7 @@ worker's own load still fails cleanly (with the loader's error) if the estimate 
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,7 +72,7 @@ def estimate_bytes(
     """Bytes one replica of ``spec`` needs on a device of ``device_kind`` (``cuda`` or ``cpu``)."""
     uri = str(spec.get("model_uri") or "")
     if uri.strip().lower().startswith("echo:"):
-        return 0
+        return _echo_memory(uri)
     size = spec.get("model_size_in_billions")
     if not size:
         return 0
@@ -88,6 +90,17 @@ def estimate_bytes(
             tokens = context
         need += per_token * tokens
     return int(need)
+
+
+def _echo_memory(uri: str) -> int:
+    """The ``memory=`` option of an ``echo:`` URI (0 without one, or when it is not a number:
+    the worker refuses such a URI with the option's name)."""
+    query = uri.strip()[len("echo:") :].partition("?")[2]
+    try:
+        values = urllib.parse.parse_qs(query)
+        return max(0, int(float(values.get("memory", ["0"])[-1])))
+    except (ValueError, OverflowError):
+        return 0
 
 
 def format_bytes(n: float) -> str:

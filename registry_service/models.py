@@ -143,6 +143,10 @@ class ModelRow(Base):
     # requests per second, per replica.
     max_tokens_limit: Mapped[int | None] = mapped_column(Integer)
     rate_limit: Mapped[float | None] = mapped_column(Float)
+    # On demand (revision 0003): the replicas kept while idle and the seconds a replica may go
+    # without a request before it is stopped; None for both: a model that never scales.
+    min_replicas: Mapped[int | None] = mapped_column(Integer)
+    idle_timeout: Mapped[float | None] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16), default="launching")
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

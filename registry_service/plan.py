@@ -14,13 +14,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from broker_client import LaunchRequest, WorkerLaunch, parse_definition
+from broker_client import BadRequest, LaunchRequest, WorkerLaunch, parse_definition
 
 from .memory import estimate_bytes
 from .models import ModelRow, Registration
 from .placement import Placement
 
-__all__ = ["LaunchPlan"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "LaunchPlan", "on_demand_options"]
+
+# The idle timeout of a model given only min_replicas: five minutes, the order of what the
+# serverless platforms default to (Knative's scale-to-zero grace and retention are 30 s to
+# minutes); long enough that a conversation's pauses do not reload the model.
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+def on_demand_options(
+    req: LaunchRequest, definition: dict[str, Any], replica: int
+) -> tuple[int | None, float | None]:
+    """``(min_replicas, idle_timeout)`` of a launch: the request's, else the definition's
+    ``launch`` key. Either one makes the model scale (the other then defaults: 0 replicas, or
+    :data:`DEFAULT_IDLE_TIMEOUT`); neither: ``(None, None)``, a model that never scales.
+    ``BadRequest`` when min_replicas is above ``replica``."""
+    defaults = definition.get("launch") or {}
+    min_replicas = req.min_replicas if req.min_replicas is not None else defaults.get("min_replicas")
+    idle_timeout = req.idle_timeout if req.idle_timeout is not None else defaults.get("idle_timeout")
+    if min_replicas is None and idle_timeout is None:
+        return None, None
+    min_replicas = 0 if min_replicas is None else int(min_replicas)
+    idle_timeout = DEFAULT_IDLE_TIMEOUT if idle_timeout is None else float(idle_timeout)
+    if min_replicas > replica:
+        where = "" if req.min_replicas is not None else " (the definition's launch.min_replicas)"
+        raise BadRequest(
+            f"min_replicas {min_replicas}{where} is more than replica {replica}: a model keeps at "
+            "most its replica count"
+        )
+    return min_replicas, idle_timeout
 
 
 def _size(spec: dict[str, Any]) -> str:
@@ -45,6 +73,9 @@ class LaunchPlan:
     rate_limit: float | None
     # Seconds a worker may take to load one replica.
     timeout: float
+    # On demand: the replicas kept while idle and the idle timeout (None: never scales).
+    min_replicas: int | None = None
+    idle_timeout: float | None = None
 
     @classmethod
     def from_request(cls, req: LaunchRequest, registration: Registration, *, timeout: float) -> LaunchPlan:
@@ -54,6 +85,7 @@ class LaunchPlan:
         spec, quantization = definition.spec_for(
             req.model_format, req.model_size_in_billions, req.quantization
         )
+        min_replicas, idle_timeout = on_demand_options(req, registration.definition, req.replica)
         return cls(
             model_uid=req.model_uid or req.model_name,
             model_type=registration.model_type,
@@ -67,6 +99,8 @@ class LaunchPlan:
             max_tokens_limit=req.max_tokens_limit,
             rate_limit=req.rate_limit,
             timeout=req.timeout or timeout,
+            min_replicas=min_replicas,
+            idle_timeout=idle_timeout,
         )
 
     @classmethod
@@ -85,6 +119,8 @@ class LaunchPlan:
             max_tokens_limit=row.max_tokens_limit,
             rate_limit=row.rate_limit,
             timeout=timeout,
+            min_replicas=row.min_replicas,
+            idle_timeout=row.idle_timeout,
         )
 
     def row(self, status: str = "launching") -> ModelRow:
@@ -101,8 +137,20 @@ class LaunchPlan:
             max_batch_size=self.max_batch_size,
             max_tokens_limit=self.max_tokens_limit,
             rate_limit=self.rate_limit,
+            min_replicas=self.min_replicas,
+            idle_timeout=self.idle_timeout,
             status=status,
         )
+
+    @property
+    def scales(self) -> bool:
+        """Whether idle replicas stop (down to ``min_replicas``) and the model starts on demand."""
+        return self.idle_timeout is not None
+
+    @property
+    def starts_on_demand(self) -> bool:
+        """Whether the model may have no replica: its launch loads none, a request starts it."""
+        return self.scales and self.min_replicas == 0
 
     @property
     def label(self) -> str:

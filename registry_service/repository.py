@@ -194,6 +194,41 @@ class RegistryRepository:
             await session.commit()
             return bool(getattr(result, "rowcount", 0))
 
+    async def add_replicas(self, model_uid: str, replicas: Iterable[NewReplica]) -> None:
+        """Record new replicas of a model (a start on demand), ``placing``, in one transaction;
+        409 when one of their indexes is taken (another registry is starting it)."""
+        async with self.session() as session:
+            session.add_all(
+                ReplicaRow(
+                    model_uid=model_uid,
+                    replica_index=r.replica_index,
+                    worker_id=r.worker_id,
+                    device=r.device,
+                    status="placing",
+                    memory_bytes=0,
+                )
+                for r in replicas
+            )
+            try:
+                await session.commit()
+            except IntegrityError as exc:
+                raise Conflict(f"replicas of model_uid {model_uid!r} are already being started") from exc
+
+    async def delete_replica(
+        self, model_uid: str, replica_index: int, *, worker_id: str | None = None
+    ) -> bool:
+        """Forget one replica (stopped for idleness, or a start on demand that failed); with
+        ``worker_id``, only if it is still recorded there."""
+        stmt = delete(ReplicaRow).where(
+            ReplicaRow.model_uid == model_uid, ReplicaRow.replica_index == replica_index
+        )
+        if worker_id is not None:
+            stmt = stmt.where(ReplicaRow.worker_id == worker_id)
+        async with self.session() as session:
+            result = await session.execute(stmt)
+            await session.commit()
+            return bool(getattr(result, "rowcount", 0))
+
     async def delete_model(self, model_uid: str) -> bool:
         """Delete a model; its replicas go with it (ON DELETE CASCADE)."""
         async with self.session() as session:

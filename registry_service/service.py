@@ -5,6 +5,7 @@
     directory.py    the workers heard from, and who is alive (memory)
     launcher.py     launches, terminations and the commands to workers; plan.py, placement.py
     liveness.py     dead workers, lost replicas re-placed, orphans
+    ondemand/       models that start on demand and stop when idle; evictions for launches
     events.py       model events and worker notices
     endpoints.py    the ``nats micro`` endpoints (service ``natserve-registry``) and heartbeats
     records.py      the workers table, written behind the heartbeats
@@ -50,6 +51,7 @@ from .events import RegistryEvents
 from .launcher import DEFAULT_LAUNCH_TIMEOUT, Launcher
 from .liveness import Liveness
 from .metrics import RegistryMetrics
+from .ondemand import DEFAULT_HOLD_MAX_AGE, DEFAULT_HOLD_MAX_REQUESTS, OnDemand
 from .records import WorkerRecords
 from .repository import RegistryRepository
 
@@ -109,6 +111,8 @@ class RegistryService:
         terminate_timeout: float = 30.0,
         metrics_registry: CollectorRegistry | None = None,
         batch_limits: BatchLimits | None = None,
+        hold_max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
+        hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
     ) -> None:
         self.nc = nc
         self.repo = repository
@@ -134,6 +138,17 @@ class RegistryService:
         )
         # Dead workers, lost replicas, orphans.
         self.liveness = Liveness(nc, self.directory, self.launcher, repository, self.events)
+        # Starts on demand, idle stops, evictions (it sets itself as the launcher's scaling).
+        self.ondemand = OnDemand(
+            nc,
+            repository,
+            self.directory,
+            self.launcher,
+            self.events,
+            self.subjects,
+            max_requests=hold_max_requests,
+            max_age=hold_max_age,
+        )
         self.records = WorkerRecords(repository)
         self.endpoints = RegistryEndpoints(
             repository,
@@ -143,6 +158,7 @@ class RegistryService:
             self.records,
             self.metrics,
             self.subjects,
+            ondemand=self.ondemand,
         )
         self.metrics.attach(self.directory, self.launcher.launches_in_flight)
         self.batches = BatchJobs(nc, prefix, model_exists=self._model_exists, limits=batch_limits)
@@ -196,11 +212,13 @@ class RegistryService:
             self._reconcile_later(previous), name="natserve-registry reconcile"
         )
         self.liveness.start(judge_after=self.resync_window)
+        await self.ondemand.start()
         await self.batches.start()
         logger.info("registry serving on %s.* (service id %s)", self.subjects.prefix, host.id)
 
     async def stop(self, *, grace: float = 1.0) -> None:
         await self.batches.stop()
+        await self.ondemand.stop()
         await self.liveness.stop()
         if self._reconcile_task is not None:
             self._reconcile_task.cancel()

@@ -63,8 +63,15 @@ def replica_view(r: ReplicaRow) -> dict[str, Any]:
     }
 
 
-def model_description(row: ModelRow, directory: WorkerDirectory) -> dict[str, Any]:
-    """A running model, its replicas and whether their workers are alive now."""
+def model_description(
+    row: ModelRow, directory: WorkerDirectory, scale_state: tuple[str, int] | None = None
+) -> dict[str, Any]:
+    """A running model, its replicas and whether their workers are alive now.
+
+    A model that scales also shows ``min_replicas``, ``idle_timeout``, ``state``
+    (``running``, ``scaled_to_zero``, ``starting``, ``stopping``) and ``held_requests``, from
+    ``scale_state`` (the on-demand part's ``(state, held)`` while it answers the model's
+    subjects), and each replica the ``idle_for`` of its worker's last heartbeat."""
     d, spec = row.definition, row.spec
     now = time.monotonic()
     workers = []
@@ -100,6 +107,22 @@ def model_description(row: ModelRow, directory: WorkerDirectory) -> dict[str, An
         "created_at": _ts(row.created_at),
         "updated_at": _ts(row.updated_at),
     }
+    if row.idle_timeout is not None:
+        description["min_replicas"] = row.min_replicas
+        description["idle_timeout"] = row.idle_timeout
+        if scale_state is not None:
+            description["state"], description["held_requests"] = scale_state
+        else:
+            description["state"] = "running" if row.replicas else "scaled_to_zero"
+            description["held_requests"] = 0
+        idle = {
+            (r.model_uid, r.replica_index, e.info.worker_id): r.idle_for
+            for e in directory.entries()
+            for r in e.info.replicas
+            if r.model_uid == row.model_uid
+        }
+        for view, r in zip(description["replicas"], row.replicas, strict=True):
+            view["idle_for"] = idle.get((row.model_uid, r.replica_index, r.worker_id))
     if row.model_type == "embedding":
         description["dimensions"] = d.get("dimensions")
         description["max_tokens"] = d.get("max_tokens")

@@ -155,7 +155,7 @@ async def _echo_replica(
         tokenizer=None,
         context_length=definition.context_length,
         max_batch_size=slots,
-        **common,
+        **{**common, "memory_bytes": options.memory},
     )
 
 

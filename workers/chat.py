@@ -18,16 +18,25 @@ included, so that a custom-model JSON written for Xinference prompts the model t
 * ``user``/``assistant`` map to ``roles[0]``/``roles[1]``; a history turn with empty content is
   rendered as its role alone, as Xinference does;
 * the style's ``stop`` and ``stop_token_ids`` are added to the request's.
+
+Tools (a chat's ``tools``) go to the template's ``tools`` argument, as transformers passes them.
+A template that renders the same prompt with and without them (and every prompt style) does not
+know tools: the prompt then gets a system message that lists them in the model's tool-call format
+(``workers.tools``), the history's calls written in that format and its ``tool`` messages as user
+turns wrapped in ``<tool_response>``, as Qwen 2.5's template writes them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from broker_client import BadRequest, PromptStyle
+
+from .tools import ToolParser, history_call_text, tools_system_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +49,7 @@ __all__ = [
     "render_prompt_style",
 ]
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -76,9 +85,63 @@ def normalize_messages(
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string, got {type(content).__name__}")
         data["content"] = content
+        calls = data.get("tool_calls")
+        if calls is None:
+            data.pop("tool_calls", None)
+        else:
+            # Templates take the arguments as an object (transformers' convention); OpenAI
+            # sends them as a JSON string.
+            data["tool_calls"] = [_template_call(call) for call in calls]
+        if data.get("tool_call_id") is None:
+            data.pop("tool_call_id", None)
         out.append(data)
     if not out:
         raise BadRequest("messages must hold at least one message")
+    return out
+
+
+def _field(message: Any, key: str) -> Any:
+    return message.get(key) if isinstance(message, Mapping) else getattr(message, key, None)
+
+
+def _template_call(call: Any) -> dict[str, Any]:
+    call = dict(call)
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            function["arguments"] = parsed
+    call["function"] = function
+    return call
+
+
+def _with_tool_text(
+    items: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]], parser: ToolParser
+) -> list[dict[str, Any]]:
+    """``items`` for a template that knows no tools: the tools in a system message, the history's
+    calls and results as text."""
+    out: list[dict[str, Any]] = []
+    for original in items:
+        item = {k: v for k, v in original.items() if k not in ("tool_calls", "tool_call_id")}
+        calls = original.get("tool_calls")
+        if calls:
+            written = history_call_text(calls, parser)
+            item["content"] = f"{item['content']}\n{written}" if item["content"] else written
+        if original["role"] == "tool":
+            item = {"role": "user", "content": f"<tool_response>\n{original['content']}\n</tool_response>"}
+        out.append(item)
+    if not tools:
+        return out
+    listing = tools_system_prompt(tools, parser)
+    if out and out[0]["role"] == "system":
+        first = out[0]["content"]
+        out[0] = {**out[0], "content": f"{first}\n\n{listing}" if first else listing}
+    else:
+        out.insert(0, {"role": "system", "content": listing})
     return out
 
 
@@ -185,8 +248,9 @@ def render_prompt_style(style: PromptStyle, messages: Sequence[Any], *, model: s
             f"natserve implements {', '.join(PROMPT_STYLES)} (or give a chat_template)"
         )
     user_role, assistant_role = style.roles[0], style.roles[1]
-    # A request may already speak the style's own role names (e.g. "USER").
-    allowed = dict.fromkeys([*CHAT_ROLES, user_role, assistant_role])
+    # A request may already speak the style's own role names (e.g. "USER"); tool messages are
+    # user turns by now (build_chat_prompt).
+    allowed = dict.fromkeys([*CHAT_ROLES[:3], user_role, assistant_role])
     items = normalize_messages(messages, model=model, allowed=tuple(allowed))
 
     system_parts = [m["content"] for m in items if m["role"] == "system"]
@@ -215,7 +279,9 @@ def render_prompt_style(style: PromptStyle, messages: Sequence[Any], *, model: s
 # ---------------------------------------------------------------------------- templates
 
 
-def _render_jinja(template: str, messages: list[dict[str, Any]], *, model: str) -> str:
+def _render_jinja(
+    template: str, messages: list[dict[str, Any]], *, model: str, tools: Sequence[Any] | None = None
+) -> str:
     """A chat template without a tokenizer (the echo engine): the sandbox transformers uses."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -227,22 +293,32 @@ def _render_jinja(template: str, messages: list[dict[str, Any]], *, model: str) 
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.globals["raise_exception"] = raise_exception
+    extra = {"tools": list(tools)} if tools else {}
     try:
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+            messages=messages, add_generation_prompt=True, bos_token="", eos_token="", **extra
         )
     except TemplateError as exc:
         raise BadRequest(f"the chat template of model {model!r} rejected the messages: {exc}") from exc
 
 
 def _apply_template(
-    tokenizer: Any, messages: list[dict[str, Any]], template: str | None, *, model: str
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    template: str | None,
+    *,
+    model: str,
+    tools: Sequence[Any] | None = None,
 ) -> str:
     from jinja2.exceptions import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            messages,
+            chat_template=template,
+            tools=list(tools) if tools else None,
+            tokenize=False,
+            add_generation_prompt=True,
         )
     except TemplateError as exc:
         # Templates call raise_exception() for conversations they do not accept.
@@ -252,6 +328,22 @@ def _apply_template(
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text
+
+
+def _render_with_tools(
+    render: Callable[[list[dict[str, Any]], Sequence[Any] | None], str],
+    items: list[dict[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None,
+    parser: ToolParser,
+) -> str:
+    """The template's prompt with ``tools``; written out as text when the template ignores them
+    (it renders the same prompt without them)."""
+    if not tools:
+        return render(items, None)
+    text = render(items, tools)
+    if text != render(items, None):
+        return text
+    return render(_with_tool_text(items, tools, parser), None)
 
 
 def _union(first: Sequence[Any] | None, *more: Sequence[Any] | None) -> tuple[Any, ...]:
@@ -268,15 +360,25 @@ def build_chat_prompt(
     chat_template: str | None = None,
     prompt_style: PromptStyle | Mapping[str, Any] | None = None,
     tokenizer: Any | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_parser: ToolParser = "hermes",
 ) -> ChatPrompt:
-    """The prompt for ``messages`` from the first of: chat_template, prompt_style, tokenizer's template."""
+    """The prompt for ``messages`` from the first of: chat_template, prompt_style, tokenizer's
+    template; ``tools`` (OpenAI's tool list) rendered by the template, or as text in
+    ``tool_parser``'s format when it cannot."""
     if chat_template:
         items = normalize_messages(messages, model=model)
         if tokenizer is not None:
-            text = _apply_template(tokenizer, items, chat_template, model=model)
+
+            def render(items: list[dict[str, Any]], tools: Sequence[Any] | None) -> str:
+                return _apply_template(tokenizer, items, chat_template, model=model, tools=tools)
+
         else:
-            text = _render_jinja(chat_template, items, model=model)
-        return ChatPrompt(text=text, source="chat_template")
+
+            def render(items: list[dict[str, Any]], tools: Sequence[Any] | None) -> str:
+                return _render_jinja(chat_template, items, model=model, tools=tools)
+
+        return ChatPrompt(text=_render_with_tools(render, items, tools, tool_parser), source="chat_template")
 
     if prompt_style is not None:
         style = (
@@ -284,6 +386,10 @@ def build_chat_prompt(
             if isinstance(prompt_style, PromptStyle)
             else PromptStyle.model_validate(prompt_style)
         )
+        # A prompt style knows neither tools nor tool messages: both as text.
+        if tools or any(_field(m, "role") == "tool" or _field(m, "tool_calls") for m in messages):
+            items = normalize_messages(messages, model=model)
+            messages = _with_tool_text(items, tools or (), tool_parser)
         text = render_prompt_style(style, messages, model=model)
         bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else None
         return ChatPrompt(
@@ -298,7 +404,11 @@ def build_chat_prompt(
 
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         items = normalize_messages(messages, model=model)
-        return ChatPrompt(text=_apply_template(tokenizer, items, None, model=model), source="tokenizer")
+
+        def render_own(items: list[dict[str, Any]], tools: Sequence[Any] | None) -> str:
+            return _apply_template(tokenizer, items, None, model=model, tools=tools)
+
+        return ChatPrompt(text=_render_with_tools(render_own, items, tools, tool_parser), source="tokenizer")
 
     raise BadRequest(
         f"model {model!r} cannot chat: its definition gives neither chat_template nor "

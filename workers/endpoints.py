@@ -7,7 +7,8 @@ answered by the service host (``broker_client.runtime.ServiceHost``) as a natser
 :class:`WorkerEndpoints`, the worker's own subjects:
 
 * ``<prefix>.worker.<id>.launch``     ``WorkerLaunch`` → ``WorkerLaunchReply`` once the replica serves
-* ``<prefix>.worker.<id>.terminate``  ``WorkerTerminate`` → ``{}``
+* ``<prefix>.worker.<id>.terminate``  ``WorkerTerminate`` → ``{}`` (409 when ``if_idle_for`` is
+  given and a replica had a request more recently)
 * ``<prefix>.worker.<id>.info``       → ``WorkerInfo``
 * ``<prefix>.workers.resync``          a heartbeat now (and ``WorkerInfo`` to a request)
 
@@ -73,7 +74,9 @@ class WorkerCommands(Protocol):
 
     async def launch(self, launch: WorkerLaunch) -> WorkerLaunchReply: ...
 
-    async def terminate(self, model_uid: str, replica_index: int | None = None) -> None: ...
+    async def terminate(
+        self, model_uid: str, replica_index: int | None = None, *, if_idle_for: float | None = None
+    ) -> None: ...
 
     def info(self) -> WorkerInfo: ...
 
@@ -131,7 +134,7 @@ class WorkerEndpoints:
 
     async def _on_terminate(self, resp: Responder) -> None:
         req = resp.parse(WorkerTerminate)
-        await self.worker.terminate(req.model_uid, req.replica_index)
+        await self.worker.terminate(req.model_uid, req.replica_index, if_idle_for=req.if_idle_for)
         await resp.respond({})
 
     async def _on_resync(self, msg: Msg) -> None:
@@ -227,6 +230,15 @@ class ModelEndpoints:
         reach the requests that are draining."""
         cancel = self.subjects.model(self.model_uid, "cancel")
         await self._remove({s for s in self._subjects if s != cancel})
+
+    async def drain(self) -> None:
+        """Take no new requests, losing none: the ones already routed here are still served
+        (an idle stop: the registry answers the uid's subjects meanwhile)."""
+        cancel = self.subjects.model(self.model_uid, "cancel")
+        subjects = {s for s in self._subjects if s != cancel}
+        if subjects:
+            self._subjects -= subjects
+            await self.host.drain_endpoints(subjects)
 
     async def close(self) -> None:
         await self._remove(set(self._subjects))

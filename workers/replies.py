@@ -29,11 +29,15 @@ from broker_client import (
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     Embedding,
     EmbeddingList,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
 )
 
@@ -43,11 +47,15 @@ __all__ = [
     "ChatChunkChoiceBody",
     "ChatCompletionBody",
     "ChatCompletionChunkBody",
+    "ChatLogprobsBody",
     "CompletionBody",
     "CompletionChoiceBody",
     "CompletionChunkBody",
+    "CompletionLogprobsBody",
     "EmbeddingBody",
     "EmbeddingListBody",
+    "TokenLogprobEntryBody",
+    "TopLogprobBody",
     "UsageBody",
 ]
 
@@ -58,10 +66,17 @@ class UsageBody(TypedDict):
     total_tokens: int
 
 
+class CompletionLogprobsBody(TypedDict):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoiceBody(TypedDict):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobsBody | None
     finish_reason: str | None  # "stop" or "length" on the last piece
 
 
@@ -83,10 +98,28 @@ class CompletionChunkBody(TypedDict):
     usage: NotRequired[UsageBody]  # on the last chunk only
 
 
+class TopLogprobBody(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntryBody(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprobBody]
+
+
+class ChatLogprobsBody(TypedDict):
+    content: list[TokenLogprobEntryBody] | None
+
+
 class ChatChoiceBody(TypedDict):
     index: int
     message: dict[str, Any]
-    finish_reason: str | None
+    logprobs: NotRequired[ChatLogprobsBody | None]  # when asked
+    finish_reason: str | None  # "stop", "length" or "tool_calls"
 
 
 class ChatCompletionBody(TypedDict):
@@ -101,6 +134,7 @@ class ChatCompletionBody(TypedDict):
 class ChatChunkChoiceBody(TypedDict):
     index: int
     delta: dict[str, Any]
+    logprobs: NotRequired[ChatLogprobsBody | None]  # when asked
     finish_reason: str | None
 
 
@@ -129,9 +163,13 @@ class EmbeddingListBody(TypedDict):
 # Each body and the broker_client model it is the wire form of.
 MODELS: dict[type, type[BaseModel]] = {
     UsageBody: Usage,
+    CompletionLogprobsBody: CompletionLogprobs,
     CompletionChoiceBody: CompletionChoice,
     CompletionBody: Completion,
     CompletionChunkBody: CompletionChunk,
+    TopLogprobBody: TopLogprob,
+    TokenLogprobEntryBody: TokenLogprobEntry,
+    ChatLogprobsBody: ChatLogprobs,
     ChatChoiceBody: ChatChoice,
     ChatCompletionBody: ChatCompletion,
     ChatChunkChoiceBody: ChatChunkChoice,

@@ -23,6 +23,8 @@ class UidEndpoints(Protocol):
 
     async def stop_accepting(self) -> None: ...
 
+    async def drain(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -49,6 +51,11 @@ class ServedModel:
         """Take no new requests; cancels still reach the requests that are draining."""
         if self.endpoints is not None:
             await self.endpoints.stop_accepting()
+
+    async def drain(self) -> None:
+        """Take no new requests, but serve the ones already routed to this worker."""
+        if self.endpoints is not None:
+            await self.endpoints.drain()
 
     async def close_endpoints(self) -> None:
         if self.endpoints is not None:

@@ -33,6 +33,7 @@ from broker_client import (
     BadRequest,
     BatchNames,
     Conflict,
+    DeviceInfo,
     ModelEvent,
     ModelSpec,
     NotFound,
@@ -285,7 +286,7 @@ class Worker:
                 "host": self.host,
                 "pid": os.getpid(),
                 "version": __version__,
-                "devices": list_devices(),
+                "devices": self._devices(),
                 "replicas": replicas,
                 "started_at": self.started_at,
                 "last_seen": time.time(),
@@ -296,6 +297,26 @@ class Worker:
                 "recent_errors": self.metrics.recent_errors(),
             }
         )
+
+    def _devices(self) -> list[DeviceInfo]:
+        """The devices with their memory, within ``memory_limit`` when one is set."""
+        devices = list_devices()
+        limit = self.settings.memory_limit
+        if limit is None:
+            return devices
+        used: dict[str, int] = {}
+        for served in self._models.values():
+            for replica in served.replicas.values():
+                used[replica.device] = used.get(replica.device, 0) + replica.memory_bytes
+        return [
+            d.model_copy(
+                update={
+                    "total_memory": min(d.total_memory, limit),
+                    "free_memory": max(0, min(d.free_memory, limit - used.get(d.name, 0))),
+                }
+            )
+            for d in devices
+        ]
 
     # ------------------------------------------------------------------ heartbeat and events
 
@@ -471,8 +492,15 @@ class Worker:
 
     # ------------------------------------------------------------------ terminate
 
-    async def terminate(self, model_uid: str, replica_index: int | None = None) -> None:
-        """Remove the endpoints, end in-flight requests with 503, close the engines, free memory."""
+    async def terminate(
+        self, model_uid: str, replica_index: int | None = None, *, if_idle_for: float | None = None
+    ) -> None:
+        """Remove the endpoints, end in-flight requests with 503, close the engines, free memory.
+
+        ``if_idle_for``: an idle stop (:meth:`_terminate_idle`), which ends no request."""
+        if if_idle_for is not None:
+            await self._terminate_idle(model_uid, replica_index, if_idle_for)
+            return
         found = False
         for (uid, index), pending in self._pending.items():
             if uid == model_uid and (replica_index is None or index == replica_index):
@@ -485,6 +513,43 @@ class Worker:
         if not found:
             which = "" if replica_index is None else f" replica {replica_index}"
             raise NotFound(f"model {model_uid!r}{which} is not on worker {self.worker_id!r}")
+
+    async def _terminate_idle(self, model_uid: str, replica_index: int | None, if_idle_for: float) -> None:
+        """Stop replicas that have had no request for ``if_idle_for`` seconds, losing none.
+
+        409 when one had a request more recently (or has one now): the registry decided on a
+        heartbeat, and a request may have come since. The check and what makes new requests
+        go elsewhere run without an await between them. A replica that is not the uid's last
+        here stops taking requests at once (``pick`` skips it); with the last one the uid's
+        subjects are drained, so that the requests NATS already routed here are still served
+        (the registry answers the subjects meanwhile), and they finish before it closes."""
+        served = self._models.get(model_uid)
+        if served is None or (replica_index is not None and replica_index not in served.replicas):
+            which = "" if replica_index is None else f" replica {replica_index}"
+            raise NotFound(f"model {model_uid!r}{which} is not on worker {self.worker_id!r}")
+        indexes = list(served.replicas) if replica_index is None else [replica_index]
+        now = time.monotonic()
+        for index in indexes:
+            replica = served.replicas[index]
+            idle = replica.idle_for(now)
+            if replica.flights or idle < if_idle_for or replica.status != "ready":
+                raise Conflict(
+                    f"replica {index} of model {model_uid!r} on worker {self.worker_id!r} has been "
+                    f"idle {idle:.2f} s ({len(replica.flights)} request(s) in flight), less than "
+                    f"if_idle_for {if_idle_for:g} s: it keeps running"
+                )
+        replicas = [served.replicas[i] for i in indexes]
+        if len(indexes) < len(served.replicas):
+            for replica in replicas:
+                replica.status = "stopping"
+        else:
+            await served.drain()
+            deadline = time.monotonic() + self.settings.drain_timeout
+            for replica in replicas:
+                await replica.wait_idle(max(0.0, deadline - time.monotonic()))
+        reason = f"model {model_uid!r} was idle for {if_idle_for:g} s"
+        for index in indexes:
+            await self._terminate(model_uid, index, reason=reason)
 
     async def _terminate(self, model_uid: str, replica_index: int | None, *, reason: str) -> None:
         served = self._models.get(model_uid)

@@ -46,6 +46,10 @@ class WorkerSettings:
       pays only for its model; a launch that comes sooner waits for it.
     * ``keepalive_silence``: seconds a stream whose reader asked for the keepalive may go
       unacknowledged (after two windows of chunks) before it stops (``broker_client._keepalive``).
+    * ``memory_limit``: bytes of each device this worker offers at most (None: all of it). Its
+      heartbeats report a device's total as at most this and its free memory as at most this
+      less what its replicas there take, so that a worker sharing a machine leaves the rest
+      to others, and the registry places (and evicts idle models) by that.
     * ``batch_slots``: batch-job requests each ready replica runs at once beside the online ones
       (:mod:`workers.batches`); 0 takes no batch work. ``batch_pause_at``: online requests in
       flight per replica at which it starts no batch request (0: never pauses).
@@ -64,10 +68,13 @@ class WorkerSettings:
     metrics_registry: CollectorRegistry | None = None
     warm_up: bool = False
     keepalive_silence: float = KEEPALIVE_SILENCE
+    memory_limit: int | None = None
     batch_slots: int = 2
     batch_pause_at: int = 4
 
     def __post_init__(self) -> None:
+        if self.memory_limit is not None and self.memory_limit <= 0:
+            raise ValueError(f"memory_limit must be a positive number of bytes, got {self.memory_limit}")
         if self.heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {self.heartbeat_interval}")
         if self.heartbeat_interval > MAX_HEARTBEAT_INTERVAL:

@@ -7,17 +7,17 @@ shapes (``text_completion``, ``chat.completion``, ``chat.completion.chunk``, a `
 
 Every field of a body is one of three kinds:
 
-- taken: the sampling fields natserve's ``generate_config`` has (:data:`SAMPLING_FIELDS`,
-  OpenAI's name to natserve's; ``max_completion_tokens`` is ``max_tokens``), plus the fields
-  that say what to do (``model``, ``prompt``/``messages``/``input``, ``stream``,
+- taken: the fields natserve's ``generate_config`` has (:data:`SAMPLING_FIELDS`, OpenAI's name
+  to natserve's; ``max_completion_tokens`` is ``max_tokens``): sampling, ``n``, ``logprobs`` /
+  ``top_logprobs``, ``echo``, the penalties and ``logit_bias``, ``response_format``, the tools,
+  and natserve's own ``regex`` and ``choice`` (``extra_body`` in OpenAI's client); plus the
+  fields that say what to do (``model``, ``prompt``/``messages``/``input``, ``stream``,
   ``stream_options``, ``user``, ``encoding_format``). natserve checks their values and names
   the field when one is wrong;
-- neutral only: OpenAI fields natserve does not act on yet (``n``, ``logprobs``, the
-  penalties, ``response_format``, ``tools``, ...), accepted with the one value that asks for
-  nothing (``n: 1``, ``presence_penalty: 0``, ``tools: []``) and otherwise a 400 naming them;
+- neutral only: OpenAI fields natserve does not act on (``suffix``, the deprecated
+  ``functions`` / ``function_call``), accepted with the one value that asks for nothing and
+  otherwise a 400 naming them;
 - anything else: a 400 naming the field. Nothing is silently dropped.
-
-When natserve learns one of the neutral fields, it moves into :data:`SAMPLING_FIELDS`: one line.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import re
 import sys
 from array import array
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
-from broker_client import AsyncStream, BadRequest, check_name
+from broker_client import AsyncStream, BadRequest, check_generate_config, check_name
 
 from .errors import InvalidField
 
@@ -57,6 +57,22 @@ SAMPLING_FIELDS: dict[str, str] = {
     "seed": "seed",
     "stop": "stop",
     "stop_token_ids": "stop_token_ids",
+    "n": "n",
+    "best_of": "best_of",
+    "logprobs": "logprobs",
+    "top_logprobs": "top_logprobs",
+    "echo": "echo",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "min_p": "min_p",
+    "logit_bias": "logit_bias",
+    "response_format": "response_format",
+    "regex": "regex",
+    "choice": "choice",
+    "tools": "tools",
+    "tool_choice": "tool_choice",
+    "parallel_tool_calls": "parallel_tool_calls",
 }
 
 
@@ -69,32 +85,33 @@ def _empty(v: Any) -> bool:
     return v is None or v == [] or v == {}
 
 
-# The fields natserve does not act on yet, and the values of them that ask for nothing.
-_COMMON_NEUTRAL: dict[str, Callable[[Any], bool]] = {
+# Taken fields whose value asks for what natserve does anyway: left out of the generate_config,
+# so that a request with OpenAI's defaults written out takes the plain path.
+_DEFAULTS: dict[str, Callable[[Any], bool]] = {
     "n": _none_or(1),
+    "best_of": _none_or(1),
+    "echo": _none_or(False),
+    "logprobs": _none_or(False),
+    "top_logprobs": _none_or(0),
     "presence_penalty": _none_or(0, 0.0),
     "frequency_penalty": _none_or(0, 0.0),
+    "repetition_penalty": _none_or(1, 1.0),
+    "min_p": _none_or(0, 0.0),
     "logit_bias": _empty,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": _empty,
+    "tool_choice": _none_or("auto"),
+    "parallel_tool_calls": _none_or(True),
 }
+
+# The fields natserve does not act on, and the values of them that ask for nothing.
 COMPLETION_NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    **_COMMON_NEUTRAL,
-    "best_of": _none_or(1),
-    # logprobs: 0 still asks for the sampled tokens' own log-probabilities.
-    "logprobs": _none_or(),
-    "echo": _none_or(False),
     "suffix": _none_or(""),
 }
 CHAT_NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    **_COMMON_NEUTRAL,
-    "logprobs": _none_or(False),
-    "top_logprobs": _none_or(0),
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "tools": _empty,
+    # The deprecated forms of tools / tool_choice.
     "functions": _empty,
-    # Without tools nothing can be called, whatever these say.
-    "tool_choice": lambda v: v is None or v in ("none", "auto"),
     "function_call": lambda v: v is None or v in ("none", "auto"),
-    "parallel_tool_calls": lambda v: v is None or type(v) is bool,
 }
 _EMBEDDING_FORMATS = ("float", "base64")
 
@@ -150,13 +167,25 @@ def _stream_options(value: Any, stream: bool) -> bool:
 
 
 def _sampling(config: dict[str, Any], key: str, target: str, value: Any) -> None:
-    if value is None:
+    default = _DEFAULTS.get(key)
+    if value is None or (default is not None and default(value)):
         return
     if target in config and config[target] != value:
         raise InvalidField(
             f"max_tokens {config[target]!r} and max_completion_tokens {value!r} differ: give one", param=key
         )
     config[target] = value
+
+
+def _checked(
+    config: dict[str, Any], kind: Literal["completion", "chat"], body: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The generate_config as natserve checks it, a wrong value a 400 naming the body's field."""
+    try:
+        return check_generate_config(config, kind) or {}
+    except BadRequest as exc:
+        named = name_the_field(exc, body)
+        raise (named or InvalidField(exc.message, param=None)) from None
 
 
 def _user(value: Any) -> None:
@@ -221,7 +250,7 @@ def completion_call(body: Any) -> tuple[str, str, dict[str, Any], bool]:
     include_usage = _stream_options(options, stream)
     if stream:
         config["stream"] = True
-    return uid, prompt, config, include_usage
+    return uid, prompt, _checked(config, "completion", body), include_usage
 
 
 def _text_parts(parts: list[Any], index: int) -> str:
@@ -293,7 +322,7 @@ def chat_call(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any], boo
     include_usage = _stream_options(options, stream)
     if stream:
         config["stream"] = True
-    return uid, checked, config, include_usage
+    return uid, checked, _checked(config, "chat", body), include_usage
 
 
 def embedding_call(body: Any) -> tuple[str, str | list[str], bool]:

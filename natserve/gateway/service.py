@@ -10,15 +10,13 @@ request costs the translation of its body and the handle's own request, nothing 
 ``describe`` per request. An unknown uid is a 404 from the handle itself ("model 'x' is not
 running"), and a model without the ability asked for is a 400 from its worker.
 
-The pool page needs the registry's raw ``workers.list`` reply (its ``recent_failures`` too),
-which ``AsyncClient.list_workers`` does not return: it asks on a second connection of its own,
-through ``broker_client.runtime``, opened on the first page view.
+The pool page shows the registry's whole ``workers.list`` reply (``AsyncClient.pool_report``:
+the workers and the launches that failed lately), as ``natserve status`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,9 +27,7 @@ from broker_client import (
     AsyncEmbeddingModelHandle,
     AsyncStream,
     BadRequest,
-    Unavailable,
 )
-from broker_client.runtime import NATSConnection, NatsTransport, connect
 
 from ..status import build_status
 from .batches import GatewayBatches
@@ -54,37 +50,21 @@ Reply = dict[str, Any] | AsyncIterator[dict[str, Any]]
 
 # Handles are cheap, but uids come from callers: bound what a stream of made-up names can hold.
 _MAX_HANDLES = 1024
-# The pool page's connection gives up on a NATS server that does not answer after this long.
-_CONNECT_TIMEOUT = 5.0
 
 
 class GatewayService:
-    """The gateway's operations on the pool that ``client`` reaches.
-
-    ``nats_options`` are the options ``client`` was made with (credentials, TLS): the pool
-    page's own connection uses them too.
-    """
+    """The gateway's operations on the pool that ``client`` reaches."""
 
     def __init__(self, client: AsyncClient, *, nats_options: dict[str, Any] | None = None) -> None:
         self.client = client
-        self._nats_options = dict(nats_options or {})
         self._llms: dict[str, AsyncChatModelHandle] = {}
         self._embedders: dict[str, AsyncEmbeddingModelHandle] = {}
-        self._status_nc: NATSConnection | None = None
-        self._status_transport: NatsTransport | None = None
-        self._status_lock = asyncio.Lock()
-        # /v1/files and /v1/batches (batches.py), on a connection of their own.
-        self.batches = GatewayBatches(client, nats_options=self._nats_options)
+        # /v1/files and /v1/batches (batches.py), on a connection of their own made with the
+        # client's NATS options (credentials, TLS).
+        self.batches = GatewayBatches(client, nats_options=nats_options)
 
     async def close(self) -> None:
         await self.batches.close()
-        transport, nc = self._status_transport, self._status_nc
-        self._status_transport = self._status_nc = None
-        if transport is not None:
-            await transport.close()
-        if nc is not None and not nc.is_closed:
-            with contextlib.suppress(Exception):
-                await nc.close()
 
     # ------------------------------------------------------------------ inference
 
@@ -180,30 +160,7 @@ class GatewayService:
 
     # ------------------------------------------------------------------ the pool page
 
-    async def _transport(self) -> NatsTransport:
-        if self._status_transport is not None:
-            return self._status_transport
-        async with self._status_lock:
-            if self._status_transport is None:
-                try:
-                    nc = await asyncio.wait_for(
-                        connect(self.client.url, name="natserve-gateway-status", **self._nats_options),
-                        _CONNECT_TIMEOUT,
-                    )
-                except TimeoutError:
-                    raise Unavailable(
-                        f"cannot reach NATS at {self.client.url} within {_CONNECT_TIMEOUT:g} s"
-                    ) from None
-                transport = NatsTransport(nc)
-                await transport.start()
-                self._status_nc, self._status_transport = nc, transport
-        return self._status_transport
-
     async def pool_status(self) -> dict[str, Any]:
         """Workers, devices, replicas and their load, models, recent errors (``natserve status``'s)."""
-        transport = await self._transport()
-        workers, models = await asyncio.gather(
-            transport.request(self.client.subjects.workers_list, {}, timeout=self.client.request_timeout),
-            self.client.list_models(),
-        )
-        return build_status(workers, models)
+        report, models = await asyncio.gather(self.client.pool_report(), self.client.list_models())
+        return build_status(report, models)

@@ -9,11 +9,19 @@ that it is about to read, and it queues within that same step of the loop.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from tests.support.engines import GREEDY, TIMEOUT, collect, next_delta
-from workers.engines.api import Delta, DeltaStream, EngineClosedError, RequestCancelledError
+from workers.engines.api import (
+    Constraint,
+    Delta,
+    DeltaStream,
+    EngineClosedError,
+    InvalidRequestError,
+    RequestCancelledError,
+)
 from workers.engines.echo import EchoEngine
 
 WORDS = "one two three four five six seven eight".split()
@@ -106,3 +114,30 @@ async def test_aclose_of_a_queued_stream_stops_its_reader() -> None:
     assert (stats.running, stats.waiting, stats.cancelled) == (1, 0, 1)
     await collect(holder)
     assert (await collect(engine.generate(WORDS, GREEDY(max_tokens=1)))).text == "one"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_n_choices_are_the_same_echo_one_after_the_other(stream: bool) -> None:
+    engine = EchoEngine(context_length=64)
+    result = await collect(engine.generate(WORDS, GREEDY(max_tokens=3, n=3), stream=stream))
+    texts: dict[int, str] = {}
+    for d in result.deltas:
+        texts[d.index] = texts.get(d.index, "") + d.text
+    assert texts == {0: "one two three", 1: "one two three", 2: "one two three"}
+    assert [(d.index, d.finish_reason) for d in result.deltas if d.finish_reason] == [
+        (0, "length"),
+        (1, "length"),
+        (2, "length"),
+    ]
+    assert engine.stats.finished == 1 and engine.stats.running == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"logprobs": 2}, {"prompt_logprobs": 0}, {"constraint": Constraint("regex", "[a-z]+")}],
+)
+def test_what_needs_a_model_is_refused(change: dict[str, Any]) -> None:
+    engine = EchoEngine(context_length=64)
+    name = next(iter(change))
+    with pytest.raises(InvalidRequestError, match=f"the echo engine has no model, so it cannot serve {name}"):
+        engine.generate(WORDS, GREEDY(max_tokens=3, **change))

@@ -90,7 +90,10 @@ async def test_0002_adds_the_launch_limits_and_keeps_every_row(db_url: str) -> N
     ) == [("m1", 4, None, None)]
     await _execute(db_url, "UPDATE models SET max_tokens_limit = 3, rate_limit = 0.25 WHERE model_uid = 'm1'")
     assert await _rows(db_url, "SELECT max_tokens_limit, rate_limit FROM models") == [(3, 0.25)]
+    # Through the later revisions and back: `alembic check` holds at the head only.
+    await db.upgrade(db_url)
     await db.check(db_url)
+    await db.downgrade(db_url, "0002")
 
     # Down again: the columns go, the model and (through the foreign key) its replicas stay.
     await db.downgrade(db_url, "0001")
@@ -99,6 +102,25 @@ async def test_0002_adds_the_launch_limits_and_keeps_every_row(db_url: str) -> N
     assert await _rows(db_url, "SELECT model_uid, replica_index, worker_id FROM replicas") == [
         ("m1", 0, "w1")
     ]
+
+
+async def test_0003_adds_the_on_demand_options_and_keeps_every_row(db_url: str) -> None:
+    await db.upgrade(db_url, "0002")
+    await _execute(db_url, MODEL_0001, REPLICA)
+    assert not {"min_replicas", "idle_timeout"} & await _columns(db_url, "models")
+
+    await db.upgrade(db_url, "0003")
+    # A model launched before the revision never scales: both read None.
+    assert await _rows(db_url, "SELECT model_uid, min_replicas, idle_timeout FROM models") == [
+        ("m1", None, None)
+    ]
+    await _execute(db_url, "UPDATE models SET min_replicas = 0, idle_timeout = 1.5 WHERE model_uid = 'm1'")
+    assert await _rows(db_url, "SELECT min_replicas, idle_timeout FROM models") == [(0, 1.5)]
+    await db.check(db_url)
+
+    await db.downgrade(db_url, "0002")
+    assert not {"min_replicas", "idle_timeout"} & await _columns(db_url, "models")
+    assert await _rows(db_url, "SELECT model_uid, replica_index FROM replicas") == [("m1", 0)]
 
 
 async def test_check_reports_a_drift(db_url: str) -> None:
@@ -153,7 +175,7 @@ async def test_an_engine_can_be_migrated_in_memory() -> None:
 
 def test_one_head_and_revisions_are_packaged() -> None:
     script = ScriptDirectory.from_config(db.migrations_config())
-    assert script.get_heads() == ["0002"]
+    assert script.get_heads() == ["0003"]
     versions = Path(script.versions)
     assert (versions / "__init__.py").exists()
     assert (versions.parent / "script.py.mako").exists()

@@ -15,6 +15,8 @@ within``), never from a ``conftest`` and never from another test module.
                   layout, all-MiniLM-L6-v2, SmolLM2; ``tiny_llama_dir``, ``hf_cache``,
                   ``smollm2_dir``
     engines       driving an engine: collecting streams, reference outputs, prompts
+    scripted      an engine that plays back deltas a test wrote, and a word tokenizer for it
+                  (the replicas' reply-shaping tests)
     registry      the registry's fake worker and fixtures (``registry``, ``workers``, ``nc``, ...)
     worker        an in-process worker and a client connection to drive it (``Harness``)
     system        a registry and workers in this process behind an ``AsyncClient``

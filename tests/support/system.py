@@ -64,10 +64,12 @@ async def running_registry_and_workers(
     worker_ids: list[str],
     *,
     heartbeat_interval: float = 0.5,
+    worker_options: dict[str, Any] | None = None,
     **registry_options: Any,
 ) -> AsyncIterator[tuple[AsyncClient, list[Any]]]:
     """A ``Registry`` (``registry_options`` add to it) and one CPU ``Worker`` per id in this
-    process, and a client; yielded once the registry lists every worker alive, stopped after."""
+    process (``worker_options`` add to their ``WorkerSettings``), and a client; yielded once the
+    registry lists every worker alive, stopped after."""
     from registry_service import Registry
     from workers import Worker, WorkerSettings
 
@@ -81,6 +83,7 @@ async def running_registry_and_workers(
                 device="cpu",
                 worker_id=worker_id,
                 heartbeat_interval=heartbeat_interval,
+                **(worker_options or {}),
             )
         )
         for worker_id in worker_ids

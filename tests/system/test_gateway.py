@@ -374,8 +374,12 @@ def test_bad_input_is_an_openai_error_naming_the_problem(pool: Pool) -> None:
     assert missing["param"] == "messages" and "required" in missing["message"]
     unknown = error(httpx.post(url, json={"model": "no-such-model", "messages": messages}), 404)
     assert unknown["code"] == "model_not_found" and "no-such-model" in unknown["message"]
-    unsupported = error(httpx.post(url, json={"model": pool.chat_uid, "messages": messages, "n": 3}), 400)
-    assert unsupported["param"] == "n" and unsupported["code"] == "unsupported_value"
+    unsupported = error(
+        httpx.post(url, json={"model": pool.chat_uid, "messages": messages, "suffix": "!"}), 400
+    )
+    assert unsupported["param"] == "suffix" and unsupported["code"] == "unsupported_parameter"
+    out_of_range = error(httpx.post(url, json={"model": pool.chat_uid, "messages": messages, "n": 17}), 400)
+    assert out_of_range["param"] == "n" and "17" in out_of_range["message"]
     not_json = error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert not_json["code"] == "invalid_json"
     started = time.monotonic()

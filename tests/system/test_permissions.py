@@ -259,6 +259,41 @@ async def test_whole_launch_flow_under_the_permissions(
         await worker.stop()
 
 
+async def test_a_model_that_starts_on_demand_under_the_permissions(
+    server: NatsServer, session: Any, registry: Registry
+) -> None:
+    """The registry answers a model's subjects while it has no replica and hands the request to
+    the worker it starts (overflow), each within its user's permissions."""
+    from tests.support.pool import echo_definition
+    from workers import Worker, WorkerSettings
+
+    worker = Worker(
+        WorkerSettings(
+            server.url, worker_id="worker", device="cpu", heartbeat_interval=0.5, auth=auth("worker")
+        )
+    )
+    await worker.start()
+    try:
+        client = await session("client")
+        transport = Transport(client.nc)
+        await transport.start()
+        name = f"od{uuid.uuid4().hex[:8]}"
+        await transport.request(
+            S.registry_register, {"model_type": "LLM", "model": echo_definition(name)}, timeout=TIMEOUT
+        )
+        await until_worker_seen(transport, S, "worker")
+        reply = await transport.request(
+            S.models_launch, {"model_name": name, "min_replicas": 0}, timeout=TIMEOUT
+        )
+        assert reply == {"model_uid": name} and name not in worker.models
+        out = await transport.request(S.model(name, "generate"), {"prompt": "on demand"}, timeout=TIMEOUT)
+        assert out["choices"][0]["text"] == "on demand"
+        assert list(worker.models[name].replicas) == [0]
+        client.assert_no_violation()
+    finally:
+        await worker.stop(drain_timeout=1)
+
+
 async def test_a_stream_of_50_chunks_reaches_the_client_whole(session: Any) -> None:
     """A worker answers one request with 51 messages: allow_responses must not stop at one."""
     client, worker = await session("client"), await session("worker")

@@ -42,7 +42,7 @@ async def _until_heartbeat_shows(client: AsyncClient, what: str, check: Any) -> 
     is event-driven, and bounded by ``within``."""
     transport = await client._get_transport()
     beats: asyncio.Queue[Any] = asyncio.Queue()
-    sub = await transport.nc.subscribe(client.subjects.workers_heartbeat, cb=beats.put)
+    sub = await transport.nc.subscribe(client.subjects.workers_heartbeats, cb=beats.put)
     try:
 
         async def poll() -> dict[str, Any]:

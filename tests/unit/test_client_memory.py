@@ -488,6 +488,22 @@ async def test_a_reply_of_the_wrong_shape_is_a_protocol_error(
         await client.list_models()
 
 
+async def test_the_pool_report_is_the_whole_workers_reply(memory: Memory) -> None:
+    client, transport = memory
+    failure = {"model_uid": "m", "error": "no room", "ts": 1.0}
+    transport.route(
+        SUBJECTS.workers_list,
+        lambda request: {"workers": [{"worker_id": "w1"}], "recent_failures": [failure]},
+    )
+    assert await client.pool_report() == {"workers": [{"worker_id": "w1"}], "recent_failures": [failure]}
+    # A registry that sends a bare list of workers has no failures to report.
+    transport.route(SUBJECTS.workers_list, lambda request: [{"worker_id": "w1"}])
+    assert await client.pool_report() == {"workers": [{"worker_id": "w1"}], "recent_failures": []}
+    transport.route(SUBJECTS.workers_list, lambda request: {"workers": [], "recent_failures": "none"})
+    with pytest.raises(ProtocolError, match="'recent_failures' must be a list, got str"):
+        await client.pool_report()
+
+
 async def test_a_reply_without_a_field_the_client_needs(memory: Memory) -> None:
     client, transport = memory
     transport.route(SUBJECTS.models_launch, lambda request: {"launched": True})

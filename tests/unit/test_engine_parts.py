@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 
-from workers.engines.api import EngineClosedError, SamplingParams
+from workers.engines.api import (
+    MAX_LOGPROBS,
+    Constraint,
+    EngineClosedError,
+    SamplingParams,
+    TokenLogprob,
+    check_sampling,
+)
 from workers.engines.bridge import Mailbox, Outbox
 from workers.engines.output import OutputProcessor
-from workers.engines.request import Request
+from workers.engines.request import Request, choice_seed
 from workers.engines.scheduler import Scheduler
 
 EOS = 0
@@ -105,6 +112,86 @@ async def test_submission_errors_name_what_is_wrong() -> None:
         Scheduler(0, 100, engine_name="TestEngine")
 
 
+async def test_a_request_of_n_choices_is_admitted_as_n_rows_at_once() -> None:
+    scheduler = _scheduler(max_batch_size=4, budget=100)
+    wide = _request("wide", n=3)
+    for _ in range(2):
+        wide.add_choice()
+    assert [c.index for c in wide.group] == [0, 1, 2] and all(c.queue is wide.queue for c in wide.group)
+    scheduler.submit(_request("one"))
+    scheduler.submit(wide)
+    scheduler.submit(_request("two"))
+    assert scheduler.wait_for_work()
+    chunks = scheduler.schedule()
+    # "one" and the three rows of "wide" fill the 4 rows; "two" waits, behind it.
+    assert sorted(r.id for chunk in chunks for r in chunk) == ["one", "wide"]
+    assert [r.id for r in scheduler.waiting] == ["two"]
+    scheduler.running.extend(c for chunk in chunks for r in chunk for c in r.group)
+    # One choice ending does not release the id; cancelling ends the others, once.
+    wide.group[1].done = True
+    scheduler.release(wide.group[1])
+    assert scheduler.find("wide") is wide
+    assert scheduler.cancel(wide.group[2], notify=True)
+    assert scheduler.take_cancels() == [(wide, True)]
+    assert all(c.done for c in wide.group) and scheduler.find("wide") is None
+    assert not scheduler.cancel(wide, notify=True)
+
+
+async def test_a_request_for_prompt_logprobs_is_prefilled_alone() -> None:
+    scheduler = _scheduler(max_batch_size=4, budget=100)
+    for rid, extra in [("a", {}), ("b", {"prompt_logprobs": 1}), ("c", {})]:
+        scheduler.submit(_request(rid, **extra))
+    assert scheduler.wait_for_work()
+    assert sorted([r.id for r in chunk] for chunk in scheduler.schedule()) == [["a", "c"], ["b"]]
+
+
+def test_choice_seeds_differ_and_the_first_is_the_seed() -> None:
+    seeds = [choice_seed(7, i) for i in range(16)]
+    assert seeds[0] == 7 and len(set(seeds)) == 16
+    assert seeds == [choice_seed(7, i) for i in range(16)]
+    assert choice_seed(8, 1) != seeds[1]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n": 0}, "n must be in 1..16, got 0"),
+        ({"n": 17}, "n must be in 1..16, got 17"),
+        ({"logprobs": MAX_LOGPROBS + 1}, "logprobs must be in 0..20 or None, got 21"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs must be in 0..20 or None, got -1"),
+        ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\], got 2.5"),
+        ({"frequency_penalty": float("nan")}, r"frequency_penalty must be in \[-2, 2\], got nan"),
+        ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \(0, 100\], got 0.0"),
+        ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
+        ({"logit_bias": ((5, 101.0),)}, r"logit_bias\[5\] must be in \[-100, 100\], got 101.0"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias token id must be a non-negative int, got -1"),
+        ({"logit_bias": ((True, 1.0),)}, "logit_bias token id must be a non-negative int, got True"),
+        ({"constraint": Constraint("yaml", "x")}, "constraint kind must be one of .*, got 'yaml'"),  # type: ignore[arg-type]
+    ],
+)
+def test_sampling_checks_name_the_value(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_sampling(SamplingParams(max_tokens=4, **change))
+
+
+def test_sampling_defaults_pass() -> None:
+    check_sampling(SamplingParams(max_tokens=4))
+    check_sampling(
+        SamplingParams(
+            max_tokens=4,
+            n=16,
+            logprobs=20,
+            prompt_logprobs=0,
+            presence_penalty=-2,
+            frequency_penalty=2,
+            repetition_penalty=1.3,
+            min_p=1,
+            logit_bias=((0, -100), (3, 100.0)),
+            constraint=Constraint("choice", ("a", "b")),
+        )
+    )
+
+
 # ---------------------------------------------------------------- output processing
 
 
@@ -114,13 +201,15 @@ class _Harness:
         self.released: list[str] = []
         self.output = OutputProcessor(_CharTokenizer(), self.outbox, lambda r: self.released.append(r.id))
 
-    def pieces(self, req: Request) -> list[Any]:
-        """What the step sent ``req``'s reader (drained here, on the reader's loop)."""
+    def pieces(self, req: Request, *, full: bool = False) -> list[Any]:
+        """What the step sent ``req``'s reader (drained here, on the reader's loop): ids, text,
+        finish reason, completion tokens, and with ``full`` the choice index and logprobs."""
         assert self.outbox.flush() == []
         req.mailbox.drain()
         out = []
         while not req.queue.empty():
-            out.append(req.queue.get_nowait())
+            item = req.queue.get_nowait()
+            out.append(item if full or isinstance(item, BaseException) else item[:4])
         return out
 
 
@@ -156,6 +245,29 @@ async def test_a_whole_text_reader_gets_the_first_token_then_the_rest_at_once() 
     req = _request("r", max_tokens=4, whole=True)
     assert [h.output.advance(req, t) for t in (1, 2, 3, 4)] == [False, False, False, True]
     assert h.pieces(req) == [([1], "a", None, 1), ([2, 3, 4], "bcd", "length", 4)]
+
+
+async def test_pieces_carry_the_choice_index_and_the_logprobs() -> None:
+    h = _Harness()
+    req = _request("r", max_tokens=3, whole=True, logprobs=1, n=2)
+    second = req.add_choice()
+    lps = [TokenLogprob(t, -0.5 * t, [(t, -0.5 * t)]) for t in (1, 2, 3)]
+    assert [h.output.advance(second, t, lp) for t, lp in zip((1, 2, 3), lps, strict=True)] == [
+        False,
+        False,
+        True,
+    ]
+    # The whole-text reader's held pieces keep their logprobs, in order, beside their ids.
+    assert h.pieces(second, full=True) == [
+        ([1], "a", None, 1, 1, [lps[0]], None),
+        ([2, 3], "bc", "length", 3, 1, lps[1:], None),
+    ]
+    # The first piece of a request whose prompt logprobs were computed carries them, once.
+    req.prompt_lps = [None, TokenLogprob(1, -1.0, [])]
+    h.output.advance(req, 1, lps[0])
+    h.output.advance(req, 2, lps[1])
+    h.output.advance(req, 3, lps[2])
+    assert [p[6] for p in h.pieces(req, full=True)] == [[None, TokenLogprob(1, -1.0, [])], None]
 
 
 async def test_a_failed_request_gets_its_own_copy_of_the_error() -> None:

@@ -54,7 +54,8 @@ def test_a_completion_body_becomes_a_generate_call() -> None:
 
 
 def test_stop_may_be_a_string_or_a_list_and_natserve_extras_pass() -> None:
-    assert completion_call({"model": "m", "prompt": "p", "stop": "\n"})[2] == {"stop": "\n"}
+    # One stop string is the list of one, as natserve checks it.
+    assert completion_call({"model": "m", "prompt": "p", "stop": "\n"})[2] == {"stop": ["\n"]}
     _, _, config, _ = completion_call(
         {"model": "m", "prompt": "p", "stop": ["a", "b"], "top_k": 5, "stop_token_ids": [2]}
     )
@@ -100,18 +101,61 @@ def test_nulls_and_neutral_values_ask_for_nothing() -> None:
     ("field", "value"),
     [
         ("n", 2),
-        ("n", True),
+        ("best_of", 1),
         ("echo", True),
         ("logprobs", 0),
         ("presence_penalty", 0.5),
-        ("logit_bias", {"1": 2}),
+        ("frequency_penalty", -1.0),
+        ("repetition_penalty", 1.2),
+        ("min_p", 0.1),
+        ("logit_bias", {"1": 2.0}),
+        ("regex", "[0-9]+"),
+        ("choice", ["yes", "no"]),
+        ("response_format", {"type": "json_object"}),
     ],
 )
-def test_a_field_natserve_does_not_act_on_is_a_400_naming_it(field: str, value: Any) -> None:
+def test_the_fields_natserve_takes_go_into_generate_config(field: str, value: Any) -> None:
+    _, _, config, _ = completion_call({"model": "m", "prompt": "p", field: value})
+    assert config == ({} if field == "best_of" else {field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n", 17),
+        ("n", True),
+        ("best_of", 2),
+        ("echo", "yes"),
+        ("logprobs", 21),
+        ("logprobs", True),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", "high"),
+        ("repetition_penalty", 0),
+        ("min_p", 1.5),
+        ("logit_bias", {"a": 2}),
+        ("logit_bias", {"5": 101}),
+        ("regex", ""),
+        ("choice", []),
+        ("response_format", {"type": "xml"}),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ],
+)
+def test_a_wrong_value_of_a_taken_field_is_a_400_naming_it(field: str, value: Any) -> None:
     with pytest.raises(InvalidField) as caught:
         completion_call({"model": "m", "prompt": "p", field: value})
     assert caught.value.param == field and caught.value.code == 400
-    assert field in caught.value.message and caught.value.error_code == "unsupported_value"
+    assert field in caught.value.message
+
+
+def test_a_field_natserve_does_not_act_on_is_a_400_naming_it() -> None:
+    with pytest.raises(InvalidField) as caught:
+        completion_call({"model": "m", "prompt": "p", "suffix": "!"})
+    assert caught.value.param == "suffix" and caught.value.error_code == "unsupported_value"
+    with pytest.raises(InvalidField) as caught:
+        chat_call(
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}
+        )
+    assert caught.value.param == "functions" and caught.value.error_code == "unsupported_value"
 
 
 def test_an_unknown_field_is_a_400_naming_it() -> None:
@@ -197,7 +241,7 @@ def test_text_parts_are_joined_and_other_parts_refused() -> None:
             {
                 "model": "m",
                 "messages": [{"role": "user", "content": "x"}],
-                "response_format": {"type": "json_object"},
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {}}},
             },
             "response_format",
         ),

@@ -119,3 +119,51 @@ def test_watch_refreshes_until_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_status_rejects_a_bad_interval(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--watch", "--interval", "0"]) == 2
     assert "--interval must be positive" in capsys.readouterr().err
+
+
+def test_render_status_shows_models_that_scale_their_state_and_idle_replicas() -> None:
+    now = time.time()
+    replica = {"model_uid": "warm", "replica_index": 0, "status": "ready", "device": "cpu", "idle_for": 75.0}
+    data = {
+        "ts": now,
+        "workers": [{"worker_id": "w1", "host": "h", "alive": True, "last_seen": now, "replicas": [replica]}],
+        "models": {
+            "cold": {
+                "status": "ready",
+                "replicas": [],
+                "min_replicas": 0,
+                "idle_timeout": 300.0,
+                "state": "starting",
+                "held_requests": 3,
+            },
+            "warm": {
+                "status": "ready",
+                "replicas": [replica],
+                "min_replicas": 0,
+                "idle_timeout": 60.0,
+                "state": "running",
+                "held_requests": 0,
+            },
+            "plain": {"status": "ready", "replicas": []},
+        },
+    }
+    out = io.StringIO()
+    Console(file=out, width=250, color_system=None).print(render_status(data))
+    text = out.getvalue()
+    assert "starting (3 held); min 0, idle 300 s" in text
+    assert "running; min 0, idle 60 s" in text
+    assert "75 s" in text  # the replica's idleness
+    assert status_module.format_scaling({"status": "ready"}) == ""
+    assert status_module.format_idle(0.0) == "busy" and status_module.format_idle(600) == "10 min"
+
+
+def test_natserve_models_says_when_a_model_is_scaled_to_zero_or_starting() -> None:
+    from natserve.cli import _status_text
+
+    assert _status_text({"status": "ready"}) == "ready"
+    assert _status_text({"status": "ready", "state": "running"}) == "ready"
+    assert _status_text({"status": "ready", "state": "scaled_to_zero"}) == "ready, scaled to zero"
+    assert (
+        _status_text({"status": "ready", "state": "starting", "held_requests": 2})
+        == "ready, starting (2 held)"
+    )

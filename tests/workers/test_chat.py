@@ -166,7 +166,7 @@ def test_prompt_style_stops_and_bos() -> None:
 @pytest.mark.parametrize(
     ("messages", "needle"),
     [
-        ([{"role": "tool", "content": "42"}, {"role": "user", "content": "hi"}], "'tool'"),
+        ([{"role": "function", "content": "42"}, {"role": "user", "content": "hi"}], "'function'"),
         ([{"role": "robot", "content": "hi"}], "'robot'"),
         (
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "CONSTRAINT_KINDS",
+    "MAX_LOGPROBS",
+    "MAX_N",
+    "Constraint",
     "Delta",
     "DeltaStream",
     "Embedder",
@@ -24,11 +28,38 @@ __all__ = [
     "EngineClosedError",
     "EngineError",
     "EngineStats",
+    "InvalidRequestError",
     "RequestCancelledError",
     "SamplingParams",
+    "TokenLogprob",
     "check_length",
     "check_sampling",
 ]
+
+
+CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "choice")
+MAX_LOGPROBS = 20  # the most top alternatives a token's logprobs carry (OpenAI's bound)
+MAX_N = 16  # the most choices one request asks for
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """What the output must match, enforced by constrained decoding (``workers.engines.grammar``).
+
+    ``json_object``: any JSON object (``value`` unused); ``json_schema``: ``value`` is the schema
+    dict; ``regex``: ``value`` is the pattern (the whole output matches it); ``choice``: ``value``
+    is a tuple of strings, the output is exactly one of them.
+    """
+
+    kind: Literal["json_object", "json_schema", "regex", "choice"]
+    value: Any = None
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # log-softmax after temperature (temperature 0: of the raw logits)
+    top: list[tuple[int, float]]  # the top-k (token id, logprob), most likely first
 
 
 @dataclass(slots=True)
@@ -41,6 +72,15 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # matched on decoded text; the stop string is not returned
     stop_token_ids: tuple[int, ...] = ()  # in addition to the eos ids
+    n: int = 1  # choices; the prompt is prefilled once and forked to n rows
+    logprobs: int | None = None  # None: no logprobs; k in 0..20: the sampled token's + top k
+    prompt_logprobs: int | None = None  # logprobs of the prompt tokens (a completion's echo)
+    presence_penalty: float = 0.0  # OpenAI semantics over the tokens generated so far
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # Hugging Face semantics (prompt and generated tokens)
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias -100..100)
+    constraint: Constraint | None = None
 
 
 @dataclass(slots=True)
@@ -49,7 +89,11 @@ class Delta:
     token_ids: list[int]  # tokens generated since the previous Delta (empty for an engine without ids)
     finish_reason: str | None  # None while running; "stop" or "length" on the last Delta
     prompt_tokens: int
-    completion_tokens: int  # total so far
+    completion_tokens: int  # total so far (of this index)
+    index: int = 0  # which of the n choices this delta belongs to
+    logprobs: list[TokenLogprob] | None = None  # one per id in token_ids when asked
+    # Once, on the first delta of index 0, when asked: the first prompt token has none.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -70,6 +114,12 @@ class EngineError(RuntimeError):
 
 class EngineClosedError(EngineError):
     """The engine was closed (or never started) while the request was pending."""
+
+
+class InvalidRequestError(EngineError):
+    """A request the engine cannot serve, found when it is checked (e.g. a constraint the grammar
+    engine cannot compile); raised by ``generate()`` itself, before anything is queued. The
+    message says why (a 400 on the wire)."""
 
 
 class RequestCancelledError(EngineError):
@@ -106,6 +156,10 @@ class Engine(Protocol):
     * ``encode`` gives the prompt tokens ``generate`` takes; ``count_tokens`` counts a text's
       tokens without special tokens.
     * ``max_batch_size``: how many requests generate at once (None: no bound of its own).
+    * ``params.n > 1``: one stream carries the deltas of every choice (``Delta.index``), each
+      index ends with its own ``finish_reason``, and the stream ends when all have finished.
+    * A request the engine cannot serve for a reason found while checking it (a constraint that
+      does not compile) raises :class:`InvalidRequestError` from ``generate`` itself.
     """
 
     @property
@@ -165,6 +219,34 @@ def check_sampling(params: SamplingParams) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 turns it off), got {params.top_k}")
+    if not 1 <= params.n <= MAX_N:
+        raise ValueError(f"n must be in 1..{MAX_N}, got {params.n}")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(params, name)
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise ValueError(f"{name} must be in 0..{MAX_LOGPROBS} or None, got {k}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        if not -2 <= value <= 2:
+            raise ValueError(f"{name} must be in [-2, 2], got {value}")
+    if not 0 < params.repetition_penalty <= 100:
+        raise ValueError(f"repetition_penalty must be in (0, 100], got {params.repetition_penalty}")
+    if not 0 <= params.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {params.min_p}")
+    for entry in params.logit_bias:
+        if len(entry) != 2:
+            raise ValueError(f"logit_bias entries must be (token id, bias) pairs, got {entry!r}")
+        token, bias = entry
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias token id must be a non-negative int, got {token!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias[{token}] must be in [-100, 100], got {bias}")
+    constraint = params.constraint
+    if constraint is not None:
+        if not isinstance(constraint, Constraint):
+            raise TypeError(f"constraint must be a Constraint, got {type(constraint).__name__}")
+        if constraint.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"constraint kind must be one of {CONSTRAINT_KINDS}, got {constraint.kind!r}")
 
 
 def check_length(prompt_tokens: int, max_tokens: int, limit: int, limit_text: str) -> None:

@@ -63,7 +63,9 @@ class PaddedExecutor:
         return None
 
     def prefill(self, reqs: Sequence[Request]) -> PaddedPrefill:
-        return self._runner.prefill([r.prompt for r in reqs])
+        return self._runner.prefill(
+            [r.prompt for r in reqs], all_logits=any(r.params.prompt_logprobs is not None for r in reqs)
+        )
 
     def join(self, first: int, reqs: Sequence[Request], prefill: PaddedPrefill) -> None:
         self._kv.join(first, prefill)

@@ -9,8 +9,9 @@ into each request's ``asyncio.Queue``:
 * a mailbox schedules one drain callback while its loop is busy, so pieces that pile up go over in
   one callback instead of one self-pipe write per step;
 * :class:`GenerationStream` is the reader's side: it submits the request when first iterated,
-  merges what a reader that fell behind finds queued into one ``Delta``, and cancels its request
-  the moment it is closed, its task is cancelled, or it is garbage-collected.
+  merges what a reader that fell behind finds queued into one ``Delta`` per choice, and cancels
+  its request the moment it is closed, its task is cancelled, or it is garbage-collected. The
+  ``n`` choices of a request share its queue; the stream ends when every one has finished.
 
 Nothing here imports torch.
 """
@@ -22,12 +23,15 @@ import copy
 from collections import deque
 from typing import Any, Protocol
 
-from .api import Delta, SamplingParams
+from .api import Delta, SamplingParams, TokenLogprob
 
 __all__ = ["GenerationStream", "Mailbox", "Outbox", "Piece", "copy_exc"]
 
-# One queued piece of output: (new token ids, new text, finish reason, completion tokens so far).
-Piece = tuple[list[int], str, "str | None", int]
+# One queued piece of output: (new token ids, new text, finish reason, completion tokens so far,
+# choice index, logprobs of the ids or None, the prompt's logprobs or None).
+Piece = tuple[
+    list[int], str, "str | None", int, int, "list[TokenLogprob] | None", "list[TokenLogprob | None] | None"
+]
 
 
 class _Pending(Protocol):
@@ -137,16 +141,19 @@ class GenerationStream:
         self._req: Any = None
         self._finished = False
         self._pending_exc: BaseException | None = None
+        # Choices still running, and pieces taken off the queue but not handed over yet.
+        self._open = params.n
+        self._buffer: deque[Piece] = deque()
 
     def __aiter__(self) -> GenerationStream:
         return self
 
     async def __anext__(self) -> Delta:
-        if self._pending_exc is not None:
-            exc, self._pending_exc = self._pending_exc, None
-            self._finished = True
-            raise exc
-        if self._finished:
+        if self._finished or (self._pending_exc is not None and not self._buffer):
+            if self._pending_exc is not None:
+                exc, self._pending_exc = self._pending_exc, None
+                self._finished = True
+                raise exc
             raise StopAsyncIteration
         if self._req is None:
             # Submit lazily, like an async generator: the loop is the one iterating.
@@ -157,40 +164,61 @@ class GenerationStream:
             except BaseException:
                 self._finished = True
                 raise
-        queue = self._req.queue
-        try:
-            item = queue.get_nowait() if not queue.empty() else await queue.get()
-        except asyncio.CancelledError:
-            self._abandon()
-            raise
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        ids, text, finish, completion = item
-        if finish is None and not queue.empty():
-            # The consumer fell behind: hand over everything queued as one Delta.
+        buffer = self._buffer
+        if not buffer:
+            queue = self._req.queue
+            try:
+                item = queue.get_nowait() if not queue.empty() else await queue.get()
+            except asyncio.CancelledError:
+                self._abandon()
+                raise
+            if isinstance(item, BaseException):
+                self._finished = True
+                raise item
+            buffer.append(item)
+            self._take_queued()
+        ids, text, finish, completion, index, lps, prompt_lps = buffer.popleft()
+        if finish is None and buffer:
+            # The consumer fell behind: hand over everything queued for this choice as one Delta.
             ids = list(ids)
             parts = [text]
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if isinstance(nxt, BaseException):
-                    self._pending_exc = nxt
-                    break
+            rest: deque[Piece] = deque()
+            while buffer:
+                nxt = buffer.popleft()
+                if nxt[4] != index or finish is not None:
+                    rest.append(nxt)
+                    continue
                 ids.extend(nxt[0])
                 parts.append(nxt[1])
                 finish, completion = nxt[2], nxt[3]
-                if finish is not None:
-                    break
+                if lps is not None and nxt[5] is not None:
+                    lps = [*lps, *nxt[5]]
+            self._buffer = rest
             text = "".join(parts)
         if finish is not None:
-            self._finished = True
+            self._open -= 1
+            if self._open <= 0:
+                self._finished = True
         return Delta(
             text=text,
             token_ids=ids,
             finish_reason=finish,
             prompt_tokens=len(self._prompt),
             completion_tokens=completion,
+            index=index,
+            logprobs=lps,
+            prompt_logprobs=prompt_lps,
         )
+
+    def _take_queued(self) -> None:
+        """Moves what is queued into the buffer; an error ends the stream after it."""
+        queue = self._req.queue
+        while not queue.empty():
+            nxt = queue.get_nowait()
+            if isinstance(nxt, BaseException):
+                self._pending_exc = nxt
+                break
+            self._buffer.append(nxt)
 
     async def aclose(self) -> None:
         self._abandon()

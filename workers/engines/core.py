@@ -43,15 +43,17 @@ from .api import (
     EngineStats,
     RequestCancelledError,
     SamplingParams,
+    TokenLogprob,
     check_length,
     check_sampling,
 )
 from .bridge import GenerationStream, Mailbox, Outbox
+from .grammar import GrammarCompiler
 from .kv_padded import PaddedPrefill
 from .output import OutputProcessor
 from .request import Request
 from .runner import ModelRunner, default_eos
-from .sampler import Sampler
+from .sampler import Sampler, prompt_logprobs
 from .scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler
 
 __all__ = ["DEFAULT_PREFILL_TOKEN_BUDGET", "EngineCore", "Executor"]
@@ -123,6 +125,7 @@ class EngineCore:
         self._outbox = Outbox()
         self._output = OutputProcessor(tokenizer, self._outbox, self._scheduler.release)
         self._sampler = Sampler()
+        self._grammars = GrammarCompiler(tokenizer, runner.vocab_size, self.eos_token_ids)
 
         self._lifecycle = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -154,6 +157,7 @@ class EngineCore:
                 return
             self._thread = threading.Thread(target=self._run, name="natserve-batching-engine", daemon=True)
             self._thread.start()
+        self._grammars.warm()
 
     def close(self) -> None:
         """Stops the generation thread after its current step; pending requests end with
@@ -188,6 +192,10 @@ class EngineCore:
         """
         prompt = [int(t) for t in prompt_ids]
         self._validate(prompt, params)
+        if params.constraint is not None:
+            # Compiled here, on the caller's thread: a grammar that does not compile is the
+            # caller's InvalidRequestError before anything is queued.
+            self._grammars.compile(params.constraint)
         if request_id is None:
             # uuid4 reads os.urandom, ~50 µs in some VMs; a counter is unique within the engine.
             request_id = f"{self._id_prefix}-{next(self._id_counter)}"
@@ -197,7 +205,7 @@ class EngineCore:
         """Ends a waiting or running request; its iterator raises ``RequestCancelledError``.
         Returns False when no such request is pending."""
         req = self._scheduler.find(request_id)
-        if req is None or req.done:
+        if req is None or req.finished_group():
             return False
         return self._scheduler.cancel(req, notify=True)
 
@@ -236,6 +244,14 @@ class EngineCore:
             bad = lo if lo < 0 else hi
             raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
         check_length(len(prompt), params.max_tokens, self.context_length, self._limit_text)
+        if params.n > self.max_batch_size:
+            raise ValueError(
+                f"n {params.n} exceeds the {self.max_batch_size} rows this engine runs at once "
+                "(max_batch_size)"
+            )
+        for token, _ in params.logit_bias:
+            if token >= vocab:
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab - 1})")
 
     def _submit(self, prompt: list[int], params: SamplingParams, request_id: str, *, whole: bool) -> Request:
         """The stream's first read: the request enters the scheduler (on the reader's loop)."""
@@ -244,7 +260,11 @@ class EngineCore:
             mailbox = self._mailboxes.get(loop)
             if mailbox is None:
                 mailbox = self._mailboxes[loop] = Mailbox(loop)
-        req = Request(request_id, prompt, params, mailbox, self.eos_token_ids, whole)
+        constraint = params.constraint
+        grammar = self._grammars.compile(constraint).start() if constraint is not None else None
+        req = Request(request_id, prompt, params, mailbox, self.eos_token_ids, whole, grammar=grammar)
+        for _ in range(1, params.n):
+            req.add_choice(self._grammars.compile(constraint).start() if constraint is not None else None)
         self._scheduler.submit(req)
         return req
 
@@ -298,13 +318,16 @@ class EngineCore:
         logger.debug("cancelled %d request(s)", len(ended))
 
     def _prefill_and_join(self, reqs: list[Request]) -> None:
+        """Prefills ``reqs`` (one row each) and forks each to its ``n`` choices: the choices
+        share the prompt's logits and its KV rows."""
         output = self._output
+        rows = [c for r in reqs for c in r.group]
         try:
             prefill = self._executor.prefill(reqs)
         except Exception as exc:
             if len(reqs) == 1:
                 logger.warning("prefill of request %r failed: %r", reqs[0].id, exc)
-                output.fail(reqs, exc)
+                output.fail(rows, exc)
                 return
             # Retry one by one so that a request that breaks the model fails alone.
             logger.warning("batched prefill of %d requests failed (%r); isolating", len(reqs), exc)
@@ -312,26 +335,34 @@ class EngineCore:
                 self._prefill_and_join([req])
             return
         now = time.perf_counter()
+        # Row ``i`` of the step is prefill row ``source[i]``.
+        source = [i for i, r in enumerate(reqs) for _ in r.group]
+        forked = len(rows) > len(reqs)
         try:
-            tokens = self._sampler.sample(prefill.logits, reqs)
+            if prefill.prompt_logits is not None:
+                self._prompt_logprobs(reqs, prefill)
+            logits = prefill.logits
+            if forked:
+                logits = logits.index_select(0, torch.tensor(source, device=logits.device))
+            tokens, logprobs = self._sampler.sample(logits, rows)
         except Exception as exc:
             logger.exception("sampling after prefill failed")
-            output.fail(reqs, exc)
+            output.fail(rows, exc)
             return
         output.first_tokens(reqs, now)
         keep: list[int] = []
         advance = output.advance
-        for i, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
+        for i, (req, tok) in enumerate(zip(rows, tokens, strict=True)):
             req.n_ctx = len(req.prompt)
-            if not advance(req, tok):
+            if not advance(req, tok, logprobs[i] if logprobs is not None else None):
                 keep.append(i)
         if not keep:
             return
-        joining = [reqs[i] for i in keep]
+        joining = [rows[i] for i in keep]
         running = self._scheduler.running
         try:
-            if len(keep) < len(reqs):
-                prefill.select(keep, max(r.n_ctx for r in joining))
+            if len(keep) < len(reqs) or forked:
+                prefill.select([source[i] for i in keep], max(r.n_ctx for r in joining))
             self._executor.join(len(running), joining, prefill)
         except Exception as exc:  # e.g. out of memory while growing the batch
             logger.exception("could not add %d request(s) to the batch", len(joining))
@@ -339,27 +370,47 @@ class EngineCore:
             return
         running.extend(joining)
 
+    def _prompt_logprobs(self, reqs: list[Request], prefill: PaddedPrefill) -> None:
+        """The prompt logprobs of the requests that asked, for their first piece of output."""
+        assert prefill.prompt_logits is not None
+        width = prefill.prompt_logits.shape[1]
+        for i, req in enumerate(reqs):
+            k = req.params.prompt_logprobs
+            if k is None:
+                continue
+            logits = prefill.prompt_logits[i, width - len(req.prompt) :]
+            req.prompt_lps = prompt_logprobs(logits, req.prompt, k, req.params.temperature)
+        prefill.prompt_logits = None
+
     def _decode(self) -> None:
         rows = self._scheduler.running
         try:
             logits, argmax = self._executor.decode(rows)
-            tokens = self._sampler.sample(logits, rows, argmax)
+            tokens, logprobs = self._sampler.sample(logits, rows, argmax)
         except Exception as exc:
             # A half-done forward leaves the KV of this step inconsistent: the batch is lost.
             logger.exception("decode step failed for %d request(s)", len(rows))
             self._output.fail(list(rows), exc)
             self._reset()
             return
-        self._update(rows, tokens)
+        self._update(rows, tokens, logprobs)
 
-    def _update(self, rows: list[Request], tokens: list[int]) -> None:
+    def _update(
+        self, rows: list[Request], tokens: list[int], logprobs: list[TokenLogprob | None] | None
+    ) -> None:
         """The decode step's tokens, one per row, to the output; finished rows leave."""
         finished = False
         advance = self._output.advance
-        for req, tok in zip(rows, tokens, strict=True):
-            req.n_ctx += 1
-            if advance(req, tok):
-                finished = True
+        if logprobs is None:
+            for req, tok in zip(rows, tokens, strict=True):
+                req.n_ctx += 1
+                if advance(req, tok):
+                    finished = True
+        else:
+            for req, tok, lp in zip(rows, tokens, logprobs, strict=True):
+                req.n_ctx += 1
+                if advance(req, tok, lp):
+                    finished = True
         if finished:
             self._keep([i for i, r in enumerate(rows) if not r.done])
 

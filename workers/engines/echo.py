@@ -9,7 +9,8 @@ being loaded (the worker dispatches on it; the loader never sees the URI)::
 
 Words stand in for tokens: the prompt's whitespace-separated words are its tokens and the
 completion is the first ``max_tokens`` of them, streamed one word per ``Delta`` (a request that is
-not streamed gets them at once when unpaced). It satisfies the same
+not streamed gets them at once when unpaced); the ``n`` choices of a request are the same echo, one
+after the other. Logprobs and constraints need a model: they are refused. It satisfies the same
 :class:`~workers.engines.api.Engine` contract as the model engines (checks, stops, cancellation,
 closing, statistics), and everything else (admission, streaming, the wire) runs the same code as a
 real model, so the echo model measures natserve's own overhead; that is why the hot path below
@@ -22,6 +23,8 @@ pool (load balancing, faults, launch cancel) without a real model:
     echo:?slots=4        at most 4 requests generate at once, the others wait (a batch size);
                          the replica's max_batch_size, so its balancing capacity, too
     echo:?load=3         the launch takes 3 seconds (cancellable, with loading progress)
+    echo:?memory=4e8     the replica says it takes 400 MB (its memory_bytes, and what the
+                         registry's placement estimates for it): memory pressure without memory
 
 They combine: ``echo:?delay=0.02&slots=4&load=1``. An unknown option is a 400.
 """
@@ -41,6 +44,7 @@ from .api import (
     Engine,
     EngineClosedError,
     EngineStats,
+    InvalidRequestError,
     RequestCancelledError,
     SamplingParams,
     check_length,
@@ -63,6 +67,7 @@ class EchoOptions:
     delay: float = 0.0
     slots: int | None = None
     load: float = 0.0
+    memory: int = 0
 
 
 def echo_options(model_uri: str) -> EchoOptions:
@@ -71,8 +76,8 @@ def echo_options(model_uri: str) -> EchoOptions:
     query = rest.split("?", 1)[1] if "?" in rest else ""
     values: dict[str, float] = {}
     for key, raw in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-        if key not in ("delay", "slots", "load"):
-            raise ValueError(f"unknown echo option {key!r} in {model_uri!r} (delay, slots, load)")
+        if key not in ("delay", "slots", "load", "memory"):
+            raise ValueError(f"unknown echo option {key!r} in {model_uri!r} (delay, slots, load, memory)")
         try:
             value = float(raw)
         except ValueError:
@@ -82,7 +87,10 @@ def echo_options(model_uri: str) -> EchoOptions:
         values[key] = value
     slots = values.get("slots")
     return EchoOptions(
-        delay=values.get("delay", 0.0), slots=int(slots) if slots else None, load=values.get("load", 0.0)
+        delay=values.get("delay", 0.0),
+        slots=int(slots) if slots else None,
+        load=values.get("load", 0.0),
+        memory=int(values.get("memory", 0.0)),
     )
 
 
@@ -91,8 +99,10 @@ class _EchoStream:
 
     __slots__ = (
         "_block",
+        "_choices",
         "_engine",
         "_i",
+        "_index",
         "_n",
         "_prompt_tokens",
         "_slot",
@@ -119,6 +129,9 @@ class _EchoStream:
         if params.stop:
             self._apply_stop(params.stop)
         self._i = 0
+        # Choices: every one echoes the same words, one after the other on this stream.
+        self._index = 0
+        self._choices = params.n
         self._slot = False
         # While it queues for a slot: the future that hands it one (True) or wakes it (False).
         self._wait: asyncio.Future[bool] | None = None
@@ -159,7 +172,7 @@ class _EchoStream:
                 raise EngineClosedError(f"the echo engine was closed; request {self.request_id!r} ended")
             self._finish(cancelled=True)
             raise RequestCancelledError(f"request {self.request_id!r} was cancelled")
-        if i == 0:
+        if i == 0 and self._index == 0:
             engine._ttft(time.perf_counter() - self._t0)
         # A reader of the whole text gets what is there as one Delta (a block at a time), as
         # the batching engine hands a reader that fell behind its queued pieces merged.
@@ -170,12 +183,17 @@ class _EchoStream:
         if i and text:
             text = " " + text
         engine._generated += end - i
+        index = self._index
         if end < n:
             self._i = end
-            return Delta(text, [], None, self._prompt_tokens, end)
+            return Delta(text, [], None, self._prompt_tokens, end, index=index)
         # The last block (or nothing, for an empty echo) carries the finish reason.
-        self._finish(cancelled=False)
-        return Delta(text, [], self._stop_at, self._prompt_tokens, n)
+        if index + 1 < self._choices:
+            self._index += 1
+            self._i = 0
+        else:
+            self._finish(cancelled=False)
+        return Delta(text, [], self._stop_at, self._prompt_tokens, n, index=index)
 
     async def _pace(self) -> None:
         engine = self._engine
@@ -295,6 +313,11 @@ class EchoEngine:
         """``stream=False``: an unpaced echo hands its words over in one Delta (blocks of 256)."""
         check_sampling(params)
         check_length(len(prompt_ids), params.max_tokens, self.context_length, self._limit_text)
+        # Without a model there are no logits: penalties, biases and min_p change nothing, but
+        # what needs a distribution or a vocabulary is refused rather than made up.
+        for name in ("logprobs", "prompt_logprobs", "constraint"):
+            if getattr(params, name) is not None:
+                raise InvalidRequestError(f"the echo engine has no model, so it cannot serve {name}")
         if self._closed:
             raise EngineClosedError("the echo engine is closed")
         rid = request_id or f"echo-{time.monotonic_ns()}"

@@ -41,11 +41,13 @@ def left_padded(
 @dataclass(slots=True)
 class PaddedPrefill:
     """The prefill of some requests: its ``DynamicCache`` (left-padded, ``[n, heads, width, dim]``
-    per layer), the ``[n, width]`` bool mask of real tokens, and the last position's logits."""
+    per layer), the ``[n, width]`` bool mask of real tokens, the last position's logits, and
+    every position's (``[n, width, V]``) when a request asked for its prompt's logprobs."""
 
     cache: Any
     mask: torch.Tensor
     logits: torch.Tensor
+    prompt_logits: torch.Tensor | None = None
 
     def zero_padding(self) -> None:
         """Keys/values computed for padding are never attended to, but a NaN there would still
@@ -56,8 +58,9 @@ class PaddedPrefill:
             layer.values.masked_fill_(pad, 0)
 
     def select(self, keep: list[int], longest: int) -> None:
-        """Keeps rows ``keep`` only; ``longest``: the longest prompt among them (left padding only
-        ever needs to cover it)."""
+        """Keeps rows ``keep`` only, in that order; ``longest``: the longest prompt among them
+        (left padding only ever needs to cover it). A row named several times is forked: the
+        ``n`` choices of one prompt get copies of its K/V, whichever layout they join."""
         idx = torch.tensor(keep, device=self.mask.device)
         trim = self.mask.shape[1] - longest
         for layer in self.cache.layers:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .api import TokenLogprob
 from .bridge import Outbox, copy_exc
 from .detokenizer import IncrementalDetokenizer
 from .request import Request
@@ -55,12 +56,15 @@ class OutputProcessor:
             self.ttft_sum += ttft
             self.ttft_n += 1
 
-    def advance(self, req: Request, tok: int) -> bool:
-        """Records one generated token, queues its text; True when the request is finished."""
+    def advance(self, req: Request, tok: int, logprob: TokenLogprob | None = None) -> bool:
+        """Records one generated token (and its logprobs, when asked), queues its text; True
+        when the request is finished."""
         try:
             req.n_out += 1
             self.generated += 1
             req.last_token = tok
+            if req.keep_ids:
+                req.out_ids.append(tok)
             if req.detok is None:
                 req.detok = IncrementalDetokenizer(self._tokenizer, req.prompt)
             finish: str | None = None
@@ -77,8 +81,13 @@ class OutputProcessor:
                     text, hit = stops.feed(text)
                     if hit:
                         finish = "stop"
+                # A grammar that accepts and allows nothing more ends the row here, without a
+                # forward pass spent on the eos it would force.
+                if finish is None and req.grammar is not None and req.grammar.advance(tok):
+                    finish = "stop"
                 if finish is None and req.n_out >= req.params.max_tokens:
                     finish = "length"
+                if finish is not None and not (stops is not None and hit):
                     tail = req.detok.flush()
                     if stops is not None:
                         tail, hit = stops.feed(tail, final=True)
@@ -94,16 +103,25 @@ class OutputProcessor:
             self.finished += 1
             self._release(req)
         elif req.whole and req.n_out > 1:
-            req.held.append((tok, text))
+            req.held.append((tok, text, logprob))
             return False
+        prompt_lps = req.prompt_lps
+        if prompt_lps is not None:
+            req.prompt_lps = None
         if req.held:
-            ids = [t for t, _ in req.held]
-            ids.append(tok)
-            text = "".join(piece for _, piece in req.held) + text
+            held = req.held
             req.held = []
-            self._outbox.post(req, (ids, text, finish, req.n_out))
+            ids = [t for t, _, _ in held]
+            ids.append(tok)
+            text = "".join(piece for _, piece, _ in held) + text
+            lps: list[TokenLogprob] | None = None
+            if logprob is not None:
+                lps = [lp for _, _, lp in held if lp is not None]
+                lps.append(logprob)
+            self._outbox.post(req, (ids, text, finish, req.n_out, req.index, lps, prompt_lps))
         else:
-            self._outbox.post(req, ([tok], text, finish, req.n_out))
+            lps = [logprob] if logprob is not None else None
+            self._outbox.post(req, ([tok], text, finish, req.n_out, req.index, lps, prompt_lps))
         return finish is not None
 
     def fail(self, reqs: Iterable[Request], exc: BaseException) -> None:

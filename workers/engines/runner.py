@@ -84,8 +84,9 @@ class ModelRunner:
             return torch.cuda.device(self.device)
         return contextlib.nullcontext()
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> PaddedPrefill:
-        """One forward over ``prompts`` left-padded together, into a fresh ``DynamicCache``."""
+    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False) -> PaddedPrefill:
+        """One forward over ``prompts`` left-padded together, into a fresh ``DynamicCache``;
+        ``all_logits`` keeps every position's logits (a prompt's logprobs), not the last only."""
         input_ids, mask, position_ids = left_padded(prompts, self.device)
         cache: Any = DynamicCache()
         kwargs: dict[str, Any] = {
@@ -95,11 +96,11 @@ class ModelRunner:
             self.cache_kw: cache,
             "use_cache": True,
         }
-        if self.keep_kw is not None:
+        if self.keep_kw is not None and not all_logits:
             kwargs[self.keep_kw] = 1  # only the last position's logits are needed
         self.forward_passes += 1
         out = self.model(**kwargs)
-        prefill = PaddedPrefill(cache, mask, out.logits[:, -1, :])
+        prefill = PaddedPrefill(cache, mask, out.logits[:, -1, :], out.logits if all_logits else None)
         width = input_ids.shape[1]
         if any(len(p) < width for p in prompts):
             prefill.zero_padding()

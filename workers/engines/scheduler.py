@@ -95,9 +95,10 @@ class Scheduler:
         return self._active.get(request_id)
 
     def cancel(self, req: Request, *, notify: bool) -> bool:
-        """Asks the generation thread to end ``req`` at its next step; ``notify`` tells its reader
-        (an outside cancel), unlike a reader that walked away on its own. Lock-free."""
-        if req.done:
+        """Asks the generation thread to end ``req`` (every choice of it) at its next step;
+        ``notify`` tells its reader (an outside cancel), unlike a reader that walked away on its
+        own. Lock-free."""
+        if req.finished_group():
             return False
         self._cancel_q.append((req, notify))
         return True
@@ -124,36 +125,45 @@ class Scheduler:
 
     def take_cancels(self) -> list[tuple[Request, bool]]:
         """Ends the requests cancelled since the last call: ``(request, tell its reader)`` for
-        each one that was still pending. They leave ``waiting`` at once; rows of ``running`` are
-        only marked ``done`` (the KV layout has to drop them)."""
+        each one that was still pending, every choice of it (their reader is told once). They
+        leave ``waiting`` at once; rows of ``running`` are only marked ``done`` (the KV layout
+        has to drop them)."""
         if not self._cancel_q:
             return []
         tell: set[int] = set()
         drop: dict[int, Request] = {}
         while self._cancel_q:
             req, notify = self._cancel_q.popleft()
-            drop[id(req)] = req
+            lead = req.group[0]
+            drop[id(lead)] = lead
             if notify:
-                tell.add(id(req))
-        ended = [(r, id(r) in tell) for r in drop.values() if not r.done]
+                tell.add(id(lead))
+        ended = [(r, id(r) in tell) for r in drop.values() if not r.finished_group()]
         if not ended:
             return []
-        for req, _ in ended:
-            req.done = True
-            self.release(req)
+        for lead, _ in ended:
+            for req in lead.group:
+                req.done = True
+            self.release(lead)
             self.cancelled += 1
         self.waiting = deque(r for r in self.waiting if not r.done)
         return ended
 
     def schedule(self) -> list[list[Request]]:
-        """The waiting requests that join the batch now, in prefill chunks (shortest first)."""
+        """The waiting requests that join the batch now, in prefill chunks (shortest first).
+        A request of ``n`` choices is prefilled once and takes ``n`` rows, all at once."""
         free = self.max_batch_size - len(self.running)
         newcomers: list[Request] = []
-        while free > 0 and self.waiting:
-            req = self.waiting.popleft()
-            if not req.done:
-                newcomers.append(req)
-                free -= 1
+        while self.waiting:
+            req = self.waiting[0]
+            if req.done:
+                self.waiting.popleft()
+                continue
+            if len(req.group) > free:
+                break
+            self.waiting.popleft()
+            newcomers.append(req)
+            free -= len(req.group)
         if not newcomers:
             return []
         # Similar lengths together waste less padding; chunks keep each forward within budget.
@@ -161,24 +171,31 @@ class Scheduler:
         chunks: list[list[Request]] = []
         chunk: list[Request] = []
         for req in newcomers:
+            if req.params.prompt_logprobs is not None:
+                # Its prefill keeps the logits of every position ([width, vocab] floats): alone,
+                # so that its batch mates' prompts do not keep theirs too.
+                chunks.append([req])
+                continue
             if chunk and (len(chunk) + 1) * len(req.prompt) > self.prefill_budget:
                 chunks.append(chunk)
                 chunk = []
             chunk.append(req)
-        chunks.append(chunk)
+        if chunk:
+            chunks.append(chunk)
         return chunks
 
     def release(self, req: Request) -> None:
-        """Forgets an ended request's id."""
-        if self._active.get(req.id) is req:
-            del self._active[req.id]
+        """Forgets an ended request's id (once every choice of it has ended)."""
+        lead = req.group[0]
+        if self._active.get(lead.id) is lead and lead.finished_group():
+            del self._active[lead.id]
 
     def drain(self) -> list[Request]:
         """Closes, and hands back every pending request (running, waiting, submitted)."""
         with self._cond:
             # Also after a crash: later submissions must fail at once, not wait forever.
             self._closing = True
-            pending = [*self.running, *self.waiting, *self._incoming]
+            pending = [*self.running, *(c for r in (*self.waiting, *self._incoming) for c in r.group)]
             self._incoming.clear()
         self.waiting.clear()
         self.running = []

@@ -180,7 +180,9 @@ class SlotExecutor:
         self.runners.clear()
 
     def prefill(self, reqs: Sequence[Request]) -> PaddedPrefill:
-        prefill = self._runner.prefill([r.prompt for r in reqs])
+        prefill = self._runner.prefill(
+            [r.prompt for r in reqs], all_logits=any(r.params.prompt_logprobs is not None for r in reqs)
+        )
         self._wait_device()
         return prefill
 

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_REQUEST_LIMITS", "Flight", "Replica"]
 
 DEFAULT_REQUEST_LIMITS = 256
+_monotonic = time.monotonic
 
 
 class Flight:
@@ -73,6 +74,7 @@ class Flight:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         replica = self.replica
         del replica.flights[self.request_id]
+        replica.last_request = _monotonic()
         if exc_type is None:
             return
         if issubclass(exc_type, asyncio.CancelledError):
@@ -127,6 +129,8 @@ class Replica:
         self.requests = 0
         self.errors = 0
         self.cancelled = 0
+        # When its last request ended (monotonic; its start while it has had none): idle_for.
+        self.last_request = _monotonic()
 
     # -- admission ------------------------------------------------------------------------
 
@@ -141,6 +145,12 @@ class Replica:
     @property
     def label(self) -> str:
         return f"model {self.model_uid!r} replica {self.replica_index}"
+
+    def idle_for(self, now: float | None = None) -> float:
+        """Seconds since the replica last had a request in flight; 0 while it has one."""
+        if self.flights:
+            return 0.0
+        return max(0.0, (_monotonic() if now is None else now) - self.last_request)
 
     def check_capacity(self) -> None:
         if len(self.flights) >= self.request_limits:
@@ -282,6 +292,7 @@ class Replica:
                 "requests": self.requests,
                 "errors": self.errors,
                 "cancelled": self.cancelled,
+                "idle_for": round(self.idle_for(), 3),
                 **self.extra_info(),
             }
         )

@@ -1,0 +1,24 @@
+"""Models that start on demand and stop when idle.
+
+hold.py        the requests held for a model with no replica, bounded in count and age (pure)
+decisions.py   which idle replicas stop, which are evicted for a launch (pure)
+service.py     the registry answering a model's subjects while it has no replica, starts on
+               demand, idle stops, evictions (NATS and SQL)
+"""
+
+from .decisions import IdleReplica, choose_evictions, eviction_candidates, idle_replicas, idle_stops
+from .hold import DEFAULT_HOLD_MAX_AGE, DEFAULT_HOLD_MAX_REQUESTS, Held, HoldQueue
+from .service import OnDemand
+
+__all__ = [
+    "DEFAULT_HOLD_MAX_AGE",
+    "DEFAULT_HOLD_MAX_REQUESTS",
+    "Held",
+    "HoldQueue",
+    "IdleReplica",
+    "OnDemand",
+    "choose_evictions",
+    "eviction_candidates",
+    "idle_replicas",
+    "idle_stops",
+]
