@@ -93,6 +93,7 @@ class _UidPuller:
         # request is answered, while the answer is still being stored (a PubAck's round trip,
         # 1-5 ms on two loaded cores, is a tenth of a tiny-model request).
         self.running = 0
+        self.stopping = False
         # When the replicas last had pause_at online requests in flight.
         self.busy_at = -_PAUSE_HOLD
         self.wake = asyncio.Event()
@@ -116,7 +117,7 @@ class _UidPuller:
         names = self.owner.names
         stream = names.requests_stream(self.uid)
         sub: JetStreamContext.PullSubscription | None = None
-        while True:
+        while not self.stopping:
             free = self.free_slots()
             if free <= 0:
                 self.wake.clear()
@@ -147,11 +148,18 @@ class _UidPuller:
                 sub = None
                 await asyncio.sleep(_FETCH_WAIT)  # a service timer: wait for the server to return
                 continue
+            if self.stopping:
+                await self._drop(sub)
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                return
             for msg in msgs:
                 self.running += 1
                 task = asyncio.create_task(self._run(msg))
                 self.inflight.add(task)
                 task.add_done_callback(self._done)
+        await self._drop(sub)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
@@ -251,9 +259,11 @@ class _UidPuller:
                 await asyncio.sleep(0.5)  # a retry timer: the server is restarting
 
     async def stop(self, grace: float) -> None:
+        self.stopping = True
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        # Bounded: a cancel that lands inside a nats-py request can be lost there, and the loop
+        # then ends at its next turn (``stopping``).
+        await asyncio.wait({self.task}, timeout=_FETCH_WAIT + 1)
         if self.inflight:
             _, late = await asyncio.wait(set(self.inflight), timeout=grace)
             for task in late:
