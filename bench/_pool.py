@@ -38,6 +38,7 @@ def run_pool(
     device: str = "cpu",
     heartbeat_interval: float = 2.0,
     steady: bool = False,
+    batch_slots: int | None = None,
 ) -> None:
     """Serve until ``stop`` (a multiprocessing Event) is set; set ``ready`` once both answer
     (``steady``: and the worker's warm-up is over, so that nothing of the start-up runs any
@@ -69,7 +70,13 @@ def run_pool(
             ),
             asyncio.create_task(
                 run_worker(
-                    WorkerSettings(url, device=device, heartbeat_interval=heartbeat_interval, warm_up=True),
+                    WorkerSettings(
+                        url,
+                        device=device,
+                        heartbeat_interval=heartbeat_interval,
+                        warm_up=True,
+                        **({} if batch_slots is None else {"batch_slots": batch_slots}),
+                    ),
                     stop=stop_ev,
                     ready=wrk_ready,
                     # As natserve up does: the warm-up once both answer.

@@ -76,6 +76,23 @@ class Subjects:
     def workers_list(self) -> str:
         return f"{self.prefix}.workers.list"
 
+    # batch jobs (the JetStream names: _batches.BatchNames) ------------------
+    @property
+    def batches_create(self) -> str:
+        return f"{self.prefix}.batches.create"
+
+    @property
+    def batches_get(self) -> str:
+        return f"{self.prefix}.batches.get"
+
+    @property
+    def batches_list(self) -> str:
+        return f"{self.prefix}.batches.list"
+
+    @property
+    def batches_cancel(self) -> str:
+        return f"{self.prefix}.batches.cancel"
+
     # workers ----------------------------------------------------------------
     def worker_heartbeat(self, worker_id: str) -> str:
         """Where worker ``worker_id`` publishes its WorkerInfo on every beat: a subject per worker,

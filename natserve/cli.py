@@ -4,6 +4,7 @@
     natserve registry | worker          one service, on an existing NATS server
     natserve gateway                    the HTTP gateway (OpenAI and Xinference APIs) over NATS
     natserve register FILE | launch NAME | generate UID PROMPT | models | workers | ...
+    natserve batch submit FILE.jsonl | status ID | results ID | list | cancel ID   (batch_cli.py)
 
 Settings come from flags, then ``NATSERVE_*`` environment variables (see ``natserve.settings``).
 The operator commands need only the base install; a service command whose extra is missing says
@@ -285,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", metavar="TEXT", nargs="+")
     p.add_argument("--timeout", type=float)
     p.set_defaults(func=cmd_embed)
+
+    p = add("batch", "batch jobs: submit a JSONL file, follow it, fetch its results")
+    from .batch_cli import add_commands
+
+    add_commands(p, common)
+    p.set_defaults(func=cmd_batch)
 
     p = add("db", "registry database maintenance")
     db = p.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
@@ -1095,6 +1102,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- main
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch_cli import run
+
+    return run(args, _nats_options(args.auth))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

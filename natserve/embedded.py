@@ -523,6 +523,8 @@ def worker_settings(
         limits=worker_limits(settings),
         metrics_registry=metrics_registry,
         warm_up=settings.warm_up,
+        batch_slots=settings.batch_slots,
+        batch_pause_at=settings.batch_pause_at,
         memory_limit=settings.memory_limit,
         cpu_kv=settings.cpu_kv,
         torch_threads=settings.torch_threads,

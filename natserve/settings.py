@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # At most what the registry takes in a heartbeat (broker_client's MAX_HEARTBEAT_INTERVAL).
     heartbeat_interval: float = Field(default=2.0, gt=0, le=600)
     drain_timeout: float = Field(default=30.0, ge=0)
+    # Concurrent batch-job requests per ready replica (workers/batches.py); 0 takes no batch work.
+    batch_slots: int = Field(default=2, ge=0, le=256)
+    # Online requests in flight per replica at which it starts no batch request; 0: never pauses.
+    batch_pause_at: int = Field(default=4, ge=0, le=100_000)
     # The registry's dead window: a worker unheard of this long is dead (registry_service/
     # directory.py); default max(6 s, 3 x the worker's heartbeat interval).
     dead_after: float | None = Field(default=None, gt=0)

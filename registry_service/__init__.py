@@ -6,6 +6,7 @@ together over one NATS connection (``app`` runs it with its own connection and e
 """
 
 from .app import Registry, run_registry
+from .batches import BatchJobs, BatchLimits
 from .db import check, downgrade, make_engine, migrations_config, upgrade
 from .directory import MIN_DEAD_AFTER, WorkerDirectory, WorkerEntry
 from .launcher import DEFAULT_LAUNCH_TIMEOUT, Launcher
@@ -21,6 +22,8 @@ __all__ = [
     "MIN_DEAD_AFTER",
     "SERVICE_NAME",
     "Base",
+    "BatchJobs",
+    "BatchLimits",
     "LaunchPlan",
     "Launcher",
     "Liveness",

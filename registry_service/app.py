@@ -18,6 +18,7 @@ from broker_client import DEFAULT_PREFIX, NatsAuth, connect_options
 from broker_client.runtime import NATSConnection, connect
 
 from . import db
+from .batches import BatchLimits
 from .launcher import DEFAULT_LAUNCH_TIMEOUT
 from .ondemand import DEFAULT_HOLD_MAX_AGE, DEFAULT_HOLD_MAX_REQUESTS
 from .repository import RegistryRepository
@@ -44,9 +45,11 @@ class Registry:
         name: str = "natserve-registry",
         auth: NatsAuth | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        batch_limits: BatchLimits | None = None,
         hold_max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
         hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
     ) -> None:
+        self.batch_limits = batch_limits
         """``hold_max_requests`` and ``hold_max_age``: how many requests the registry holds for
         a model starting on demand, and how long each may wait (``ondemand/``)."""
         self.hold_max_requests = hold_max_requests
@@ -80,6 +83,7 @@ class Registry:
                 resync_window=self.resync_window,
                 launch_timeout=self.launch_timeout,
                 metrics_registry=self.metrics_registry,
+                batch_limits=self.batch_limits,
                 hold_max_requests=self.hold_max_requests,
                 hold_max_age=self.hold_max_age,
             )

@@ -10,6 +10,7 @@
     endpoints.py    the ``nats micro`` endpoints (service ``natserve-registry``) and heartbeats
     records.py      the workers table, written behind the heartbeats
     repository.py   SQL
+    batches/        batch jobs on JetStream (``batches.*``): records, files, streams, trackers
 
 Behaviours worth knowing:
 
@@ -43,6 +44,7 @@ from prometheus_client import CollectorRegistry
 from broker_client import Subjects, __version__
 from broker_client.runtime import NATSConnection, NatsTransport, ServiceHost
 
+from .batches import BatchEndpoints, BatchJobs, BatchLimits
 from .directory import WorkerDirectory
 from .endpoints import RegistryEndpoints
 from .events import RegistryEvents
@@ -108,6 +110,7 @@ class RegistryService:
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
         terminate_timeout: float = 30.0,
         metrics_registry: CollectorRegistry | None = None,
+        batch_limits: BatchLimits | None = None,
         hold_max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
         hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
     ) -> None:
@@ -158,6 +161,8 @@ class RegistryService:
             ondemand=self.ondemand,
         )
         self.metrics.attach(self.directory, self.launcher.launches_in_flight)
+        self.batches = BatchJobs(nc, prefix, model_exists=self._model_exists, limits=batch_limits)
+        self.batch_endpoints = BatchEndpoints(self.batches)
         self._host: ServiceHost | None = None
         self._heartbeat_sub: Subscription | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
@@ -195,6 +200,8 @@ class RegistryService:
         await host.start()
         for name, subject, handler in self.endpoints.routes(self.subjects):
             await host.add_endpoint(name, subject, handler)
+        for name, subject, handler in self.batch_endpoints.routes(self.subjects):
+            await host.add_endpoint(name, subject, handler)
         self._host = host
         await host.until_subscribed()
         # Workers answer with an immediate heartbeat, so placement works within a round trip.
@@ -206,9 +213,11 @@ class RegistryService:
         )
         self.liveness.start(judge_after=self.resync_window)
         await self.ondemand.start()
+        await self.batches.start()
         logger.info("registry serving on %s.* (service id %s)", self.subjects.prefix, host.id)
 
     async def stop(self, *, grace: float = 1.0) -> None:
+        await self.batches.stop()
         await self.ondemand.stop()
         await self.liveness.stop()
         if self._reconcile_task is not None:
@@ -225,6 +234,9 @@ class RegistryService:
             self._heartbeat_sub = None
         await self.records.stop()
         await self.transport.close()
+
+    async def _model_exists(self, model_uid: str) -> bool:
+        return await self.repo.get_model(model_uid) is not None
 
     async def _reconcile_later(self, uids: set[str]) -> None:
         if not uids:

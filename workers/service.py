@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from broker_client import (
     BadRequest,
+    BatchNames,
     Conflict,
     DeviceInfo,
     ModelEvent,
@@ -50,6 +51,7 @@ from broker_client import (
 )
 from broker_client.runtime import NATSConnection, ServiceHost, connect
 
+from .batches import BatchPuller
 from .builder import PendingLaunch, build_replica, warm_up
 from .devices import best_device, free_memory, list_devices
 from .endpoints import ModelEndpoints, WorkerEndpoints
@@ -103,6 +105,7 @@ class Worker:
         self.nc: NATSConnection | None = None
         self.service: ServiceHost | None = None
         self._endpoints: WorkerEndpoints | None = None
+        self._batches: BatchPuller | None = None
         self._models: dict[str, ServedModel] = {}
         self._pending: dict[tuple[str, int], PendingLaunch] = {}
         self._beat_now = asyncio.Event()
@@ -180,6 +183,13 @@ class Worker:
             await self.service.start()
             self._endpoints = WorkerEndpoints(self.service, self.nc, self.subjects, self.worker_id, self)
             await self._endpoints.open()
+            self._batches = BatchPuller(
+                self.nc,
+                BatchNames(self.subjects.prefix),
+                lambda: self._models,
+                slots=self.settings.batch_slots,
+                pause_at=self.settings.batch_pause_at,
+            )
         except BaseException:
             self._status = "stopped"
             await self._close_connection()
@@ -201,6 +211,9 @@ class Worker:
         assert service is not None and endpoints is not None
         # New launches and new requests go elsewhere from here on.
         await endpoints.stop_launches()
+        if self._batches is not None:
+            # Batch requests still running finish within the grace; the rest are redelivered.
+            await self._batches.stop(grace)
         for served in self._models.values():
             await served.stop_accepting()
         for pending in self._pending.values():
@@ -329,6 +342,8 @@ class Worker:
             if self._heartbeat_task is not me:
                 return
             self._beat_now.clear()
+            if self._batches is not None and self._status == "running":
+                self._batches.sync()
             try:
                 await self._publish_heartbeat()
             except nats.errors.Error:

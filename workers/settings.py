@@ -58,6 +58,9 @@ class WorkerSettings:
       ``"padded"`` (the left-padded dynamic cache); ``torch_threads``: torch's intra-op threads
       (torch's default, one per core, when None); ``cpu_dtype``: ``float32`` (default) or
       ``bfloat16`` weights for LLMs on the CPU.
+    * ``batch_slots``: batch-job requests each ready replica runs at once beside the online ones
+      (:mod:`workers.batches`); 0 takes no batch work. ``batch_pause_at``: online requests in
+      flight per replica at which it starts no batch request (0: never pauses).
     """
 
     nats_url: str | list[str]
@@ -77,6 +80,8 @@ class WorkerSettings:
     cpu_kv: str = "slots"
     torch_threads: int | None = None
     cpu_dtype: str | None = None
+    batch_slots: int = 2
+    batch_pause_at: int = 4
 
     def __post_init__(self) -> None:
         if self.memory_limit is not None and self.memory_limit <= 0:
@@ -97,5 +102,9 @@ class WorkerSettings:
             )
         if self.keepalive_silence <= 0:
             raise ValueError(f"keepalive_silence must be positive, got {self.keepalive_silence}")
+        if self.batch_slots < 0:
+            raise ValueError(f"batch_slots must be >= 0, got {self.batch_slots}")
+        if self.batch_pause_at < 0:
+            raise ValueError(f"batch_pause_at must be >= 0, got {self.batch_pause_at}")
         if self.worker_id:
             check_name(self.worker_id, "worker_id")

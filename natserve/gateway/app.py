@@ -41,6 +41,7 @@ from starlette.routing import Route
 from broker_client import NatserveError, PayloadTooLarge
 
 from .auth import ApiKeys
+from .batches import batch_routes
 from .errors import InvalidField, error_body, error_reply
 from .metrics import GatewayMetrics, RouteSeries
 from .pool_page import refresh_seconds, render_pool_page
@@ -325,6 +326,7 @@ def create_app(
         route("/v1/model_registrations/{model_type}/{model_name}", "unregister", unregister, "DELETE"),
         route("/v1/cluster/auth", "cluster_auth", cluster_auth, "GET", keyless=True),
         route("/healthz", "healthz", healthz, "GET", keyless=True),
+        *batch_routes(service.batches, route, body_of, gate.max_body_bytes),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:

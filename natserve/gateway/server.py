@@ -127,7 +127,7 @@ async def run_gateway(
         )
     options = connect_options(auth) if auth is not None else {}
     client = AsyncClient(nats_url, prefix=prefix, name="natserve-gateway", **options)
-    service = GatewayService(client)
+    service = GatewayService(client, nats_options=options)
     try:
         await client.connect()
         app = create_app(
@@ -173,5 +173,6 @@ async def run_gateway(
             with contextlib.suppress(Exception):
                 await serving
     finally:
+        await service.close()
         await client.close()
         listener.close()

@@ -30,6 +30,7 @@ from broker_client import (
 )
 
 from ..status import build_status
+from .batches import GatewayBatches
 from .openai import (
     chat_call,
     completion_call,
@@ -54,10 +55,16 @@ _MAX_HANDLES = 1024
 class GatewayService:
     """The gateway's operations on the pool that ``client`` reaches."""
 
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncClient, *, nats_options: dict[str, Any] | None = None) -> None:
         self.client = client
         self._llms: dict[str, AsyncChatModelHandle] = {}
         self._embedders: dict[str, AsyncEmbeddingModelHandle] = {}
+        # /v1/files and /v1/batches (batches.py), on a connection of their own made with the
+        # client's NATS options (credentials, TLS).
+        self.batches = GatewayBatches(client, nats_options=nats_options)
+
+    async def close(self) -> None:
+        await self.batches.close()
 
     # ------------------------------------------------------------------ inference
 

@@ -264,6 +264,10 @@ async def test_nats_micro_discovery_lists_the_endpoints(own_nats_server: Any, sq
         "describe": "natserve.models.describe",
         "terminate": "natserve.models.terminate",
         "list_workers": "natserve.workers.list",
+        "batches_create": "natserve.batches.create",
+        "batches_get": "natserve.batches.get",
+        "batches_list": "natserve.batches.list",
+        "batches_cancel": "natserve.batches.cancel",
     }
     assert ping["name"] == "natserve-registry"
 

@@ -19,9 +19,15 @@ class NatsServer:
     """One nats-server process; ``restart`` keeps the port so clients can reconnect."""
 
     def __init__(
-        self, port: int | None = None, *, args: list[str] | None = None, config: str | None = None
+        self,
+        port: int | None = None,
+        *,
+        args: list[str] | None = None,
+        config: str | None = None,
+        jetstream: bool = True,
     ) -> None:
         self.port = port or free_port()
+        self.jetstream = jetstream
         self.args = list(args or [])
         self.store = tempfile.mkdtemp(prefix="natserve-js-")
         if config is not None:
@@ -43,9 +49,7 @@ class NatsServer:
                 "127.0.0.1",
                 "-p",
                 str(self.port),
-                "-js",
-                "-sd",
-                self.store,
+                *(["-js", "-sd", self.store] if self.jetstream else []),
                 *self.args,
             ],
             stdout=subprocess.DEVNULL,
@@ -75,9 +79,12 @@ class NatsServer:
 
 
 @contextmanager
-def running_nats_server(*, args: list[str] | None = None, config: str | None = None) -> Iterator[NatsServer]:
-    """A server of its own for the ``with`` block (flags in ``args``, options in ``config``)."""
-    server = NatsServer(args=args, config=config).start()
+def running_nats_server(
+    *, args: list[str] | None = None, config: str | None = None, jetstream: bool = True
+) -> Iterator[NatsServer]:
+    """A server of its own for the ``with`` block (flags in ``args``, options in ``config``;
+    ``jetstream=False``: one without JetStream)."""
+    server = NatsServer(args=args, config=config, jetstream=jetstream).start()
     try:
         yield server
     finally:
