@@ -572,6 +572,10 @@ async def test_a_batch_job_runs_to_completion_under_the_permissions(
         assert sorted(line["custom_id"] for line in out) == [f"r{i}" for i in range(6)]
         assert all(line["response"]["status_code"] == 200 for line in out)
         assert (await batches.file(done["output_file_id"]))["bytes"] > 0
+        # A file of many chunks (128 KiB each) comes back whole: the ordered consumer's flow
+        # control replies are the client's to send.
+        big = os.urandom(6 << 20)
+        assert await batches.download(await batches.upload(big, filename="big.bin")) == big
         # Listing and cancelling a finished job go through the registry too.
         assert job["id"] in [b["id"] for b in (await batches.list())["data"]]
         assert (await batches.cancel(job["id"]))["status"] == "completed"
