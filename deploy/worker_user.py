@@ -9,7 +9,9 @@ user is named after the worker, its password is read from ``$NATSERVE_WORKER_<ID
 id upper-cased, ``-`` as ``_``; ``--password-var`` names another) and its permissions let it
 publish heartbeats for its own id only (``natserve.workers.<id>.heartbeat``) and take its own
 commands only (``natserve.worker.<id>.>``). The registry takes a heartbeat only when its body's
-``worker_id`` is the one the subject names, so such a worker cannot speak for another. Paste the
+``worker_id`` is the one the subject names, so such a worker cannot speak for another. For batch
+jobs it may pull from the models' work-queue streams through their ``workers`` consumer, ack
+what it took and store results; it cannot make, change or delete streams. Paste the
 entries into the ``users`` list of the config, between its ``BEGIN WORKERS`` and ``END WORKERS``
 lines, and start each worker with ``NATSERVE_WORKER_ID=<id> NATSERVE_NATS_USER=<id>
 NATSERVE_NATS_PASSWORD=...``.
@@ -51,13 +53,21 @@ def worker_user(worker_id: str, *, prefix: str = "natserve", password: str | Non
         f"{prefix}.model.*.overflow.*",  # pass a request on while saturated
         "$SRV.PING.natserve-worker",  # deploy/healthcheck.py, and its own readiness ping
         "$SRV.PING.natserve-worker.>",
+        # Batch requests (workers/batches.py): the durable consumer `workers` of each model's
+        # work-queue stream <token>_batch_<uid>; no stream or consumer management. A stream name
+        # is one subject token, which a wildcard matches whole: `*` is any stream, narrowed to
+        # its consumer named `workers` (only natserve's request streams have one).
+        "$JS.API.CONSUMER.INFO.*.workers",  # bind to it
+        "$JS.API.CONSUMER.MSG.NEXT.*.workers",  # pull requests
+        "$JS.ACK.*.workers.>",  # ack, in-progress, nak, term
+        f"{prefix}.batches.results.*",  # results, into the results stream (PubAck to its inbox)
     ]
     subscribe = [
         f"{prefix}.worker.{worker_id}.>",  # its own launch / terminate / info commands only
         f"{prefix}.model.>",  # generate / chat / embed (queue group), cancel
         f"{prefix}.workers.resync",  # the registry asks for an immediate heartbeat
         "$SRV.>",  # nats.micro discovery: `nats micro ls/info/stats`
-        "_INBOX.>",  # the answer to its healthcheck ping
+        "_INBOX.>",  # the answer to its healthcheck ping, JetStream's replies, pulled requests
     ]
 
     def quoted(subjects: list[str]) -> str:

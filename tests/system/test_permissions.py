@@ -13,6 +13,7 @@ stands in for "nothing arrived".
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -22,16 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.micro import ServiceConfig, add_service
 
-from broker_client import NatsAuth, Subjects, connect_options
+from broker_client import AsyncBatchClient, BatchNames, NatsAuth, Subjects, connect_options
 from broker_client.codec import MSGPACK, encode
 from broker_client.runtime import NATSConnection, NatsTransport, connect
 from registry_service import Registry
 from tests.support.nats_server import NatsServer
 from tests.support.registry import FakeWorker, definition, until_worker_seen
+from tests.support.waits import eventually_despite_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "nats-server.conf"
@@ -502,3 +506,137 @@ async def test_a_worker_with_its_own_user_serves_under_its_id(server: NatsServer
             await nc.close()
     finally:
         await worker.stop()
+
+
+# -- batch jobs (JetStream): each role's part of a job, and nothing of the others'
+
+B = BatchNames(S.prefix)
+
+
+def violations(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The permissions violations reported to the in-process registry's and workers' connections
+    (broker_client logs each asynchronous error of a connection at debug level)."""
+    return [r.getMessage() for r in caplog.records if "permissions violation" in r.getMessage().lower()]
+
+
+async def test_a_batch_job_runs_to_completion_under_the_permissions(
+    server: NatsServer, session: Any, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client uploads an input file and submits a job, the registry queues it on the model's
+    work-queue stream, the worker (its own user) pulls, acks and stores results, the registry
+    writes the output file, and the client downloads it and follows the job's events."""
+    from tests.support.batches import ECHO_CHAT_TEMPLATE, chat_lines, finished, jsonl, output_lines
+    from tests.support.pool import echo_definition
+    from workers import Worker, WorkerSettings
+
+    caplog.set_level(logging.DEBUG, logger="broker_client._connect")
+    worker = Worker(
+        WorkerSettings(
+            server.url, worker_id="worker", device="cpu", heartbeat_interval=0.5, auth=auth("worker")
+        )
+    )
+    await worker.start()
+    try:
+        client = await session("client")
+        transport = NatsTransport(client.nc)
+        await transport.start()
+        name = f"bj{uuid.uuid4().hex[:8]}"
+        await transport.request(
+            S.registry_register,
+            {"model_type": "LLM", "model": echo_definition(name, chat_template=ECHO_CHAT_TEMPLATE)},
+            timeout=TIMEOUT,
+        )
+        await until_worker_seen(transport, S, "worker")
+        launched = await transport.request(
+            S.models_launch, {"model_name": name, "worker_id": "worker"}, timeout=30
+        )
+        uid = launched["model_uid"]
+        events: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_event(msg: Msg) -> None:
+            events.put_nowait(msg)
+
+        batches = AsyncBatchClient(client.nc, timeout=30)
+        lines = chat_lines(6, uid)
+        # The registry makes the object store when it starts; the client waits for it.
+        file_id = await eventually_despite_errors(
+            lambda: batches.upload(jsonl(lines), filename="jobs.jsonl"), "the batch files store", 30
+        )
+        await client.nc.subscribe(B.events("*"), cb=on_event)
+        await client.nc.flush()
+        job = await batches.create(input_file_id=file_id, endpoint="/v1/chat/completions")
+        done = await finished(batches, job["id"])
+        assert done["status"] == "completed", done
+        assert done["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+        out = output_lines(await batches.download(done["output_file_id"]))
+        assert sorted(line["custom_id"] for line in out) == [f"r{i}" for i in range(6)]
+        assert all(line["response"]["status_code"] == 200 for line in out)
+        assert (await batches.file(done["output_file_id"]))["bytes"] > 0
+        # A file of many chunks (128 KiB each) comes back whole: the ordered consumer's flow
+        # control replies are the client's to send.
+        big = os.urandom(6 << 20)
+        assert await batches.download(await batches.upload(big, filename="big.bin")) == big
+        # Listing and cancelling a finished job go through the registry too.
+        assert job["id"] in [b["id"] for b in (await batches.list())["data"]]
+        assert (await batches.cancel(job["id"]))["status"] == "completed"
+        # The job's progress events reach the client.
+        assert (await asyncio.wait_for(events.get(), TIMEOUT)).subject == B.events(job["id"])
+        client.assert_no_violation()
+        assert violations(caplog) == []
+    finally:
+        await worker.stop(drain_timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("role", "subject"),
+    [
+        # A client queues nothing itself: the registry checks every line and the stream's room.
+        ("client", "natserve.batches.requests.m1.batch_000000000000000000000000"),
+        ("client", "natserve.batches.results.batch_000000000000000000000000"),  # fake a result
+        # Nor reads or writes the job records, nor manages streams or the workers' consumer.
+        ("client", "$KV.natserve_batches.batch_000000000000000000000000"),
+        ("client", "$JS.API.STREAM.INFO.KV_natserve_batches"),
+        ("client", "$JS.API.DIRECT.GET.KV_natserve_batches.$KV.natserve_batches.>"),
+        ("client", "$JS.API.STREAM.MSG.GET.KV_natserve_batches"),
+        ("client", "$JS.API.CONSUMER.CREATE.KV_natserve_batches"),
+        ("client", "$JS.API.STREAM.PURGE.OBJ_natserve_files"),  # everybody's files
+        ("client", "$JS.API.STREAM.DELETE.OBJ_natserve_files"),
+        ("client", "$JS.API.CONSUMER.MSG.NEXT.natserve_batch_m1.workers"),  # steal requests
+        ("worker", "$JS.API.STREAM.DELETE.natserve_batch_m1"),
+        ("worker", "$JS.API.STREAM.PURGE.natserve_batch_m1"),
+        ("worker", "$JS.API.CONSUMER.DELETE.natserve_batch_m1.workers"),
+        ("worker", "$JS.API.STREAM.INFO.KV_natserve_batches"),
+        ("worker", "natserve.batches.requests.m1.batch_000000000000000000000000"),
+        ("worker", "natserve.batches.create"),
+        ("registry", "$JS.API.STREAM.DELETE.natserve_batch_m1"),
+        ("registry", "$KV.other_bucket.k"),  # JetStream names natserve does not use
+        ("registry", "$JS.API.DIRECT.GET.KV_other_bucket.$KV.other_bucket.k"),
+    ],
+)
+async def test_batch_jetstream_subjects_denied(session: Any, role: str, subject: str) -> None:
+    who = await session(role)
+    await who.nc.publish(subject, b"{}", reply=who.nc.new_inbox())
+    await who.nc.flush()
+    error = await who.violation()
+    assert "publish" in error and subject.lower() in error
+
+
+async def test_a_client_cannot_read_the_jobs_bucket_nor_write_to_a_work_queue(
+    session: Any, registry: Registry
+) -> None:
+    """Through nats-py's own JetStream API, as a curious client would try it; and a worker
+    cannot delete a stream."""
+    client = await session("client")
+    js = client.nc.jetstream(timeout=1)
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.Error)):
+        kv = await js.key_value(B.jobs_bucket)
+        await kv.get("batch_000000000000000000000000")
+    assert f"stream.info.kv_{B.jobs_bucket}" in await client.violation()
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.Error)):
+        await js.publish(B.requests_subject("m1", "batch_000000000000000000000000"), b"{}", timeout=1)
+    assert "natserve.batches.requests.m1" in await client.violation()
+    worker = await session("worker")
+    wjs = worker.nc.jetstream(timeout=1)
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.Error)):
+        await wjs.delete_stream(B.results_stream)
+    assert "stream.delete" in await worker.violation()
