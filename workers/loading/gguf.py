@@ -25,9 +25,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from broker_client import BadRequest, InternalError, NotFound, Unavailable
+from broker_client import BadRequest, NotFound, Unavailable
 
-from .sources import ModelSource, ProgressCallback, parse_model_uri, progress_tqdm
+from .hub import ProgressCallback, hub_download
+from .sources import ModelSource, parse_model_uri
 
 logger = logging.getLogger(__name__)
 
@@ -123,52 +124,10 @@ def _resolve_model_id(
     cache_dir: str | Path | None,
     progress: ProgressCallback | None,
 ) -> ModelSource:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    path = hub_download(
+        model_id, file_name=file_name, revision=revision, cache_dir=cache_dir, progress=progress
     )
-    from huggingface_hub.utils import HfHubHTTPError
-
-    from .sources import _is_offline
-
-    offline = _is_offline()
-    where = f"revision {revision!r}" if revision else "the default revision"
-    cache = f"cache {cache_dir}" if cache_dir else "the Hugging Face cache"
-    kwargs: dict[str, Any] = {}
-    if progress is not None:
-        kwargs["tqdm_class"] = progress_tqdm(progress, model_id)
-    try:
-        path = hf_hub_download(
-            repo_id=model_id,
-            filename=file_name,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=offline,
-            **kwargs,
-        )
-    except HFValidationError as exc:
-        raise BadRequest(f"model_id {model_id!r} is not a valid Hugging Face repo id: {exc}") from exc
-    except LocalEntryNotFoundError as exc:
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached"
-        raise NotFound(f"model_id {model_id!r} ({where}): {file_name!r} is not in {cache} and {why}") from exc
-    except EntryNotFoundError as exc:
-        raise NotFound(f"model_id {model_id!r} ({where}) has no file {file_name!r}") from exc
-    except GatedRepoError as exc:
-        raise NotFound(f"model_id {model_id!r} is gated and no token with access was given") from exc
-    except RepositoryNotFoundError as exc:
-        raise NotFound(f"model_id {model_id!r} does not exist on the Hugging Face Hub") from exc
-    except RevisionNotFoundError as exc:
-        raise NotFound(f"model_id {model_id!r} has no {where} on the Hugging Face Hub") from exc
-    except HfHubHTTPError as exc:
-        raise Unavailable(f"downloading {file_name!r} of model_id {model_id!r} failed: {exc}") from exc
-    except OSError as exc:
-        raise InternalError(f"downloading {file_name!r} of model_id {model_id!r} failed: {exc}") from exc
-    return ModelSource(path=Path(path), origin="hf-cache", ref=model_id)
+    return ModelSource(path=path, origin="hf-cache", ref=model_id)
 
 
 def resolve_gguf(
