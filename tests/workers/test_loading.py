@@ -272,37 +272,83 @@ def test_download_progress_reports_bytes() -> None:
 # --- load_llm -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("quantization", "layer_class", "weight_dtype"),
-    [("8-bit", "Linear8bitLt", torch.int8), ("4-bit", "Linear4bit", torch.uint8)],
-)
-def test_bitsandbytes_quantization_on_cpu(
-    tiny_llama_dir: Path,
-    plain_llm: LoadedLLM,
-    quantization: str,
-    layer_class: str,
-    weight_dtype: torch.dtype,
-) -> None:
+def test_bitsandbytes_4bit_on_cpu(tiny_llama_dir: Path, plain_llm: LoadedLLM) -> None:
     import bitsandbytes as bnb
 
-    loaded = load_llm(ModelSource(tiny_llama_dir, "uri"), quantization=quantization)
-    assert loaded.quantization == quantization
+    loaded = load_llm(ModelSource(tiny_llama_dir, "uri"), quantization="4-bit")
+    assert loaded.quantization == "4-bit"
     layers = loaded.model.model.layers
     for proj in (layers[0].self_attn.q_proj, layers[1].mlp.down_proj):
-        assert isinstance(proj, getattr(bnb.nn, layer_class))
-        assert proj.weight.dtype == weight_dtype
+        assert isinstance(proj, bnb.nn.Linear4bit)
+        assert proj.weight.dtype == torch.uint8
     # The head stays in full precision, as transformers leaves lm_head out of quantization.
-    assert isinstance(loaded.model.lm_head, torch.nn.Linear)
-    assert not isinstance(loaded.model.lm_head, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+    assert type(loaded.model.lm_head) is torch.nn.Linear
     assert loaded.memory_bytes < plain_llm.memory_bytes
+    _assert_close_to(loaded, plain_llm)
 
+
+def _assert_close_to(loaded: LoadedLLM, plain: LoadedLLM) -> None:
     prompt = "SELECT COUNT(*) FROM users"
     assert len(_greedy(loaded, prompt)) == 6
     # Quantised weights, same network: the next-token distribution barely moves.
     similarity = torch.nn.functional.cosine_similarity(
-        _next_logits(loaded, prompt), _next_logits(plain_llm, prompt), dim=0
+        _next_logits(loaded, prompt), _next_logits(plain, prompt), dim=0
     )
     assert similarity > 0.98
+
+
+def test_8bit_on_cpu_is_torch_dynamic_int8(tiny_llama_dir: Path, plain_llm: LoadedLLM) -> None:
+    """8-bit on the CPU: every linear, the head included, becomes torch's dynamic int8 linear
+    (no bitsandbytes), computing in fp32 even when bf16 is asked for; its memory counts the int8
+    weights at a byte each."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    loaded = load_llm(ModelSource(tiny_llama_dir, "uri"), quantization="8-bit", dtype="bfloat16")
+    assert loaded.quantization == "8-bit" and loaded.dtype == torch.float32
+    model = loaded.model
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert linears == [], "every nn.Linear is quantized"
+    assert isinstance(model.lm_head, DynamicLinear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, DynamicLinear)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    plain = plain_llm.model
+    linear_params = sum(m.weight.numel() for m in plain.modules() if isinstance(m, torch.nn.Linear))
+    other_bytes = plain_llm.memory_bytes - 4 * linear_params
+    rows = sum(m.out_features for m in plain.modules() if isinstance(m, torch.nn.Linear))
+    assert loaded.memory_bytes == other_bytes + linear_params + 20 * rows
+    _assert_close_to(loaded, plain_llm)
+
+
+def test_8bit_on_cpu_unties_the_head() -> None:
+    """A tied head (SmolLM2's) gets its own int8 copy; the embedding stays fp32 and untouched."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.loading.cpu_int8 import int8_linear_bytes, quantize_cpu_int8
+
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    ids = torch.tensor([[1, 5, 9, 200]])
+    with torch.inference_mode():
+        before = model(ids).logits
+        quantize_cpu_int8(model)
+        after = model(ids).logits
+    assert isinstance(model.lm_head, DynamicLinear) and not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    # The head's int8 copy: 300 x 32 weights at a byte, 20 bytes of scale, zero point and
+    # offset per row.
+    assert int8_linear_bytes(model) - int8_linear_bytes(model.model) == 300 * 32 + 300 * 20
+    assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.99
 
 
 @pytest.mark.parametrize("quantization", ["3-bit", "gptq", "awq"])

@@ -3,7 +3,7 @@
 * :mod:`.sources`: a spec's ``model_uri`` or ``model_id`` to a local folder (downloading from the
   Hugging Face Hub into its cache when allowed);
 * :mod:`.hub`: those downloads (a snapshot or one file), their progress and their errors;
-* :mod:`.llm`: a causal LM and its tokenizer (4/8-bit through bitsandbytes);
+* :mod:`.llm`: a causal LM and its tokenizer (4/8-bit; :mod:`.cpu_int8`: 8-bit on the CPU);
 * :mod:`.embedding`: a sentence-embedding model;
 * :mod:`.gguf`: the GGUF file of a ``ggufv2`` spec, loaded by llama.cpp (the ``gguf`` extra);
 * :mod:`.checkpoint`: what both do with a checkpoint (device, dtype, config, errors);

@@ -1,4 +1,7 @@
-"""Loading a causal LM and its tokenizer with transformers, optionally 4/8-bit through bitsandbytes.
+"""Loading a causal LM and its tokenizer with transformers, optionally 4/8-bit.
+
+8-bit is torch's dynamic int8 linears on the CPU (:mod:`.cpu_int8`) and bitsandbytes on CUDA;
+4-bit is bitsandbytes' nf4 on both.
 
 A failed load leaves nothing allocated behind it, and its error names the path and the reason.
 """
@@ -13,6 +16,7 @@ from broker_client import BadRequest, NotFound
 
 from ..devices import free_memory
 from .checkpoint import check_complete, load_config, parse_device, pick_dtype, translating_errors
+from .cpu_int8 import int8_linear_bytes, quantize_cpu_int8
 from .sources import ModelSource
 from .warmup import warm_up
 
@@ -81,29 +85,6 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
     )
 
 
-class _OnceFilter(logging.Filter):
-    """Let a message through once: bitsandbytes warns on every 8-bit matmul on the CPU."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-        self.seen = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        if self.seen:
-            return False
-        self.seen = True
-        return True
-
-
-def _quiet_bnb_cast_warning() -> None:
-    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _OnceFilter) for f in bnb_logger.filters):
-        bnb_logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
-
-
 def _normalize_quantization(quantization: str | None) -> str:
     q = (quantization or "none").strip().lower()
     aliases = {
@@ -131,13 +112,18 @@ def load_llm(
 ) -> LoadedLLM:
     """Load a causal LM and its tokenizer from ``source`` onto ``device``.
 
-    ``quantization`` is ``"none"``, ``"8-bit"`` or ``"4-bit"`` (bitsandbytes; both also run on
-    the CPU). ``dtype`` defaults to bfloat16 on CUDA (float16 where bf16 is missing) and
-    float32 on the CPU; for 4-bit it is the compute dtype.
+    ``quantization`` is ``"none"``, ``"8-bit"`` or ``"4-bit"``. ``dtype`` defaults to bfloat16
+    on CUDA (float16 where bf16 is missing) and float32 on the CPU; for 4-bit it is the compute
+    dtype. 8-bit on the CPU computes in float32 whatever ``dtype`` says (torch's int8 linears
+    take fp32 input).
     """
     quant = _normalize_quantization(quantization)
     dev = parse_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    cpu_int8 = quant == "8-bit" and dev.type == "cpu"
+    if cpu_int8 and str(torch_dtype) != "torch.float32":
+        logger.info("8-bit on the CPU computes in float32, not %s", torch_dtype)
+        torch_dtype = pick_dtype("float32", dev)
     path = source.path
     if not (path / "config.json").is_file():
         raise NotFound(f"{path} holds no config.json")
@@ -164,10 +150,8 @@ def load_llm(
         # initialises them randomly); the info lets us refuse such a model instead.
         "output_loading_info": True,
     }
-    if quant != "none":
+    if quant != "none" and not cpu_int8:
         kwargs["quantization_config"] = _quantization_config(quant, torch_dtype)
-        if quant == "8-bit" and dev.type == "cpu":
-            _quiet_bnb_cast_warning()
 
     model: Any = None
     tokenizer: Any = None
@@ -190,6 +174,11 @@ def load_llm(
             result = None
             model.eval()
         check_complete(info, path, "causal LM")
+        extra_bytes = 0
+        if cpu_int8:
+            with translating_errors("the model's int8 linears", path, dev):
+                quantize_cpu_int8(model)
+            extra_bytes = int8_linear_bytes(model)
 
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is not None:
@@ -208,7 +197,7 @@ def load_llm(
             context_length=_context_length(model.config, tokenizer),
             source=source,
             quantization=quant,
-            memory_bytes=int(model.get_memory_footprint()),
+            memory_bytes=int(model.get_memory_footprint()) + extra_bytes,
         )
     except BaseException:
         model = tokenizer = None
