@@ -6,6 +6,10 @@ quantization, the context length, and where it will run. From that:
     weights   = parameters x bytes per parameter
                   none   2 B (fp16/bf16) on a GPU, 4 B (fp32) on the CPU
                   8-bit  1 B;   4-bit  0.5 B   (bitsandbytes)
+                  8-bit on the CPU (workers/loading/cpu_int8.py, torch's int8 linears): 1 B
+                  + 4 B per embedding parameter, which stays fp32, with an int8 copy for a
+                  tied output head; embedding = min(128k x hidden, parameters / 4) (SmolLM2's
+                  28M of 135M, Llama 3's 525M of 8B, rounded up)
     overhead  = 15 % of the weights (activations, buffers, allocator slack, the layers that
                 quantization keeps in 16 bits) + 512 MiB of CUDA context on a GPU
     KV cache  = bytes per token x tokens
@@ -68,6 +72,8 @@ _OVERHEAD = 0.15
 _CUDA_CONTEXT = 512 << 20
 _GQA = 4
 _BYTES_PER_PARAM = {"4-bit": 0.5, "8-bit": 1.0}
+# The largest vocabularies in use (Llama 3's 128,256 tokens), for the embedding's size.
+_VOCAB_CEILING = 128_256
 # Bits per weight of GGUF types (llama.cpp's ggml-common.h blocks; K-quant mixes as
 # llama-quantize lists them). Unlisted names: the number in them + 1 (Q5_K_S ~ 6), else 8.5.
 _GGUF_BITS = {
@@ -122,6 +128,12 @@ def _gguf_bytes(parameters: float, quantization: str, context: int, batch: int) 
     return int(weights * (1 + _GGUF_OVERHEAD) + kv + _GGUF_BUFFERS)
 
 
+def _embedding_parameters(parameters: float) -> float:
+    """The input embedding's share of ``parameters`` (the docstring's estimate)."""
+    hidden = (parameters * 128 / 12) ** (1 / 3)
+    return min(_VOCAB_CEILING * hidden, parameters / 4)
+
+
 def _kv_bytes_per_token(parameters: float, dtype_bytes: float) -> float:
     hidden = (parameters * 128 / 12) ** (1 / 3)
     layers = hidden / 128
@@ -150,6 +162,8 @@ def estimate_bytes(
         return _gguf_bytes(parameters, quantization, context_length or 2048, max_batch_size or DEFAULT_BATCH)
     on_gpu = device_kind != "cpu"
     weights = parameters * _bytes_per_param(quantization, on_gpu)
+    if quantization == "8-bit" and not on_gpu:
+        weights += 4 * _embedding_parameters(parameters)
     need = weights * (1 + _OVERHEAD) + (_CUDA_CONTEXT if on_gpu else 0)
     if model_type == "LLM":
         # The cache is kept in the compute dtype, whatever the weights' quantization.

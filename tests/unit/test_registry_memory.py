@@ -202,3 +202,21 @@ def test_stopping_workers_take_no_replicas() -> None:
 def test_a_pinned_worker_without_room_is_a_503() -> None:
     with pytest.raises(Unavailable, match=r"needs about 50\.0 GiB"):
         place_replicas([worker("a", 80), worker("b", 10)], 1, worker_id="b", need=gib(50))
+
+
+def test_cpu_8bit_counts_the_fp32_embedding_and_the_head_copy() -> None:
+    """8-bit on the CPU keeps the embedding in fp32 and quantizes a copy of a tied output head
+    (workers/loading/cpu_int8.py): more than 1 B a parameter, still far below fp32's 4 B."""
+
+    def need(size: float, q: str, kind: str) -> int:
+        return estimate_bytes(spec(size), quantization=q, device_kind=kind, model_type="embedding")
+
+    # SmolLM2-135M: 135M parameters, 28M of them the (tied) embedding, measured by the loader
+    # at 135M x 1 B + 28M x 4 B + 28M x 1 B = 275 MB; the estimate may not be below it.
+    small = need(0.135, "8-bit", "cpu")
+    assert small >= 275e6, small
+    assert small < need(0.135, "none", "cpu") / 1.5
+    # The GPU's 8-bit (bitsandbytes) is unchanged: 1 B a parameter.
+    assert need(8, "8-bit", "cuda") < need(8, "8-bit", "cpu")
+    # For a large model the embedding is a small share: close to 1 B a parameter.
+    assert need(70, "8-bit", "cpu") < need(70, "none", "cpu") / 3
