@@ -110,27 +110,14 @@ def hub_download(
     from huggingface_hub import hf_hub_download, snapshot_download
 
     offline = is_offline()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "local_files_only": offline}
     if progress is not None:
         kwargs["tqdm_class"] = progress_tqdm(progress, model_id)
     try:
         if file_name is None:
-            local = snapshot_download(
-                repo_id=model_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=offline,
-                **kwargs,
-            )
+            local = snapshot_download(model_id, **kwargs)
         else:
-            local = hf_hub_download(
-                repo_id=model_id,
-                filename=file_name,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=offline,
-                **kwargs,
-            )
+            local = hf_hub_download(model_id, file_name, **kwargs)
     except Exception as exc:
         error = hub_error(
             exc, model_id, file_name=file_name, revision=revision, cache_dir=cache_dir, offline=offline
