@@ -225,11 +225,13 @@ def tiny_llama(
     seed: int = 0,
     max_position_embeddings: int = 2048,
     initializer_range: float | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Any:
     """A random-weight ``LlamaForCausalLM`` (in eval mode) over ``tokenizer``'s vocabulary, its
     special tokens in its config and generation config. Same arguments, same weights.
 
-    ``initializer_range`` is transformers' (0.02) unless given.
+    ``initializer_range`` is transformers' (0.02) unless given; ``tie_word_embeddings`` shares
+    the output head with the embedding, as SmolLM2 does.
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -248,7 +250,7 @@ def tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         **extra,
     )
     # fork_rng keeps the seeding from leaking into the rest of the test session.

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from broker_client import BadRequest, InternalError, NotFound
-from tests.support.models import NSQL_REPO_ID, build_tiny_llama, install_in_hf_cache
+from tests.support.models import (
+    NSQL_REPO_ID,
+    build_tiny_llama,
+    install_in_hf_cache,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from tests.support.ports import free_port
 from workers.loading import (
     LoadedLLM,
@@ -322,21 +328,12 @@ def test_8bit_on_cpu_is_torch_dynamic_int8(tiny_llama_dir: Path, plain_llm: Load
 def test_8bit_on_cpu_unties_the_head() -> None:
     """A tied head (SmolLM2's) gets its own int8 copy; the embedding stays fp32 and untouched."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from workers.loading.cpu_int8 import int8_linear_bytes, quantize_cpu_int8
 
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tiny_tokenizer(vocab_size=300), hidden_size=32, num_layers=1, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    vocab, hidden = model.model.embed_tokens.weight.shape
     embedding = model.model.embed_tokens.weight.detach().clone()
     ids = torch.tensor([[1, 5, 9, 200]])
     with torch.inference_mode():
@@ -345,9 +342,9 @@ def test_8bit_on_cpu_unties_the_head() -> None:
         after = model(ids).logits
     assert isinstance(model.lm_head, DynamicLinear) and not model.config.tie_word_embeddings
     assert torch.equal(model.model.embed_tokens.weight, embedding)
-    # The head's int8 copy: 300 x 32 weights at a byte, 20 bytes of scale, zero point and
+    # The head's int8 copy: vocab x hidden weights at a byte, 20 bytes of scale, zero point and
     # offset per row.
-    assert int8_linear_bytes(model) - int8_linear_bytes(model.model) == 300 * 32 + 300 * 20
+    assert int8_linear_bytes(model) - int8_linear_bytes(model.model) == vocab * hidden + vocab * 20
     assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.99
 
 
