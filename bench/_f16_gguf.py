@@ -81,5 +81,6 @@ def ensure_f16(source: Path, log: Callable[[str], None] | None = None) -> Path:
         started = time.perf_counter()
         write_f16(source, dest)
         if log is not None:
-            log(f"wrote {dest} ({dest.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s")
+            mib = dest.stat().st_size / 2**20
+            log(f"wrote {dest} ({mib:.0f} MiB) in {time.perf_counter() - started:.1f} s")
     return dest
