@@ -34,7 +34,10 @@ machine is shared: the best round is the one least disturbed by others; the load
 share of the CPU other processes took during the round and this process's CPU time per token are
 recorded with the figures). Like ``natserve worker``, the process runs with
 ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (torch's and llama.cpp's OpenMP
-threads would otherwise spin against each other between the paths).
+threads would otherwise spin against each other between the paths). ``--omp-wait-policy``
+sets it (``unset``: OpenMP's default): llama.cpp alone runs fastest with its threads spinning,
+so its best figures come from a run of the llama.cpp paths alone with ``ACTIVE`` or ``unset``
+(docs/benchmarks.md has both).
 
 Every path generates exactly 64 tokens a request (end-of-generation ignored, which is how the
 baseline decodes too); greedy tokens of the two Q4_1 llama.cpp paths are compared, and with
@@ -275,8 +278,15 @@ def run(
     log: Any,
     rounds: int = 2,
     paths: tuple[str, ...] = PATHS,
+    omp_wait_policy: str | None = None,
 ) -> dict[str, Any]:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch or llama.cpp loads its OpenMP runtime (each reads the variable then).
+    if omp_wait_policy is None:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    elif omp_wait_policy == "unset":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
     from bench._f16_gguf import ensure_f16
     from bench.engine import CpuMeter
     from workers.builder import CPU_INITIAL_SEQ, DEFAULT_LLM_BATCH
@@ -466,6 +476,6 @@ def run(
         "hf_dtypes": dtypes,
         "new_tokens": NEW_TOKENS,
         "rounds": rounds,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         **info,
     }

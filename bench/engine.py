@@ -56,7 +56,7 @@ tokens/s over plain's (targets: >= 0.85 and >= 0.95). ``--features-only`` runs j
                            [--quick] [--threads N] [--max-wait S] [--retries N] [--json]
                            [--features-only | --no-features] [--feature-rounds N]
     python bench/engine.py --real [--concurrency 1,8,32] [--paths P,...] [--quick] [--threads N]
-                           [--json]
+                           [--omp-wait-policy PASSIVE|ACTIVE|unset] [--json]
 
 ``--real`` measures the real model instead: SmolLM2-135M-Instruct on llama.cpp alone (Q4_1 and
 F16 files), natserve's GGUF engine and natserve's transformers engine as the worker builds it on
@@ -1113,7 +1113,8 @@ def print_real(result: dict[str, Any], concurrency: tuple[int, ...]) -> None:
     print()
     print(
         f"SmolLM2-135M-Instruct, {result['new_tokens']} greedy tokens a request, ~100-token prompts, "
-        f"{result['threads']} threads, best of {result['rounds']} round(s)"
+        f"{result['threads']} threads, best of {result['rounds']} round(s), "
+        f"OMP_WAIT_POLICY {result['omp_wait_policy']}"
     )
     print(
         f"{'C':>4} {'path':<16}{'tok/s':>8}{'decode':>8}{'TTFT ms':>9}{'CPU ms/tok':>11}"
@@ -1239,9 +1240,15 @@ def main() -> int:
         help="with --real, a comma list of the paths to run (default all but hf-padded): "
         "llama.cpp-Q4_1, llama.cpp-F16, gguf-engine, hf-fp32, hf-int8, hf-padded",
     )
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("PASSIVE", "ACTIVE", "unset"),
+        help="with --real, OMP_WAIT_POLICY of the process (default: PASSIVE unless the environment "
+        "sets it, as `natserve worker`)",
+    )
     args = parser.parse_args()
-    if args.paths and not args.real:
-        parser.error("--paths goes with --real")
+    if (args.paths or args.omp_wait_policy) and not args.real:
+        parser.error("--paths and --omp-wait-policy go with --real")
     if args.real:
         from bench import _real_model
 
@@ -1257,6 +1264,7 @@ def main() -> int:
             lambda line: print(line, flush=True),
             rounds=1 if args.quick else 2,
             paths=real_paths,
+            omp_wait_policy=args.omp_wait_policy,
         )
         print_real(result, real)
         if args.json:
