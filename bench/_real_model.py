@@ -48,6 +48,11 @@ included), decode tokens/s (tokens after each request's first / the time from th
 the round to its end), time to first token (median over the requests) and CPU ms a token (this
 process's CPU time over the round, all threads, / tokens). The engines run in this process,
 without NATS: the ratios compare engines, not the pool's overhead (``bench/overhead.py``).
+
+On a CPU that advertises AMX but faults on it (this machine, 2026-12-03: ``ldtilecfg`` in
+``ggml_backend_amx_mul_mat``), llama.cpp built with ``GGML_NATIVE`` dies at the first Q4_1
+decode; docs/benchmarks.md says how the figures there were taken (ggml's CPU library rebuilt
+without AMX).
 """
 
 from __future__ import annotations
