@@ -10,7 +10,8 @@ prompts of ~100 tokens and 64 greedy tokens each go through the selected paths (
     llama.cpp-Q4_1   llama-cpp-python's low-level API alone, no natserve: one context of C
                      sequences (the engine's context settings), every prompt prefilled in
                      512-token batches, then one ``llama_decode`` per step for all C sequences;
-                     C = 1 is its single stream
+                     C = 1 is its single stream. In a process of its own (``AloneProcess``)
+                     with OpenMP's default wait policy unless ``--baseline-omp`` says otherwise
     llama.cpp-F16    the same code on the F16 file: the issue's baseline for the transformers
                      engine at C = 32 ("llama.cpp F16 with 32 sequences in one context")
     gguf-engine      natserve's :class:`~workers.engines.LlamaCppEngine` on the Q4_1 file and the
@@ -35,9 +36,10 @@ share of the CPU other processes took during the round and this process's CPU ti
 recorded with the figures). Like ``natserve worker``, the process runs with
 ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (torch's and llama.cpp's OpenMP
 threads would otherwise spin against each other between the paths). ``--omp-wait-policy``
-sets it (``unset``: OpenMP's default): llama.cpp alone runs fastest with its threads spinning,
-so its best figures come from a run of the llama.cpp paths alone with ``ACTIVE`` or ``unset``
-(docs/benchmarks.md has both).
+sets it (``unset``: OpenMP's default). llama.cpp alone runs 2.4-2.8x faster at C = 1 with its
+threads spinning (docs/benchmarks.md), so the llama.cpp-alone paths run in a process of their
+own with OpenMP's default policy (``--baseline-omp unset``; ``same``: in this process, as
+before), still taking turns with the other paths.
 
 Every path generates exactly 64 tokens a request (end-of-generation ignored, which is how the
 baseline decodes too); greedy tokens of the two Q4_1 llama.cpp paths are compared, and with
@@ -202,6 +204,94 @@ def llama_alone(
     return Round(name, n_seq, wall, n_seq * new_tokens, ttft, first_at, outputs)
 
 
+def _alone_main(conn: Any, files: dict[str, str], policy: str, threads: int, context: int) -> None:
+    """The llama.cpp process: loads ``files`` (path name -> GGUF), then runs one
+    :func:`llama_alone` round per ``(name, prompts)`` it receives, until ``None``."""
+    # Before llama.cpp's OpenMP runtime loads (it reads the variable then).
+    if policy == "unset":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = policy
+    from workers.loading import ModelSource, load_gguf
+
+    models = {}
+    try:
+        for name, file in files.items():
+            path = Path(file)
+            models[name] = load_gguf(
+                ModelSource(path=path, origin="uri", ref=file), quantization=name.split("-", 1)[1]
+            )
+        conn.send("ready")
+        while (msg := conn.recv()) is not None:
+            name, batch = msg
+            g = models[name]
+            conn.send(llama_alone(g.llama_cpp, g.model, batch, threads, context, name))
+    except Exception as exc:
+        conn.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        for g in models.values():
+            g.unload()
+
+
+class AloneProcess:
+    """llama.cpp alone in a process of its own, with its own OpenMP wait policy: the benchmark's
+    process runs ``PASSIVE`` for torch, and llama.cpp's threads spinning there would take the
+    cores from torch's, while ``PASSIVE`` costs llama.cpp itself 2.4-2.8x at C = 1 (measured,
+    docs/benchmarks.md). The rounds still take turns with the other paths; between them the
+    process waits on its pipe."""
+
+    READY_S = 180.0
+    ROUND_S = 1800.0
+
+    def __init__(self, files: dict[str, Path], policy: str, threads: int, context: int) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_alone_main,
+            args=(child, {k: str(v) for k, v in files.items()}, policy, threads, context),
+            daemon=True,
+        )
+        self.proc.start()
+        child.close()
+        self._answer(self.READY_S, "start")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None
+        return self.proc.pid
+
+    def _answer(self, timeout: float, what: str) -> Any:
+        if not self._conn.poll(timeout):
+            raise RuntimeError(f"the llama.cpp process gave no answer to {what} within {timeout:.0f} s")
+        try:
+            msg = self._conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise RuntimeError(
+                f"the llama.cpp process exited (code {self.proc.exitcode}) at {what}"
+            ) from None
+        if isinstance(msg, str) and msg != "ready":
+            raise RuntimeError(f"the llama.cpp process failed at {what}: {msg}")
+        return msg
+
+    def round(self, name: str, batch_prompts: list[list[int]]) -> Round:
+        self._conn.send((name, batch_prompts))
+        r: Round = self._answer(self.ROUND_S, f"a {name} round of {len(batch_prompts)}")
+        return r
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
+
+
 # ----------------------------------------------------------------------------- natserve's engines
 
 
@@ -284,7 +374,10 @@ def run(
     rounds: int = 2,
     paths: tuple[str, ...] = PATHS,
     omp_wait_policy: str | None = None,
+    baseline_omp: str = "unset",
 ) -> dict[str, Any]:
+    """``baseline_omp``: the OpenMP wait policy of the llama.cpp-alone paths, run in a process
+    of their own (:class:`AloneProcess`); ``"same"`` runs them in this process instead."""
     # Before torch or llama.cpp loads its OpenMP runtime (each reads the variable then).
     if omp_wait_policy is None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -309,6 +402,7 @@ def run(
     loaded: dict[str, Any] = {}  # the other loaded forms, unloaded at the end
     engines: dict[str, Any] = {}  # the transformers engines, built once
     meter = CpuMeter([os.getpid()])
+    alone: AloneProcess | None = None
     loop = asyncio.new_event_loop()
     rows: list[dict[str, Any]] = []
     agree: dict[int, bool] = {}
@@ -364,11 +458,20 @@ def run(
             f"paths {', '.join(paths)}"
         )
 
+        alone_files = {
+            name: (path if name == "llama.cpp-Q4_1" else Path(info["f16_file"]))
+            for name in paths
+            if name.startswith("llama.cpp-")
+        }
+        if alone_files and baseline_omp != "same":
+            alone = AloneProcess(alone_files, baseline_omp, threads, context)
+            meter.pids.append(alone.pid)
+
         def timed(fn: Any) -> Round:
             mark = meter.start()
-            cpu0 = meter.proc_cpu(os.getpid())
+            cpu0 = sum(meter.proc_cpu(pid) for pid in meter.pids)
             r: Round = fn()
-            r.cpu_s = meter.proc_cpu(os.getpid()) - cpu0
+            r.cpu_s = sum(meter.proc_cpu(pid) for pid in meter.pids) - cpu0
             r.foreign = meter.foreign(mark)
             return r
 
@@ -390,6 +493,9 @@ def run(
                 engine.close()
 
         def runner(name: str) -> Any:
+            if alone is not None and name in alone_files:
+                proc = alone
+                return lambda b: proc.round(name, b)
             if name == "llama.cpp-Q4_1":
                 return lambda b: llama_alone(lib, gguf.model, b, threads, context, name)
             if name == "llama.cpp-F16":
@@ -454,6 +560,8 @@ def run(
                     + ")"
                 )
     finally:
+        if alone is not None:
+            alone.close()
         for engine in engines.values():
             engine.close()
         loop.close()
@@ -482,5 +590,6 @@ def run(
         "new_tokens": NEW_TOKENS,
         "rounds": rounds,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "baseline_omp_wait_policy": baseline_omp if baseline_omp != "same" else "(same process)",
         **info,
     }

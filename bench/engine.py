@@ -56,7 +56,8 @@ tokens/s over plain's (targets: >= 0.85 and >= 0.95). ``--features-only`` runs j
                            [--quick] [--threads N] [--max-wait S] [--retries N] [--json]
                            [--features-only | --no-features] [--feature-rounds N]
     python bench/engine.py --real [--concurrency 1,8,32] [--paths P,...] [--quick] [--threads N]
-                           [--omp-wait-policy PASSIVE|ACTIVE|unset] [--json]
+                           [--omp-wait-policy PASSIVE|ACTIVE|unset]
+                           [--baseline-omp unset|ACTIVE|PASSIVE|same] [--json]
 
 ``--real`` measures the real model instead: SmolLM2-135M-Instruct on llama.cpp alone (Q4_1 and
 F16 files), natserve's GGUF engine and natserve's transformers engine as the worker builds it on
@@ -1114,7 +1115,8 @@ def print_real(result: dict[str, Any], concurrency: tuple[int, ...]) -> None:
     print(
         f"SmolLM2-135M-Instruct, {result['new_tokens']} greedy tokens a request, ~100-token prompts, "
         f"{result['threads']} threads, best of {result['rounds']} round(s), "
-        f"OMP_WAIT_POLICY {result['omp_wait_policy']}"
+        f"OMP_WAIT_POLICY {result['omp_wait_policy']} (llama.cpp alone: "
+        f"{result['baseline_omp_wait_policy']})"
     )
     print(
         f"{'C':>4} {'path':<16}{'tok/s':>8}{'decode':>8}{'TTFT ms':>9}{'CPU ms/tok':>11}"
@@ -1246,6 +1248,13 @@ def main() -> int:
         help="with --real, OMP_WAIT_POLICY of the process (default: PASSIVE unless the environment "
         "sets it, as `natserve worker`)",
     )
+    parser.add_argument(
+        "--baseline-omp",
+        choices=("unset", "ACTIVE", "PASSIVE", "same"),
+        default="unset",
+        help="with --real, OMP_WAIT_POLICY of the llama.cpp-alone paths, which run in a process of "
+        "their own (default unset: OpenMP's default); same: in this process, with its policy",
+    )
     args = parser.parse_args()
     if (args.paths or args.omp_wait_policy) and not args.real:
         parser.error("--paths and --omp-wait-policy go with --real")
@@ -1265,6 +1274,7 @@ def main() -> int:
             rounds=1 if args.quick else 2,
             paths=real_paths,
             omp_wait_policy=args.omp_wait_policy,
+            baseline_omp=args.baseline_omp,
         )
         print_real(result, real)
         if args.json:
