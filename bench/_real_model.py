@@ -32,8 +32,8 @@ the llama.cpp paths build their context each round.
 Each path first runs one short warm-up round (pages the weights in, starts the threads), then
 ``rounds`` rounds per concurrency, the paths taking turns; a path's figure is its best round (the
 machine is shared: the best round is the one least disturbed by others; the load average, the
-share of the CPU other processes took during the round and this process's CPU time per token are
-recorded with the figures). Like ``natserve worker``, the process runs with
+share of the CPU other processes took during the round and the CPU time per token are recorded
+with the figures). Like ``natserve worker``, the process runs with
 ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (torch's and llama.cpp's OpenMP
 threads would otherwise spin against each other between the paths). ``--omp-wait-policy``
 sets it (``unset``: OpenMP's default). llama.cpp alone runs 2.4-2.8x faster at C = 1 with its
@@ -47,9 +47,10 @@ llama.cpp-F16 selected, a check before the rounds decodes three chat prompts gre
 files (and on hf-fp32 when selected) and reports how many of the 64 leading tokens they share.
 Figures: tokens/s end to end (every generated token / the wall time of the round, prefill
 included), decode tokens/s (tokens after each request's first / the time from the first token of
-the round to its end), time to first token (median over the requests) and CPU ms a token (this
-process's CPU time over the round, all threads, / tokens). The engines run in this process,
-without NATS: the ratios compare engines, not the pool's overhead (``bench/overhead.py``).
+the round to its end), time to first token (median over the requests) and CPU ms a token (the
+CPU time of this process and the llama.cpp one over the round, all threads, / tokens). The
+engines run in this process, without NATS: the ratios compare engines, not the pool's overhead
+(``bench/overhead.py``).
 
 On a CPU that advertises AMX but faults on it (this machine, 2026-12-03: ``ldtilecfg`` in
 ``ggml_backend_amx_mul_mat``), llama.cpp built with ``GGML_NATIVE`` dies at the first Q4_1
