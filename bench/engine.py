@@ -55,10 +55,13 @@ tokens/s over plain's (targets: >= 0.85 and >= 0.95). ``--features-only`` runs j
     python bench/engine.py [--device cpu|cuda] [--models tiny,small] [--concurrency 1,8,32]
                            [--quick] [--threads N] [--max-wait S] [--retries N] [--json]
                            [--features-only | --no-features] [--feature-rounds N]
-    python bench/engine.py --real [--concurrency 1,8,32] [--threads N] [--json]
+    python bench/engine.py --real [--concurrency 1,8,32] [--paths P,...] [--quick] [--threads N]
+                           [--omp-wait-policy PASSIVE|ACTIVE|unset]
+                           [--baseline-omp unset|ACTIVE|PASSIVE|same] [--json]
 
-``--real`` measures the real model instead: SmolLM2-135M-Instruct on llama.cpp alone, natserve's
-GGUF engine and natserve's transformers engine (bench/_real_model.py says how).
+``--real`` measures the real model instead: SmolLM2-135M-Instruct on llama.cpp alone (Q4_1 and
+F16 files), natserve's GGUF engine and natserve's transformers engine as the worker builds it on
+the CPU, fp32 and 8-bit (bench/_real_model.py says how); ``--paths`` picks some of them.
 """
 
 from __future__ import annotations
@@ -1103,6 +1106,58 @@ def print_report(
         check("ready + launch tiny sent at ready (s)", both, both < goal, f"< {goal:.0f} s")
 
 
+def print_real(result: dict[str, Any], concurrency: tuple[int, ...]) -> None:
+    """The ``--real`` run as a table (tokens/s end to end and decode, TTFT, CPU ms a token) and
+    its ratios, each path against the baselines of ``_real_model.RATIOS``."""
+    from bench._real_model import RATIOS, key
+
+    print()
+    print(
+        f"SmolLM2-135M-Instruct, {result['new_tokens']} greedy tokens a request, ~100-token prompts, "
+        f"{result['threads']} threads, best of {result['rounds']} round(s), "
+        f"OMP_WAIT_POLICY {result['omp_wait_policy']} (llama.cpp alone: "
+        f"{result['baseline_omp_wait_policy']})"
+    )
+    print(
+        f"{'C':>4} {'path':<16}{'tok/s':>8}{'decode':>8}{'TTFT ms':>9}{'CPU ms/tok':>11}"
+        f"{'load':>6}{'others':>8}"
+    )
+    for c in concurrency:
+        for row in result["rows"]:
+            if row["c"] != c:
+                continue
+            others = row.get("foreign_cpu_pct")
+            print(
+                f"{c:>4} {row['path']:<16}{row['tokens_per_s']:>8.1f}{row['decode_tokens_per_s']:>8.1f}"
+                f"{row['ttft_p50_ms']:>9.0f}{row['cpu_ms_per_token']:>11.1f}{row['load_avg_1m']:>6.1f}"
+                f"{'-' if others is None else f'{others:.0f}%':>8}"
+            )
+    ratios = result["ratios"]
+    if ratios:
+        print()
+        print("ratios (tokens/s end to end, decode):")
+        for name, base in RATIOS:
+            for c in concurrency:
+                k = f"{key(name)}_vs_{key(base)}_c{c}"
+                if k in ratios:
+                    print(f"  {name} / {base} c={c}: {ratios[k]:.2f} ({ratios[k + '_decode']:.2f} decode)")
+    equal = result["gguf_engine_tokens_equal_llama_cpp"]
+    if equal:
+        print(f"greedy tokens of the GGUF engine equal llama.cpp Q4_1's: {equal}")
+    check = result.get("f16_check")
+    if check:
+        print(
+            f"F16 file against Q4_1, greedy on {len(check['f16_vs_q4_1_common_prefix'])} chat prompts: "
+            f"{check['f16_vs_q4_1_common_prefix']} leading tokens of {check['of']} the same"
+            + (
+                f"; against hf-fp32 {check['f16_vs_hf_fp32_common_prefix']}, Q4_1 against hf-fp32 "
+                f"{check['q4_1_vs_hf_fp32_common_prefix']}"
+                if "f16_vs_hf_fp32_common_prefix" in check
+                else ""
+            )
+        )
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -1182,18 +1237,46 @@ def main() -> int:
         help="the real model instead (SmolLM2-135M-Instruct): llama.cpp alone, natserve's GGUF "
         "engine and its transformers engine, side by side (bench/_real_model.py)",
     )
+    parser.add_argument(
+        "--paths",
+        help="with --real, a comma list of the paths to run (default all but hf-padded): "
+        "llama.cpp-Q4_1, llama.cpp-F16, gguf-engine, hf-fp32, hf-int8, hf-padded",
+    )
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("PASSIVE", "ACTIVE", "unset"),
+        help="with --real, OMP_WAIT_POLICY of the process (default: PASSIVE unless the environment "
+        "sets it, as `natserve worker`)",
+    )
+    parser.add_argument(
+        "--baseline-omp",
+        choices=("unset", "ACTIVE", "PASSIVE", "same"),
+        default="unset",
+        help="with --real, OMP_WAIT_POLICY of the llama.cpp-alone paths, which run in a process of "
+        "their own (default unset: OpenMP's default); same: in this process, with its policy",
+    )
     args = parser.parse_args()
+    if (args.paths or args.omp_wait_policy) and not args.real:
+        parser.error("--paths and --omp-wait-policy go with --real")
     if args.real:
         from bench import _real_model
 
+        try:
+            real_paths = _real_model.parse_paths(args.paths)
+        except ValueError as exc:
+            parser.error(str(exc))
         real = tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (1, 8, 32)
         result = _real_model.run(
-            real, args.threads, 512, lambda line: print(line, flush=True), rounds=1 if args.quick else 2
+            real,
+            args.threads,
+            512,
+            lambda line: print(line, flush=True),
+            rounds=1 if args.quick else 2,
+            paths=real_paths,
+            omp_wait_policy=args.omp_wait_policy,
+            baseline_omp=args.baseline_omp,
         )
-        for name, value in result["ratios"].items():
-            print(f"{name}: {value:.2f}")
-        equal = result["gguf_engine_tokens_equal_llama_cpp"]
-        print(f"greedy tokens of the GGUF engine equal llama.cpp's: {equal}")
+        print_real(result, real)
         if args.json:
             print(json.dumps(result))
         return 0
