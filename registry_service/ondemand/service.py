@@ -14,6 +14,10 @@ key gives them) scales:
   request on), and the subscriptions are drained, the requests that still arrive meanwhile
   going the same way. A caller sees one slow first reply. A request held ``max_age`` seconds
   gets a 504 naming the wait; when the start fails, every held request gets its error.
+* **Backed off after a failed start.** A start that failed is not tried again for a window
+  (:class:`~.backoff.StartBackoff`: 2 s doubling to 60 s, reset by a start that succeeds);
+  meanwhile a request gets a 503 at once naming the model, the last failure and when the next
+  try is, and the event of the failure (stage ``backoff``) says how long the window is.
 * **Stopped when idle.** Every ``interval`` the registry looks at the replicas' idleness in the
   heartbeats (``ReplicaInfo.idle_for``) and stops the ones idle past the model's idle timeout,
   down to ``min_replicas`` (``decisions.idle_stops``), with a terminate that says ``if_idle_for``:
@@ -26,9 +30,10 @@ key gives them) scales:
   that follow.
 
 Each start and stop is a model event with a ``reason``: ``on_demand``, ``idle_timeout``,
-``evicted_for <uid>``, ``scaled_to_zero``. Several registries may serve one prefix: each holds
-what NATS hands it, the replica rows' unique index decides which one starts a model, and the
-others hand their requests over once a worker reports the model's replicas ready.
+``evicted_for <uid>``, ``scaled_to_zero``, ``start_failed`` (a ``backoff`` event). Several
+registries may serve one prefix: each holds what NATS hands it, the replica rows' unique index
+decides which one starts a model, and the others hand their requests over once a worker
+reports the model's replicas ready.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from ..placement import Placement, place_replicas
 from ..plan import LaunchPlan
 from ..repository import RegistryRepository
 from . import decisions
+from .backoff import FIRST_BACKOFF, MAX_BACKOFF, StartBackoff
 from .hold import DEFAULT_HOLD_MAX_AGE, DEFAULT_HOLD_MAX_REQUESTS, HoldQueue
 
 __all__ = ["OnDemand"]
@@ -99,6 +105,8 @@ class _Hold:
     subs: list[Subscription] = field(default_factory=list)
     start: asyncio.Task[None] | None = None
     expiry: asyncio.Task[None] | None = None
+    # The failed starts in a row: none is tried within their window.
+    backoff: StartBackoff | None = None
 
 
 class OnDemand:
@@ -116,6 +124,8 @@ class OnDemand:
         max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
         max_age: float = DEFAULT_HOLD_MAX_AGE,
         interval: float = 0.5,
+        backoff_first: float = FIRST_BACKOFF,
+        backoff_max: float = MAX_BACKOFF,
     ) -> None:
         self.nc = nc
         self.repo = repository
@@ -126,6 +136,10 @@ class OnDemand:
         self.max_requests = max_requests
         self.max_age = max_age
         self.interval = interval
+        # Checked here, not at a model's first failure: StartBackoff refuses bad windows.
+        StartBackoff("", first=backoff_first, longest=backoff_max)
+        self.backoff_first = backoff_first
+        self.backoff_max = backoff_max
         self._holds: dict[str, _Hold] = {}
         # Uids whose replicas are being stopped now (an idle stop, an eviction).
         self._stopping: set[str] = set()
@@ -241,6 +255,7 @@ class OnDemand:
             tuple(abilities),
             HoldQueue(uid, max_requests=self.max_requests, max_age=self.max_age),
             state=state,
+            backoff=StartBackoff(uid, first=self.backoff_first, longest=self.backoff_max),
         )
         self._holds[uid] = hold
         group = self.subjects.model_queue_group(uid)
@@ -268,7 +283,11 @@ class OnDemand:
             resp.parse(_OPERATIONS[op])
             if hold.abilities and op not in hold.abilities:
                 raise BadRequest(f"model {uid!r} cannot {op}: its abilities are {', '.join(hold.abilities)}")
-            hold.queue.add((op, msg), time.monotonic())
+            now = time.monotonic()
+            if hold.state == "zero" and hold.backoff is not None and hold.backoff.waiting(now):
+                # Its last start failed: no launch within the window, a 503 at once.
+                raise hold.backoff.refusal(now)
+            hold.queue.add((op, msg), now)
         except NatserveError as exc:
             with contextlib.suppress(Exception):
                 await resp.respond_error(exc)
@@ -390,8 +409,25 @@ class OnDemand:
             logger.warning("starting %r on demand failed: %s", uid, error)
             await self._fail_held(hold, error)
             hold.state = "zero"
+            await self._back_off(hold, row, error)
             return
         await self._hand_over(hold)
+
+    async def _back_off(self, hold: _Hold, row: ModelRow, error: NatserveError) -> None:
+        if hold.backoff is None:
+            return
+        window = hold.backoff.failed(error.message, time.monotonic())
+        await self.events.model(
+            hold.uid,
+            "backoff",
+            model_name=row.model_name,
+            status="ready",
+            reason="start_failed",
+            message=(
+                f"start failed ({error.message}): no start for {window:g} s, requests meanwhile get "
+                f"a 503 ({hold.backoff.failures} failed start(s) in a row)"
+            ),
+        )
 
     async def _until_reported(self, uid: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -169,10 +169,22 @@ async def test_held_requests_past_the_bound_get_429_and_past_the_age_504(
     await client.terminate_model(uid)
 
 
-async def test_a_start_that_fails_answers_the_held_requests_with_its_error(
+async def test_a_start_that_fails_answers_the_held_requests_with_its_error_and_backs_off(
     pool: tuple[AsyncClient, list[Worker]], nats_url: str
 ) -> None:
     client, [worker] = pool
+    events: list[dict[str, Any]] = []
+    watcher = await nats.connect(nats_url)
+
+    async def on_event(msg: Any) -> None:
+        events.append(codec.decode(msg.data, codec.detect(msg.data, msg.headers)))
+
+    await watcher.subscribe(client.subjects.events("broken"), cb=on_event)
+    await watcher.flush()
+
+    def starts() -> int:
+        return sum(1 for e in events if (e["stage"], e.get("reason")) == ("starting", "on_demand"))
+
     # The registry takes the URI; the worker refuses its unknown option when it loads it.
     await client.register_model("LLM", echo_definition("broken", "echo:?bogus=1"))
     uid = await client.launch_model("broken", min_replicas=0, progress=False)
@@ -183,8 +195,41 @@ async def test_a_start_that_fails_answers_the_held_requests_with_its_error(
     assert replicas(worker, uid) == []
     d = await client.describe_model(uid)
     assert (d["state"], d["replicas"], d["status"]) == ("scaled_to_zero", [], "ready")
-    with pytest.raises(BadRequest, match="unknown echo option 'bogus'"):
-        await within(model.chat([{"role": "user", "content": "again"}]), "a second try")
+
+    # Within the backoff window (2 s after the first failure) a request is a 503 at once that
+    # names the model, the failure and the next try, and nothing is launched.
+    for _ in range(3):
+        with pytest.raises(Unavailable, match=r"model 'broken' is not started: its last start failed") as e:
+            await within(model.chat([{"role": "user", "content": "again"}]), "a 503 within the window", 2)
+        assert "unknown echo option 'bogus'" in e.value.message and "the next try is in" in e.value.message
+    assert "1 failed start(s) in a row" in e.value.message
+
+    async def said(stage: str, count: int) -> bool:
+        return sum(1 for x in events if x["stage"] == stage and x.get("reason") == "start_failed") >= count
+
+    await eventually(lambda: said("backoff", 1), "the event of the first backoff", timeout=10)
+    assert starts() == 1, events
+    [first] = [x for x in events if x["stage"] == "backoff"]
+    assert "no start for 2 s" in first["message"] and "bogus" in first["message"], first
+
+    # Past the window the next request launches again, and fails again: the window doubles.
+    async def tried_again() -> bool:
+        try:
+            await model.generate("later")
+        except Unavailable:
+            return False  # still within the window
+        except BadRequest as exc:
+            return "bogus" in exc.message
+        raise AssertionError("a model that cannot load answered a request")
+
+    await eventually(tried_again, "the start tried again after the window", timeout=15, interval=0.2)
+    await eventually(lambda: said("backoff", 2), "the event of the second backoff", timeout=10)
+    assert starts() == 2, events
+    assert "no start for 4 s" in [x for x in events if x["stage"] == "backoff"][1]["message"]
+    with pytest.raises(Unavailable, match=r"2 failed start\(s\) in a row"):
+        await within(model.generate("once more"), "a 503 within the second window", 2)
+    assert starts() == 2
+    await watcher.close()
 
 
 async def test_bad_requests_get_a_400_at_once_without_starting_the_model(

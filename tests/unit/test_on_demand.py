@@ -1,5 +1,6 @@
-"""The pure parts of models that start on demand: the hold queue's bounds, the launch options
-(request, definition, checks), the idle-stop and eviction decisions, and the wire fields."""
+"""The pure parts of models that start on demand: the hold queue's bounds, the backoff after a
+failed start, the launch options (request, definition, checks), the idle-stop and eviction
+decisions, and the wire fields."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from registry_service import ModelRow, Registration
 from registry_service.memory import estimate_bytes
 from registry_service.models import ReplicaRow
 from registry_service.ondemand import (
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
     HoldQueue,
     IdleReplica,
     choose_evictions,
@@ -29,6 +32,7 @@ from registry_service.ondemand import (
     idle_replicas,
     idle_stops,
 )
+from registry_service.ondemand.backoff import StartBackoff
 from registry_service.placement import place_replicas
 from registry_service.plan import DEFAULT_IDLE_TIMEOUT, LaunchPlan, on_demand_options
 
@@ -64,6 +68,33 @@ def test_the_hold_queue_lets_out_what_waited_too_long_oldest_first() -> None:
 def test_the_hold_queue_takes_only_sane_bounds(count: int, age: float) -> None:
     with pytest.raises(ValueError, match="max_"):
         HoldQueue("m", max_requests=count, max_age=age)
+
+
+# ---------------------------------------------------------------------------- the backoff
+
+
+def test_a_failed_start_backs_off_doubling_to_the_longest_window_and_a_success_resets_it() -> None:
+    backoff = StartBackoff("m")
+    assert not backoff.waiting(0.0)
+    windows = [backoff.failed(f"boom {i}", now=100.0 * i) for i in range(8)]
+    assert windows == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert (FIRST_BACKOFF, MAX_BACKOFF) == (2.0, 60.0)
+    # The last failure came at 700: no start before 760, one at 760.
+    assert backoff.waiting(759.9) and not backoff.waiting(760.0)
+    refusal = backoff.refusal(745.0)
+    assert isinstance(refusal, Unavailable) and refusal.code == 503
+    assert "model 'm' is not started: its last start failed (boom 7)" in refusal.message
+    assert "the next try is in 15.0 s" in refusal.message
+    assert "8 failed start(s) in a row" in refusal.message
+    backoff.succeeded()
+    assert not backoff.waiting(760.0)
+    assert backoff.failed("again", 800.0) == 2.0
+
+
+@pytest.mark.parametrize(("first", "longest", "what"), [(0.0, 60.0, "positive"), (5.0, 1.0, "shorter")])
+def test_the_backoff_takes_only_sane_windows(first: float, longest: float, what: str) -> None:
+    with pytest.raises(ValueError, match=what):
+        StartBackoff("m", first=first, longest=longest)
 
 
 # ---------------------------------------------------------------------------- launch options
