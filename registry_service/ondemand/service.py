@@ -14,6 +14,11 @@ key gives them) scales:
   request on), and the subscriptions are drained, the requests that still arrive meanwhile
   going the same way. A caller sees one slow first reply. A request held ``max_age`` seconds
   gets a 504 naming the wait; when the start fails, every held request gets its error.
+* **Cancelled while held.** The registry also subscribes to ``<prefix>.model.<uid>.cancel``
+  (outside any queue group, as each worker does: every holder sees every cancel). A cancel
+  naming a held request's ``request_id`` takes it out of the hold and answers it as a worker
+  answers a cancelled request: a 503 ``request '<id>' on model '<uid>' was cancelled``, and
+  ``{"request_id", "cancelled": true}`` to a cancel sent as a request.
 * **Backed off after a failed start.** A start that failed is not tried again for a window
   (:class:`~.backoff.StartBackoff`: 2 s doubling to 60 s, reset by a start that succeeds);
   meanwhile a request gets a 503 at once naming the model, the last failure and when the next
@@ -98,7 +103,8 @@ class _Hold:
 
     uid: str
     abilities: tuple[str, ...]
-    queue: HoldQueue[tuple[str, Msg]]
+    # (operation, message, request_id): the id a cancel names.
+    queue: HoldQueue[tuple[str, Msg, str | None]]
     # "stopping" (its last replica is being stopped), "zero" (no replica, none starting),
     # "starting", "handing_over" (replicas are up: what arrives goes to them).
     state: str = "zero"
@@ -263,6 +269,9 @@ class OnDemand:
             for op in _OPERATIONS:
                 cb = functools.partial(self._on_request, uid, op)
                 hold.subs.append(await self.nc.subscribe(self.subjects.model(uid, op), queue=group, cb=cb))
+            # No queue group: every holder of the uid's requests (workers, registries) sees a cancel.
+            cancel = functools.partial(self._on_cancel, uid)
+            hold.subs.append(await self.nc.subscribe(self.subjects.model(uid, "cancel"), cb=cancel))
             # The subscriptions reach the server before anyone is told the model is there.
             await self.nc.flush()
         except BaseException:
@@ -280,14 +289,14 @@ class OnDemand:
             return  # nobody waits for an answer: nothing to start the model for
         resp = Responder(msg, self.nc)
         try:
-            resp.parse(_OPERATIONS[op])
+            req = resp.parse(_OPERATIONS[op])
             if hold.abilities and op not in hold.abilities:
                 raise BadRequest(f"model {uid!r} cannot {op}: its abilities are {', '.join(hold.abilities)}")
             now = time.monotonic()
             if hold.state == "zero" and hold.backoff is not None and hold.backoff.waiting(now):
                 # Its last start failed: no launch within the window, a 503 at once.
                 raise hold.backoff.refusal(now)
-            hold.queue.add((op, msg), now)
+            hold.queue.add((op, msg, getattr(req, "request_id", None)), now)
         except NatserveError as exc:
             with contextlib.suppress(Exception):
                 await resp.respond_error(exc)
@@ -296,6 +305,31 @@ class OnDemand:
             self._start(hold)
         if hold.expiry is None or hold.expiry.done():
             hold.expiry = asyncio.create_task(self._expire(hold), name=f"natserve-registry hold {uid}")
+
+    async def _on_cancel(self, uid: str, msg: Msg) -> None:
+        """A cancel on the uid's subject: end the held request it names, as a worker would
+        (``workers.endpoints.ModelEndpoints._cancel``); silent when it holds none, so the
+        holder's answer is the one seen."""
+        hold = self._holds.get(uid)
+        resp = Responder(msg, self.nc)
+        try:
+            body = resp.body()
+        except NatserveError:
+            return  # not ours to judge: a worker answers a malformed cancel
+        rid = body.get("request_id") if isinstance(body, dict) else None
+        if hold is None or not isinstance(rid, str) or not rid:
+            return
+        cancelled = hold.queue.take(lambda item: item[2] == rid)
+        if not cancelled:
+            return
+        error = Unavailable(f"request {rid!r} on model {uid!r} was cancelled")
+        for held in cancelled:
+            with contextlib.suppress(Exception):
+                await Responder(held.item[1], self.nc).respond_error(error)
+        logger.debug("cancelled held request %r of %r", rid, uid)
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await resp.respond({"request_id": rid, "cancelled": True})
 
     async def _forward(self, uid: str, op: str, msg: Msg) -> None:
         """Hand a request to the uid's replicas, with its reply subject (balancing.py's subject)."""
@@ -312,7 +346,7 @@ class OnDemand:
             # A service timer, not a test barrier: the oldest held request's deadline.
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
             for held in hold.queue.expired(time.monotonic()):
-                _, msg = held.item
+                msg = held.item[1]
                 error = ServerTimeout(
                     f"model {hold.uid!r} did not start within {self.max_age:g} s, the longest a request "
                     f"waits for it (hold max_age; it is {hold.state}); retry later"
@@ -322,7 +356,7 @@ class OnDemand:
 
     async def _fail_held(self, hold: _Hold, error: NatserveError) -> None:
         for held in hold.queue.take_all():
-            _, msg = held.item
+            msg = held.item[1]
             with contextlib.suppress(Exception):
                 await Responder(msg, self.nc).respond_error(error)
 
@@ -345,7 +379,7 @@ class OnDemand:
         """The uid's replicas are up: what is held and what still arrives goes to them."""
         hold.state = "handing_over"
         for held in hold.queue.take_all():
-            op, msg = held.item
+            op, msg, _ = held.item
             await self._forward(hold.uid, op, msg)
         for sub in hold.subs:
             try:

@@ -496,3 +496,58 @@ async def test_terminating_a_model_while_it_starts_answers_its_held_requests(
     with pytest.raises(NatserveError, match="terminated"):
         await within(held, "the held request's answer")
     assert replicas(worker, uid) == [] and uid not in await client.list_models()
+
+
+async def test_a_cancel_takes_a_held_request_out_and_answers_it_as_a_worker_would(
+    pool: tuple[AsyncClient, list[Worker]], nats_url: str
+) -> None:
+    client, [worker] = pool
+    # Loads in 5 s: both requests are cancelled while the model starts.
+    await client.register_model("LLM", echo_definition("patient", "echo:?load=5"))
+    uid = await client.launch_model("patient", min_replicas=0, idle_timeout=600, progress=False)
+    model = await client.get_model(uid)
+    nc = await nats.connect(nats_url)
+    try:
+        # One through the natserve client, one over raw NATS with a request id of its own.
+        by_client = asyncio.ensure_future(model.generate("never", {"max_tokens": 1}, request_id="od-client"))
+        inbox = nc.new_inbox()
+        raw_replies = await nc.subscribe(inbox, max_msgs=1)
+        body = {"prompt": "never either", "request_id": "od-raw"}
+        await nc.publish(client.subjects.model(uid, "generate"), json.dumps(body).encode(), reply=inbox)
+
+        async def held(count: int) -> bool:
+            d = await client.describe_model(uid)
+            return d["state"] == "starting" and d["held_requests"] == count
+
+        await eventually(lambda: held(2), "two requests held while the model starts")
+        # The client gives up on its request: it publishes a cancel, which empties its place.
+        by_client.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await by_client
+        await eventually(lambda: held(1), "the client's cancel to take its request out of the hold")
+
+        # A cancel sent as a request is answered as a worker answers it, and so is the request.
+        cancel = json.dumps({"request_id": "od-raw"}).encode()
+        ack = await nc.request(client.subjects.model(uid, "cancel"), cancel, timeout=10)
+        assert json.loads(ack.data) == {"request_id": "od-raw", "cancelled": True}
+        answer = await within(raw_replies.next_msg(timeout=10), "the cancelled raw request's answer")
+        assert answer.headers is not None and answer.headers["Nats-Service-Error-Code"] == "503", answer
+        error = json.loads(answer.data)["error"]
+        assert error == {
+            "type": "Unavailable",
+            "code": 503,
+            "message": f"request 'od-raw' on model {uid!r} was cancelled",
+        }
+        assert (await client.describe_model(uid))["held_requests"] == 0
+    finally:
+        await nc.close()
+
+    # The start goes on; once the model is up, neither cancelled request reached its replica.
+    async def up() -> bool:
+        return (await client.describe_model(uid))["state"] == "running"
+
+    await eventually(up, "the model to start", timeout=30)
+    [replica] = worker.models[uid].replicas.values()
+    assert replica.requests == 0
+    out = await within(model.generate("now", {"max_tokens": 1}), "a request once it is up")
+    assert out["choices"][0]["text"] == "now" and replica.requests == 1

@@ -64,6 +64,17 @@ def test_the_hold_queue_lets_out_what_waited_too_long_oldest_first() -> None:
     assert [h.item for h in queue.take_all()] == ["r2"]
 
 
+def test_the_hold_queue_takes_out_what_a_cancel_names_and_keeps_the_rest_in_order() -> None:
+    queue: HoldQueue[tuple[str, str | None]] = HoldQueue("m", max_requests=10, max_age=5)
+    for i, rid in enumerate(("a", None, "b", "a")):
+        queue.add((f"r{i}", rid), float(i))
+    assert queue.take(lambda item: item[1] == "zzz") == []
+    assert [h.item[0] for h in queue.take(lambda item: item[1] == "a")] == ["r0", "r3"]
+    assert [h.item[0] for h in queue] == ["r1", "r2"]
+    assert queue.next_deadline() == 6.0  # r1, the oldest left
+    assert len(queue) == 2
+
+
 @pytest.mark.parametrize(("count", "age"), [(0, 1.0), (1, 0.0), (1, float("nan"))])
 def test_the_hold_queue_takes_only_sane_bounds(count: int, age: float) -> None:
     with pytest.raises(ValueError, match="max_"):
