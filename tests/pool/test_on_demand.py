@@ -551,3 +551,47 @@ async def test_a_cancel_takes_a_held_request_out_and_answers_it_as_a_worker_woul
     assert replica.requests == 0
     out = await within(model.generate("now", {"max_tokens": 1}), "a request once it is up")
     assert out["choices"][0]["text"] == "now" and replica.requests == 1
+
+
+@pytest.fixture
+async def two_workers(
+    nats_url: str, sqlite_url: str, unique: str
+) -> AsyncIterator[tuple[AsyncClient, list[Worker]]]:
+    """Two workers that offer 1 GB each: a placement left free picks the one with the more free
+    memory (ties: the greater worker id), so a pinned start is seen where it differs."""
+    async with running_registry_and_workers(
+        nats_url,
+        sqlite_url,
+        f"o2{unique}",
+        [f"wa-{unique}", f"wb-{unique}"],
+        heartbeat_dead_after=2.0,
+        resync_window=0.3,
+        worker_options={"memory_limit": 10**9},
+    ) as (client, workers):
+        yield client, workers
+
+
+async def test_a_start_on_demand_places_on_the_worker_its_launch_pinned(
+    two_workers: tuple[AsyncClient, list[Worker]],
+) -> None:
+    client, workers = two_workers
+    await client.register_model("LLM", echo_definition("pinned", "echo:?memory=3e8"))
+    # Two models pinned to each worker in turn: left free, the first would go to wb (a tie) and
+    # the second to the other worker (more free memory), so every pin is put to the test.
+    for w in workers:
+        for n in (1, 2):
+            uid = await client.launch_model(
+                "pinned",
+                model_uid=f"{n}-{w.worker_id}",
+                worker_id=w.worker_id,
+                min_replicas=0,
+                progress=False,
+            )
+            model = await client.get_model(uid)
+            out = await within(
+                model.generate("here", {"max_tokens": 1}), f"the start pinned to {w.worker_id}"
+            )
+            assert out["choices"][0]["text"] == "here"
+            assert [replicas(x, uid) for x in workers] == [[0] if x is w else [] for x in workers]
+            [replica] = (await client.describe_model(uid))["replicas"]
+            assert replica["worker_id"] == w.worker_id

@@ -126,6 +126,28 @@ def request(**options: Any) -> LaunchRequest:
     return LaunchRequest.model_validate({"model_name": "m", **options})
 
 
+@pytest.mark.parametrize(
+    ("options", "worker_id", "n_gpu", "stored"),
+    [
+        ({}, None, "auto", (None, None)),
+        ({"worker_id": "w-b", "n_gpu": 2}, "w-b", 2, ("w-b", 2)),
+        ({"n_gpu": 0}, None, 0, (None, 0)),
+        ({"n_gpu": None}, None, 0, (None, 0)),  # None and 0 both place on no GPU
+    ],
+)
+def test_a_start_on_demand_places_as_its_launch_asked(
+    options: dict[str, Any], worker_id: str | None, n_gpu: int | str, stored: tuple[Any, Any]
+) -> None:
+    req = request(min_replicas=0, **options)
+    plan = LaunchPlan.from_request(req, registration(), timeout=60)
+    row = plan.row("ready")
+    assert (row.launch_worker_id, row.launch_n_gpu) == stored
+    # What Launcher.start_replicas places by, read back from the stored row.
+    again = LaunchPlan.from_row(row, timeout=60)
+    assert (again.worker_id, again.n_gpu) == (worker_id, n_gpu)
+    assert again == plan
+
+
 def test_launch_options_come_from_the_request_else_the_definition() -> None:
     assert on_demand_options(request(), {}, 1) == (None, None)
     assert on_demand_options(request(min_replicas=0), {}, 1) == (0, DEFAULT_IDLE_TIMEOUT)
