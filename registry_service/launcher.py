@@ -301,7 +301,7 @@ class Launcher:
         self._reserved.add(uid)
         try:
             placements = await self._place_launch(
-                plan, plan.replica, worker_id=plan.worker_id, n_gpu=plan.n_gpu
+                plan, plan.replica, worker_id=plan.launch_worker_id, n_gpu=plan.launch_n_gpu
             )
             await self.repo.add_replicas(
                 uid, [NewReplica(p.replica_index, p.worker_id, p.device) for p in placements]

@@ -144,7 +144,7 @@ def test_a_start_on_demand_places_as_its_launch_asked(
     assert (row.launch_worker_id, row.launch_n_gpu) == stored
     # What Launcher.start_replicas places by, read back from the stored row.
     again = LaunchPlan.from_row(row, timeout=60)
-    assert (again.worker_id, again.n_gpu) == (worker_id, n_gpu)
+    assert (again.launch_worker_id, again.launch_n_gpu) == (worker_id, n_gpu)
     assert again == plan
 
 
