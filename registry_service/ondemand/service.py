@@ -181,7 +181,10 @@ class OnDemand:
         hold = self._holds.get(uid)
         if hold is None:
             return None
-        state = "scaled_to_zero" if hold.state == "zero" else hold.state
+        state = hold.state
+        if state == "zero":
+            waiting = hold.backoff is not None and hold.backoff.waiting(time.monotonic())
+            state = "backing_off" if waiting else "scaled_to_zero"
         return state, len(hold.queue)
 
     # ------------------------------------------------------------------ Launcher's hooks

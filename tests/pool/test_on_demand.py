@@ -191,10 +191,10 @@ async def test_a_start_that_fails_answers_the_held_requests_with_its_error_and_b
     model = await client.get_model(uid)
     with pytest.raises(BadRequest, match="unknown echo option 'bogus'"):
         await within(model.generate("hi"), "the held request of a failed start")
-    # Nothing is left running; the model is still there, scaled to zero, for the next try.
+    # Nothing is left running; the model is still there, backing off, for a later try.
     assert replicas(worker, uid) == []
     d = await client.describe_model(uid)
-    assert (d["state"], d["replicas"], d["status"]) == ("scaled_to_zero", [], "ready")
+    assert (d["state"], d["replicas"], d["status"]) == ("backing_off", [], "ready")
 
     # Within the backoff window (2 s after the first failure) a request is a 503 at once that
     # names the model, the failure and the next try, and nothing is launched.
@@ -229,6 +229,12 @@ async def test_a_start_that_fails_answers_the_held_requests_with_its_error_and_b
     with pytest.raises(Unavailable, match=r"2 failed start\(s\) in a row"):
         await within(model.generate("once more"), "a 503 within the second window", 2)
     assert starts() == 2
+
+    # Once the window is over the model shows scaled to zero again, its next request starting it.
+    async def window_over() -> bool:
+        return (await client.describe_model(uid))["state"] == "scaled_to_zero"
+
+    await eventually(window_over, "the end of the 4 s window", timeout=10, interval=0.2)
     await watcher.close()
 
 
