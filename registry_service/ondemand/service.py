@@ -317,10 +317,16 @@ class OnDemand:
         resp = Responder(msg, self.nc)
         try:
             body = resp.body()
-        except NatserveError:
-            return  # not ours to judge: a worker answers a malformed cancel
-        rid = body.get("request_id") if isinstance(body, dict) else None
-        if hold is None or not isinstance(rid, str) or not rid:
+            rid = body.get("request_id") if isinstance(body, dict) else None
+            if not isinstance(rid, str) or not rid:
+                raise BadRequest(f'cancel needs {{"request_id": "..."}}, got {str(body)[:200]}')
+        except NatserveError as exc:
+            # A 400, as a worker answers it (to a cancel sent as a request: a publish gets none).
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await resp.respond_error(exc)
+            return
+        if hold is None:
             return
         cancelled = hold.queue.take(lambda item: item[2] == rid)
         if not cancelled:

@@ -545,6 +545,12 @@ async def test_a_cancel_takes_a_held_request_out_and_answers_it_as_a_worker_woul
             "message": f"request 'od-raw' on model {uid!r} was cancelled",
         }
         assert (await client.describe_model(uid))["held_requests"] == 0
+        # A cancel that names no request is a 400 naming what it got, as from a worker.
+        bad = await nc.request(client.subjects.model(uid, "cancel"), b'{"id": "od-raw"}', timeout=10)
+        assert bad.headers is not None and bad.headers["Nats-Service-Error-Code"] == "400", bad
+        assert json.loads(bad.data)["error"]["message"] == (
+            "cancel needs {\"request_id\": \"...\"}, got {'id': 'od-raw'}"
+        )
     finally:
         await nc.close()
 
