@@ -438,8 +438,8 @@ class OnDemand:
             if now is None or not now.replicas:
                 # Not another registry's start (that one recorded replicas): this one was
                 # cancelled, the model terminated meanwhile.
-                await self._fail_held(hold, exc)
                 hold.state = "zero"
+                await self._fail_held(hold, exc)
                 return
             # Another registry is starting it: hand over once a worker reports it ready.
             if not await self._until_reported(uid, self.max_age):
@@ -450,16 +450,18 @@ class OnDemand:
         except Exception as exc:
             error = exc if isinstance(exc, NatserveError) else Unavailable(f"starting {uid!r} failed: {exc}")
             logger.warning("starting %r on demand failed: %s", uid, error)
-            await self._fail_held(hold, error)
+            # The window first: a request that comes while the held ones are answered gets the
+            # 503 at once, rather than being held with no start to wait for.
             hold.state = "zero"
-            await self._back_off(hold, row, error)
+            window = hold.backoff.failed(error.message, time.monotonic()) if hold.backoff else 0.0
+            await self._fail_held(hold, error)
+            await self._backoff_event(hold, row, error, window)
             return
         await self._hand_over(hold)
 
-    async def _back_off(self, hold: _Hold, row: ModelRow, error: NatserveError) -> None:
+    async def _backoff_event(self, hold: _Hold, row: ModelRow, error: NatserveError, window: float) -> None:
         if hold.backoff is None:
             return
-        window = hold.backoff.failed(error.message, time.monotonic())
         await self.events.model(
             hold.uid,
             "backoff",
