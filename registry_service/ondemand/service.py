@@ -8,7 +8,8 @@ key gives them) scales:
   uid's queue group, and only then: live replicas get the traffic. A request is checked as a
   replica would (a 400 at once for a malformed one or an ability the model lacks) and held
   (:class:`~.hold.HoldQueue`: past ``max_requests`` a 429 naming the bound). The first one starts
-  the model (``Launcher.start_replicas``: placement as any launch, eviction included); once its
+  the model (``Launcher.start_replicas``: placed as its launch asked, on the pinned worker with
+  its ``n_gpu``, eviction included); once its
   replicas are ready the held requests are handed to them unchanged, with their original reply
   subjects, on ``<prefix>.model.<uid>.overflow.<op>`` (as ``workers/balancing.py`` passes a
   request on), and the subscriptions are drained, the requests that still arrive meanwhile
