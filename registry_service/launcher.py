@@ -292,14 +292,17 @@ class Launcher:
     async def start_replicas(self, row: ModelRow, *, reason: str) -> None:
         """Start the replicas of a launched model that has none (a start on demand), with the
         options of its launch; returns once every one is ready, or raises the launch's error
-        (its replicas are then removed again; the model stays, with none)."""
+        (its replicas are then removed again; the model stays, with none). They are placed as
+        the launch asked: on its pinned worker, with its n_gpu (``LaunchPlan.from_row``)."""
         plan = self.plan_of(row)
         uid = plan.model_uid
         if uid in self._reserved:
             raise Conflict(f"model_uid {uid!r} is already being started")
         self._reserved.add(uid)
         try:
-            placements = await self._place_launch(plan, plan.replica, worker_id=None, n_gpu="auto")
+            placements = await self._place_launch(
+                plan, plan.replica, worker_id=plan.launch_worker_id, n_gpu=plan.launch_n_gpu
+            )
             await self.repo.add_replicas(
                 uid, [NewReplica(p.replica_index, p.worker_id, p.device) for p in placements]
             )

@@ -147,6 +147,10 @@ class ModelRow(Base):
     # without a request before it is stopped; None for both: a model that never scales.
     min_replicas: Mapped[int | None] = mapped_column(Integer)
     idle_timeout: Mapped[float | None] = mapped_column(Float)
+    # The placement the launch asked for (revision 0004), which a start on demand places by:
+    # its pinned worker (None: any) and GPU count per replica (None: "auto"; 0: no GPU).
+    launch_worker_id: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    launch_n_gpu: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="launching")
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -76,6 +76,10 @@ class LaunchPlan:
     # On demand: the replicas kept while idle and the idle timeout (None: never scales).
     min_replicas: int | None = None
     idle_timeout: float | None = None
+    # The placement the launch asked for: a pinned worker (None: any) and the GPUs per replica
+    # ("auto", or a count; 0 also stands for the request's None, which places alike: no GPU).
+    launch_worker_id: str | None = None
+    launch_n_gpu: int | str = "auto"
 
     @classmethod
     def from_request(
@@ -115,6 +119,8 @@ class LaunchPlan:
             timeout=req.timeout or timeout,
             min_replicas=min_replicas,
             idle_timeout=idle_timeout,
+            launch_worker_id=req.worker_id,
+            launch_n_gpu=0 if req.n_gpu is None else req.n_gpu,
         )
 
     @classmethod
@@ -135,6 +141,8 @@ class LaunchPlan:
             timeout=timeout,
             min_replicas=row.min_replicas,
             idle_timeout=row.idle_timeout,
+            launch_worker_id=row.launch_worker_id,
+            launch_n_gpu="auto" if row.launch_n_gpu is None else row.launch_n_gpu,
         )
 
     def row(self, status: str = "launching") -> ModelRow:
@@ -153,6 +161,8 @@ class LaunchPlan:
             rate_limit=self.rate_limit,
             min_replicas=self.min_replicas,
             idle_timeout=self.idle_timeout,
+            launch_worker_id=self.launch_worker_id,
+            launch_n_gpu=self.launch_n_gpu if isinstance(self.launch_n_gpu, int) else None,
             status=status,
         )
 

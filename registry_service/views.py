@@ -69,7 +69,8 @@ def model_description(
     """A running model, its replicas and whether their workers are alive now.
 
     A model that scales also shows ``min_replicas``, ``idle_timeout``, ``state``
-    (``running``, ``scaled_to_zero``, ``starting``, ``stopping``) and ``held_requests``, from
+    (``running``, ``scaled_to_zero``, ``backing_off``, ``starting``, ``stopping``) and
+    ``held_requests``, from
     ``scale_state`` (the on-demand part's ``(state, held)`` while it answers the model's
     subjects), and each replica the ``idle_for`` of its worker's last heartbeat."""
     d, spec = row.definition, row.spec

@@ -3,13 +3,14 @@
 A :class:`HoldQueue` keeps what arrived, oldest first, with the time it arrived. Past
 ``max_requests`` a new request is refused with a 429 naming the bound; a request older than
 ``max_age`` seconds is taken out by :meth:`HoldQueue.expired`, for its caller to answer it
-with a 504 naming the wait. Times are the caller's (``time.monotonic()``): no clock here.
+with a 504 naming the wait; :meth:`HoldQueue.take` takes out the ones a cancel names. Times
+are the caller's (``time.monotonic()``): no clock here.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -78,6 +79,13 @@ class HoldQueue(Generic[T]):
         items = self._items
         while items and now - items[0].arrived >= self.max_age:
             out.append(items.popleft())
+        return out
+
+    def take(self, picked: Callable[[T], bool]) -> list[Held[T]]:
+        """Take out the held requests ``picked`` says yes to (a cancelled one), oldest first."""
+        out = [h for h in self._items if picked(h.item)]
+        if out:
+            self._items = deque(h for h in self._items if not picked(h.item))
         return out
 
     def take_all(self) -> list[Held[T]]:

@@ -8,12 +8,22 @@ key gives them) scales:
   uid's queue group, and only then: live replicas get the traffic. A request is checked as a
   replica would (a 400 at once for a malformed one or an ability the model lacks) and held
   (:class:`~.hold.HoldQueue`: past ``max_requests`` a 429 naming the bound). The first one starts
-  the model (``Launcher.start_replicas``: placement as any launch, eviction included); once its
+  the model (``Launcher.start_replicas``: placed as its launch asked, on the pinned worker with
+  its ``n_gpu``, eviction included); once its
   replicas are ready the held requests are handed to them unchanged, with their original reply
   subjects, on ``<prefix>.model.<uid>.overflow.<op>`` (as ``workers/balancing.py`` passes a
   request on), and the subscriptions are drained, the requests that still arrive meanwhile
   going the same way. A caller sees one slow first reply. A request held ``max_age`` seconds
   gets a 504 naming the wait; when the start fails, every held request gets its error.
+* **Cancelled while held.** The registry also subscribes to ``<prefix>.model.<uid>.cancel``
+  (outside any queue group, as each worker does: every holder sees every cancel). A cancel
+  naming a held request's ``request_id`` takes it out of the hold and answers it as a worker
+  answers a cancelled request: a 503 ``request '<id>' on model '<uid>' was cancelled``, and
+  ``{"request_id", "cancelled": true}`` to a cancel sent as a request.
+* **Backed off after a failed start.** A start that failed is not tried again for a window
+  (:class:`~.backoff.StartBackoff`: 2 s doubling to 60 s, reset by a start that succeeds);
+  meanwhile a request gets a 503 at once naming the model, the last failure and when the next
+  try is, and the event of the failure (stage ``backoff``) says how long the window is.
 * **Stopped when idle.** Every ``interval`` the registry looks at the replicas' idleness in the
   heartbeats (``ReplicaInfo.idle_for``) and stops the ones idle past the model's idle timeout,
   down to ``min_replicas`` (``decisions.idle_stops``), with a terminate that says ``if_idle_for``:
@@ -26,9 +36,10 @@ key gives them) scales:
   that follow.
 
 Each start and stop is a model event with a ``reason``: ``on_demand``, ``idle_timeout``,
-``evicted_for <uid>``, ``scaled_to_zero``. Several registries may serve one prefix: each holds
-what NATS hands it, the replica rows' unique index decides which one starts a model, and the
-others hand their requests over once a worker reports the model's replicas ready.
+``evicted_for <uid>``, ``scaled_to_zero``, ``start_failed`` (a ``backoff`` event). Several
+registries may serve one prefix: each holds what NATS hands it, the replica rows' unique index
+decides which one starts a model, and the others hand their requests over once a worker
+reports the model's replicas ready.
 """
 
 from __future__ import annotations
@@ -67,6 +78,7 @@ from ..placement import Placement, place_replicas
 from ..plan import LaunchPlan
 from ..repository import RegistryRepository
 from . import decisions
+from .backoff import FIRST_BACKOFF, MAX_BACKOFF, StartBackoff
 from .hold import DEFAULT_HOLD_MAX_AGE, DEFAULT_HOLD_MAX_REQUESTS, HoldQueue
 
 __all__ = ["OnDemand"]
@@ -92,13 +104,16 @@ class _Hold:
 
     uid: str
     abilities: tuple[str, ...]
-    queue: HoldQueue[tuple[str, Msg]]
+    # (operation, message, request_id): the id a cancel names.
+    queue: HoldQueue[tuple[str, Msg, str | None]]
     # "stopping" (its last replica is being stopped), "zero" (no replica, none starting),
     # "starting", "handing_over" (replicas are up: what arrives goes to them).
     state: str = "zero"
     subs: list[Subscription] = field(default_factory=list)
     start: asyncio.Task[None] | None = None
     expiry: asyncio.Task[None] | None = None
+    # The failed starts in a row: none is tried within their window.
+    backoff: StartBackoff | None = None
 
 
 class OnDemand:
@@ -116,6 +131,8 @@ class OnDemand:
         max_requests: int = DEFAULT_HOLD_MAX_REQUESTS,
         max_age: float = DEFAULT_HOLD_MAX_AGE,
         interval: float = 0.5,
+        backoff_first: float = FIRST_BACKOFF,
+        backoff_max: float = MAX_BACKOFF,
     ) -> None:
         self.nc = nc
         self.repo = repository
@@ -126,6 +143,10 @@ class OnDemand:
         self.max_requests = max_requests
         self.max_age = max_age
         self.interval = interval
+        # Checked here, not at a model's first failure: StartBackoff refuses bad windows.
+        StartBackoff("", first=backoff_first, longest=backoff_max)
+        self.backoff_first = backoff_first
+        self.backoff_max = backoff_max
         self._holds: dict[str, _Hold] = {}
         # Uids whose replicas are being stopped now (an idle stop, an eviction).
         self._stopping: set[str] = set()
@@ -161,7 +182,10 @@ class OnDemand:
         hold = self._holds.get(uid)
         if hold is None:
             return None
-        state = "scaled_to_zero" if hold.state == "zero" else hold.state
+        state = hold.state
+        if state == "zero":
+            waiting = hold.backoff is not None and hold.backoff.waiting(time.monotonic())
+            state = "backing_off" if waiting else "scaled_to_zero"
         return state, len(hold.queue)
 
     # ------------------------------------------------------------------ Launcher's hooks
@@ -241,6 +265,7 @@ class OnDemand:
             tuple(abilities),
             HoldQueue(uid, max_requests=self.max_requests, max_age=self.max_age),
             state=state,
+            backoff=StartBackoff(uid, first=self.backoff_first, longest=self.backoff_max),
         )
         self._holds[uid] = hold
         group = self.subjects.model_queue_group(uid)
@@ -248,6 +273,9 @@ class OnDemand:
             for op in _OPERATIONS:
                 cb = functools.partial(self._on_request, uid, op)
                 hold.subs.append(await self.nc.subscribe(self.subjects.model(uid, op), queue=group, cb=cb))
+            # No queue group: every holder of the uid's requests (workers, registries) sees a cancel.
+            cancel = functools.partial(self._on_cancel, uid)
+            hold.subs.append(await self.nc.subscribe(self.subjects.model(uid, "cancel"), cb=cancel))
             # The subscriptions reach the server before anyone is told the model is there.
             await self.nc.flush()
         except BaseException:
@@ -265,10 +293,14 @@ class OnDemand:
             return  # nobody waits for an answer: nothing to start the model for
         resp = Responder(msg, self.nc)
         try:
-            resp.parse(_OPERATIONS[op])
+            req = resp.parse(_OPERATIONS[op])
             if hold.abilities and op not in hold.abilities:
                 raise BadRequest(f"model {uid!r} cannot {op}: its abilities are {', '.join(hold.abilities)}")
-            hold.queue.add((op, msg), time.monotonic())
+            now = time.monotonic()
+            if hold.state == "zero" and hold.backoff is not None and hold.backoff.waiting(now):
+                # Its last start failed: no launch within the window, a 503 at once.
+                raise hold.backoff.refusal(now)
+            hold.queue.add((op, msg, getattr(req, "request_id", None)), now)
         except NatserveError as exc:
             with contextlib.suppress(Exception):
                 await resp.respond_error(exc)
@@ -277,6 +309,37 @@ class OnDemand:
             self._start(hold)
         if hold.expiry is None or hold.expiry.done():
             hold.expiry = asyncio.create_task(self._expire(hold), name=f"natserve-registry hold {uid}")
+
+    async def _on_cancel(self, uid: str, msg: Msg) -> None:
+        """A cancel on the uid's subject: end the held request it names, as a worker would
+        (``workers.endpoints.ModelEndpoints._cancel``); silent when it holds none, so the
+        holder's answer is the one seen."""
+        hold = self._holds.get(uid)
+        resp = Responder(msg, self.nc)
+        try:
+            body = resp.body()
+            rid = body.get("request_id") if isinstance(body, dict) else None
+            if not isinstance(rid, str) or not rid:
+                raise BadRequest(f'cancel needs {{"request_id": "..."}}, got {str(body)[:200]}')
+        except NatserveError as exc:
+            # A 400, as a worker answers it (to a cancel sent as a request: a publish gets none).
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await resp.respond_error(exc)
+            return
+        if hold is None:
+            return
+        cancelled = hold.queue.take(lambda item: item[2] == rid)
+        if not cancelled:
+            return
+        error = Unavailable(f"request {rid!r} on model {uid!r} was cancelled")
+        for held in cancelled:
+            with contextlib.suppress(Exception):
+                await Responder(held.item[1], self.nc).respond_error(error)
+        logger.debug("cancelled held request %r of %r", rid, uid)
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await resp.respond({"request_id": rid, "cancelled": True})
 
     async def _forward(self, uid: str, op: str, msg: Msg) -> None:
         """Hand a request to the uid's replicas, with its reply subject (balancing.py's subject)."""
@@ -293,7 +356,7 @@ class OnDemand:
             # A service timer, not a test barrier: the oldest held request's deadline.
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
             for held in hold.queue.expired(time.monotonic()):
-                _, msg = held.item
+                msg = held.item[1]
                 error = ServerTimeout(
                     f"model {hold.uid!r} did not start within {self.max_age:g} s, the longest a request "
                     f"waits for it (hold max_age; it is {hold.state}); retry later"
@@ -303,7 +366,7 @@ class OnDemand:
 
     async def _fail_held(self, hold: _Hold, error: NatserveError) -> None:
         for held in hold.queue.take_all():
-            _, msg = held.item
+            msg = held.item[1]
             with contextlib.suppress(Exception):
                 await Responder(msg, self.nc).respond_error(error)
 
@@ -326,7 +389,7 @@ class OnDemand:
         """The uid's replicas are up: what is held and what still arrives goes to them."""
         hold.state = "handing_over"
         for held in hold.queue.take_all():
-            op, msg = held.item
+            op, msg, _ = held.item
             await self._forward(hold.uid, op, msg)
         for sub in hold.subs:
             try:
@@ -376,8 +439,8 @@ class OnDemand:
             if now is None or not now.replicas:
                 # Not another registry's start (that one recorded replicas): this one was
                 # cancelled, the model terminated meanwhile.
-                await self._fail_held(hold, exc)
                 hold.state = "zero"
+                await self._fail_held(hold, exc)
                 return
             # Another registry is starting it: hand over once a worker reports it ready.
             if not await self._until_reported(uid, self.max_age):
@@ -388,10 +451,29 @@ class OnDemand:
         except Exception as exc:
             error = exc if isinstance(exc, NatserveError) else Unavailable(f"starting {uid!r} failed: {exc}")
             logger.warning("starting %r on demand failed: %s", uid, error)
-            await self._fail_held(hold, error)
+            # The window first: a request that comes while the held ones are answered gets the
+            # 503 at once, rather than being held with no start to wait for.
             hold.state = "zero"
+            window = hold.backoff.failed(error.message, time.monotonic()) if hold.backoff else 0.0
+            await self._fail_held(hold, error)
+            await self._backoff_event(hold, row, error, window)
             return
         await self._hand_over(hold)
+
+    async def _backoff_event(self, hold: _Hold, row: ModelRow, error: NatserveError, window: float) -> None:
+        if hold.backoff is None:
+            return
+        await self.events.model(
+            hold.uid,
+            "backoff",
+            model_name=row.model_name,
+            status="ready",
+            reason="start_failed",
+            message=(
+                f"start failed ({error.message}): no start for {window:g} s, requests meanwhile get "
+                f"a 503 ({hold.backoff.failures} failed start(s) in a row)"
+            ),
+        )
 
     async def _until_reported(self, uid: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -169,22 +169,73 @@ async def test_held_requests_past_the_bound_get_429_and_past_the_age_504(
     await client.terminate_model(uid)
 
 
-async def test_a_start_that_fails_answers_the_held_requests_with_its_error(
+async def test_a_start_that_fails_answers_the_held_requests_with_its_error_and_backs_off(
     pool: tuple[AsyncClient, list[Worker]], nats_url: str
 ) -> None:
     client, [worker] = pool
+    events: list[dict[str, Any]] = []
+    watcher = await nats.connect(nats_url)
+
+    async def on_event(msg: Any) -> None:
+        events.append(codec.decode(msg.data, codec.detect(msg.data, msg.headers)))
+
+    await watcher.subscribe(client.subjects.events("broken"), cb=on_event)
+    await watcher.flush()
+
+    def starts() -> int:
+        return sum(1 for e in events if (e["stage"], e.get("reason")) == ("starting", "on_demand"))
+
     # The registry takes the URI; the worker refuses its unknown option when it loads it.
     await client.register_model("LLM", echo_definition("broken", "echo:?bogus=1"))
     uid = await client.launch_model("broken", min_replicas=0, progress=False)
     model = await client.get_model(uid)
     with pytest.raises(BadRequest, match="unknown echo option 'bogus'"):
         await within(model.generate("hi"), "the held request of a failed start")
-    # Nothing is left running; the model is still there, scaled to zero, for the next try.
+    # Nothing is left running; the model is still there, backing off, for a later try.
     assert replicas(worker, uid) == []
     d = await client.describe_model(uid)
-    assert (d["state"], d["replicas"], d["status"]) == ("scaled_to_zero", [], "ready")
-    with pytest.raises(BadRequest, match="unknown echo option 'bogus'"):
-        await within(model.chat([{"role": "user", "content": "again"}]), "a second try")
+    assert (d["state"], d["replicas"], d["status"]) == ("backing_off", [], "ready")
+
+    # Within the backoff window (2 s after the first failure) a request is a 503 at once that
+    # names the model, the failure and the next try, and nothing is launched.
+    for _ in range(3):
+        with pytest.raises(Unavailable, match=r"model 'broken' is not started: its last start failed") as e:
+            await within(model.chat([{"role": "user", "content": "again"}]), "a 503 within the window", 2)
+        assert "unknown echo option 'bogus'" in e.value.message and "the next try is in" in e.value.message
+    assert "1 failed start(s) in a row" in e.value.message
+
+    async def said(stage: str, count: int) -> bool:
+        return sum(1 for x in events if x["stage"] == stage and x.get("reason") == "start_failed") >= count
+
+    await eventually(lambda: said("backoff", 1), "the event of the first backoff", timeout=10)
+    assert starts() == 1, events
+    [first] = [x for x in events if x["stage"] == "backoff"]
+    assert "no start for 2 s" in first["message"] and "bogus" in first["message"], first
+
+    # Past the window the next request launches again, and fails again: the window doubles.
+    async def tried_again() -> bool:
+        try:
+            await model.generate("later")
+        except Unavailable:
+            return False  # still within the window
+        except BadRequest as exc:
+            return "bogus" in exc.message
+        raise AssertionError("a model that cannot load answered a request")
+
+    await eventually(tried_again, "the start tried again after the window", timeout=15, interval=0.2)
+    await eventually(lambda: said("backoff", 2), "the event of the second backoff", timeout=10)
+    assert starts() == 2, events
+    assert "no start for 4 s" in [x for x in events if x["stage"] == "backoff"][1]["message"]
+    with pytest.raises(Unavailable, match=r"2 failed start\(s\) in a row"):
+        await within(model.generate("once more"), "a 503 within the second window", 2)
+    assert starts() == 2
+
+    # Once the window is over the model shows scaled to zero again, its next request starting it.
+    async def window_over() -> bool:
+        return (await client.describe_model(uid))["state"] == "scaled_to_zero"
+
+    await eventually(window_over, "the end of the 4 s window", timeout=10, interval=0.2)
+    await watcher.close()
 
 
 async def test_bad_requests_get_a_400_at_once_without_starting_the_model(
@@ -451,3 +502,108 @@ async def test_terminating_a_model_while_it_starts_answers_its_held_requests(
     with pytest.raises(NatserveError, match="terminated"):
         await within(held, "the held request's answer")
     assert replicas(worker, uid) == [] and uid not in await client.list_models()
+
+
+async def test_a_cancel_takes_a_held_request_out_and_answers_it_as_a_worker_would(
+    pool: tuple[AsyncClient, list[Worker]], nats_url: str
+) -> None:
+    client, [worker] = pool
+    # Loads in 5 s: both requests are cancelled while the model starts.
+    await client.register_model("LLM", echo_definition("patient", "echo:?load=5"))
+    uid = await client.launch_model("patient", min_replicas=0, idle_timeout=600, progress=False)
+    model = await client.get_model(uid)
+    nc = await nats.connect(nats_url)
+    try:
+        # One through the natserve client, one over raw NATS with a request id of its own.
+        by_client = asyncio.ensure_future(model.generate("never", {"max_tokens": 1}, request_id="od-client"))
+        inbox = nc.new_inbox()
+        raw_replies = await nc.subscribe(inbox, max_msgs=1)
+        body = {"prompt": "never either", "request_id": "od-raw"}
+        await nc.publish(client.subjects.model(uid, "generate"), json.dumps(body).encode(), reply=inbox)
+
+        async def held(count: int) -> bool:
+            d = await client.describe_model(uid)
+            return d["state"] == "starting" and d["held_requests"] == count
+
+        await eventually(lambda: held(2), "two requests held while the model starts")
+        # The client gives up on its request: it publishes a cancel, which empties its place.
+        by_client.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await by_client
+        await eventually(lambda: held(1), "the client's cancel to take its request out of the hold")
+
+        # A cancel sent as a request is answered as a worker answers it, and so is the request.
+        cancel = json.dumps({"request_id": "od-raw"}).encode()
+        ack = await nc.request(client.subjects.model(uid, "cancel"), cancel, timeout=10)
+        assert json.loads(ack.data) == {"request_id": "od-raw", "cancelled": True}
+        answer = await within(raw_replies.next_msg(timeout=10), "the cancelled raw request's answer")
+        assert answer.headers is not None and answer.headers["Nats-Service-Error-Code"] == "503", answer
+        error = json.loads(answer.data)["error"]
+        assert error == {
+            "type": "Unavailable",
+            "code": 503,
+            "message": f"request 'od-raw' on model {uid!r} was cancelled",
+        }
+        assert (await client.describe_model(uid))["held_requests"] == 0
+        # A cancel that names no request is a 400 naming what it got, as from a worker.
+        bad = await nc.request(client.subjects.model(uid, "cancel"), b'{"id": "od-raw"}', timeout=10)
+        assert bad.headers is not None and bad.headers["Nats-Service-Error-Code"] == "400", bad
+        assert json.loads(bad.data)["error"]["message"] == (
+            "cancel needs {\"request_id\": \"...\"}, got {'id': 'od-raw'}"
+        )
+    finally:
+        await nc.close()
+
+    # The start goes on; once the model is up, neither cancelled request reached its replica.
+    async def up() -> bool:
+        return (await client.describe_model(uid))["state"] == "running"
+
+    await eventually(up, "the model to start", timeout=30)
+    [replica] = worker.models[uid].replicas.values()
+    assert replica.requests == 0
+    out = await within(model.generate("now", {"max_tokens": 1}), "a request once it is up")
+    assert out["choices"][0]["text"] == "now" and replica.requests == 1
+
+
+@pytest.fixture
+async def two_workers(
+    nats_url: str, sqlite_url: str, unique: str
+) -> AsyncIterator[tuple[AsyncClient, list[Worker]]]:
+    """Two workers that offer 1 GB each: a placement left free picks the one with the more free
+    memory (ties: the greater worker id), so a pinned start is seen where it differs."""
+    async with running_registry_and_workers(
+        nats_url,
+        sqlite_url,
+        f"o2{unique}",
+        [f"wa-{unique}", f"wb-{unique}"],
+        heartbeat_dead_after=2.0,
+        resync_window=0.3,
+        worker_options={"memory_limit": 10**9},
+    ) as (client, workers):
+        yield client, workers
+
+
+async def test_a_start_on_demand_places_on_the_worker_its_launch_pinned(
+    two_workers: tuple[AsyncClient, list[Worker]],
+) -> None:
+    client, workers = two_workers
+    await client.register_model("LLM", echo_definition("pinned", "echo:?memory=3e8"))
+    # Two models pinned to each worker in turn: left free, the first would go to wb (a tie) and
+    # the second to the other worker (more free memory), so every pin is put to the test.
+    for w in workers:
+        for n in (1, 2):
+            uid = await client.launch_model(
+                "pinned",
+                model_uid=f"{n}-{w.worker_id}",
+                worker_id=w.worker_id,
+                min_replicas=0,
+                progress=False,
+            )
+            model = await client.get_model(uid)
+            out = await within(
+                model.generate("here", {"max_tokens": 1}), f"the start pinned to {w.worker_id}"
+            )
+            assert out["choices"][0]["text"] == "here"
+            assert [replicas(x, uid) for x in workers] == [[0] if x is w else [] for x in workers]
+            [replica] = (await client.describe_model(uid))["replicas"]
+            assert replica["worker_id"] == w.worker_id

@@ -116,10 +116,32 @@ async def test_0003_adds_the_on_demand_options_and_keeps_every_row(db_url: str) 
     ]
     await _execute(db_url, "UPDATE models SET min_replicas = 0, idle_timeout = 1.5 WHERE model_uid = 'm1'")
     assert await _rows(db_url, "SELECT min_replicas, idle_timeout FROM models") == [(0, 1.5)]
+    await db.upgrade(db_url)
     await db.check(db_url)
 
     await db.downgrade(db_url, "0002")
     assert not {"min_replicas", "idle_timeout"} & await _columns(db_url, "models")
+    assert await _rows(db_url, "SELECT model_uid, replica_index FROM replicas") == [("m1", 0)]
+
+
+async def test_0004_adds_the_launch_placement_and_keeps_every_row(db_url: str) -> None:
+    await db.upgrade(db_url, "0003")
+    await _execute(db_url, MODEL_0001, REPLICA)
+    assert not {"launch_worker_id", "launch_n_gpu"} & await _columns(db_url, "models")
+
+    await db.upgrade(db_url, "0004")
+    # A model launched before the revision was placed on any worker, n_gpu "auto": both None.
+    assert await _rows(db_url, "SELECT model_uid, launch_worker_id, launch_n_gpu FROM models") == [
+        ("m1", None, None)
+    ]
+    await _execute(
+        db_url, "UPDATE models SET launch_worker_id = 'w1', launch_n_gpu = 2 WHERE model_uid = 'm1'"
+    )
+    assert await _rows(db_url, "SELECT launch_worker_id, launch_n_gpu FROM models") == [("w1", 2)]
+    await db.check(db_url)
+
+    await db.downgrade(db_url, "0003")
+    assert not {"launch_worker_id", "launch_n_gpu"} & await _columns(db_url, "models")
     assert await _rows(db_url, "SELECT model_uid, replica_index FROM replicas") == [("m1", 0)]
 
 
@@ -175,7 +197,7 @@ async def test_an_engine_can_be_migrated_in_memory() -> None:
 
 def test_one_head_and_revisions_are_packaged() -> None:
     script = ScriptDirectory.from_config(db.migrations_config())
-    assert script.get_heads() == ["0003"]
+    assert script.get_heads() == ["0004"]
     versions = Path(script.versions)
     assert (versions / "__init__.py").exists()
     assert (versions.parent / "script.py.mako").exists()

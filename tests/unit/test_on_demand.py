@@ -1,5 +1,6 @@
-"""The pure parts of models that start on demand: the hold queue's bounds, the launch options
-(request, definition, checks), the idle-stop and eviction decisions, and the wire fields."""
+"""The pure parts of models that start on demand: the hold queue's bounds, the backoff after a
+failed start, the launch options (request, definition, checks), the idle-stop and eviction
+decisions, and the wire fields."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from registry_service import ModelRow, Registration
 from registry_service.memory import estimate_bytes
 from registry_service.models import ReplicaRow
 from registry_service.ondemand import (
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
     HoldQueue,
     IdleReplica,
     choose_evictions,
@@ -29,6 +32,7 @@ from registry_service.ondemand import (
     idle_replicas,
     idle_stops,
 )
+from registry_service.ondemand.backoff import StartBackoff
 from registry_service.placement import place_replicas
 from registry_service.plan import DEFAULT_IDLE_TIMEOUT, LaunchPlan, on_demand_options
 
@@ -60,10 +64,48 @@ def test_the_hold_queue_lets_out_what_waited_too_long_oldest_first() -> None:
     assert [h.item for h in queue.take_all()] == ["r2"]
 
 
+def test_the_hold_queue_takes_out_what_a_cancel_names_and_keeps_the_rest_in_order() -> None:
+    queue: HoldQueue[tuple[str, str | None]] = HoldQueue("m", max_requests=10, max_age=5)
+    for i, rid in enumerate(("a", None, "b", "a")):
+        queue.add((f"r{i}", rid), float(i))
+    assert queue.take(lambda item: item[1] == "zzz") == []
+    assert [h.item[0] for h in queue.take(lambda item: item[1] == "a")] == ["r0", "r3"]
+    assert [h.item[0] for h in queue] == ["r1", "r2"]
+    assert queue.next_deadline() == 6.0  # r1, the oldest left
+    assert len(queue) == 2
+
+
 @pytest.mark.parametrize(("count", "age"), [(0, 1.0), (1, 0.0), (1, float("nan"))])
 def test_the_hold_queue_takes_only_sane_bounds(count: int, age: float) -> None:
     with pytest.raises(ValueError, match="max_"):
         HoldQueue("m", max_requests=count, max_age=age)
+
+
+# ---------------------------------------------------------------------------- the backoff
+
+
+def test_a_failed_start_backs_off_doubling_to_the_longest_window_and_a_success_resets_it() -> None:
+    backoff = StartBackoff("m")
+    assert not backoff.waiting(0.0)
+    windows = [backoff.failed(f"boom {i}", now=100.0 * i) for i in range(8)]
+    assert windows == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert (FIRST_BACKOFF, MAX_BACKOFF) == (2.0, 60.0)
+    # The last failure came at 700: no start before 760, one at 760.
+    assert backoff.waiting(759.9) and not backoff.waiting(760.0)
+    refusal = backoff.refusal(745.0)
+    assert isinstance(refusal, Unavailable) and refusal.code == 503
+    assert "model 'm' is not started: its last start failed (boom 7)" in refusal.message
+    assert "the next try is in 15.0 s" in refusal.message
+    assert "8 failed start(s) in a row" in refusal.message
+    backoff.succeeded()
+    assert not backoff.waiting(760.0)
+    assert backoff.failed("again", 800.0) == 2.0
+
+
+@pytest.mark.parametrize(("first", "longest", "what"), [(0.0, 60.0, "positive"), (5.0, 1.0, "shorter")])
+def test_the_backoff_takes_only_sane_windows(first: float, longest: float, what: str) -> None:
+    with pytest.raises(ValueError, match=what):
+        StartBackoff("m", first=first, longest=longest)
 
 
 # ---------------------------------------------------------------------------- launch options
@@ -82,6 +124,28 @@ def registration(**launch: Any) -> Registration:
 
 def request(**options: Any) -> LaunchRequest:
     return LaunchRequest.model_validate({"model_name": "m", **options})
+
+
+@pytest.mark.parametrize(
+    ("options", "worker_id", "n_gpu", "stored"),
+    [
+        ({}, None, "auto", (None, None)),
+        ({"worker_id": "w-b", "n_gpu": 2}, "w-b", 2, ("w-b", 2)),
+        ({"n_gpu": 0}, None, 0, (None, 0)),
+        ({"n_gpu": None}, None, 0, (None, 0)),  # None and 0 both place on no GPU
+    ],
+)
+def test_a_start_on_demand_places_as_its_launch_asked(
+    options: dict[str, Any], worker_id: str | None, n_gpu: int | str, stored: tuple[Any, Any]
+) -> None:
+    req = request(min_replicas=0, **options)
+    plan = LaunchPlan.from_request(req, registration(), timeout=60)
+    row = plan.row("ready")
+    assert (row.launch_worker_id, row.launch_n_gpu) == stored
+    # What Launcher.start_replicas places by, read back from the stored row.
+    again = LaunchPlan.from_row(row, timeout=60)
+    assert (again.launch_worker_id, again.launch_n_gpu) == (worker_id, n_gpu)
+    assert again == plan
 
 
 def test_launch_options_come_from_the_request_else_the_definition() -> None:

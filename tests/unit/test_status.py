@@ -163,6 +163,7 @@ def test_natserve_models_says_when_a_model_is_scaled_to_zero_or_starting() -> No
     assert _status_text({"status": "ready"}) == "ready"
     assert _status_text({"status": "ready", "state": "running"}) == "ready"
     assert _status_text({"status": "ready", "state": "scaled_to_zero"}) == "ready, scaled to zero"
+    assert _status_text({"status": "ready", "state": "backing_off"}) == "ready, backing off"
     assert (
         _status_text({"status": "ready", "state": "starting", "held_requests": 2})
         == "ready, starting (2 held)"
