@@ -61,7 +61,9 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"abc", "more_body": True})
         await send({"type": "http.response.body", "body": b"def"})
     elif path == "/stream":
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+        )
         for part in (b"one", b"two"):
             await send({"type": "http.response.body", "body": part, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
@@ -211,7 +213,7 @@ async def test_an_empty_answer_and_connection_close(server: tuple[str, int]) -> 
 async def test_a_failing_app_gets_uvicorns_500_or_a_closed_connection(server: tuple[str, int]) -> None:
     conn = await _connect(server)
     try:
-        status, headers, body = await conn.request("GET", "/broken")
+        status, _, body = await conn.request("GET", "/broken")
         assert (status, body) == (500, b"Internal Server Error")
         assert await conn.closed()
     finally:
