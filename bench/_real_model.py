@@ -69,6 +69,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench._omp import set_wait_policy
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = Path(os.environ.get("NATSERVE_TEST_SMOLLM2", "~/.cache/natserve-test/smollm2")).expanduser()
 NEW_TOKENS = 64
@@ -208,11 +210,7 @@ def llama_alone(
 def _alone_main(conn: Any, files: dict[str, str], policy: str, threads: int, context: int) -> None:
     """The llama.cpp process: loads ``files`` (path name -> GGUF), then runs one
     :func:`llama_alone` round per ``(name, prompts)`` it receives, until ``None``."""
-    # Before llama.cpp's OpenMP runtime loads (it reads the variable then).
-    if policy == "unset":
-        os.environ.pop("OMP_WAIT_POLICY", None)
-    else:
-        os.environ["OMP_WAIT_POLICY"] = policy
+    set_wait_policy(policy)  # before llama.cpp's OpenMP runtime loads
     from workers.loading import ModelSource, load_gguf
 
     models = {}
@@ -379,13 +377,7 @@ def run(
 ) -> dict[str, Any]:
     """``baseline_omp``: the OpenMP wait policy of the llama.cpp-alone paths, run in a process
     of their own (:class:`AloneProcess`); ``"same"`` runs them in this process instead."""
-    # Before torch or llama.cpp loads its OpenMP runtime (each reads the variable then).
-    if omp_wait_policy is None:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    elif omp_wait_policy == "unset":
-        os.environ.pop("OMP_WAIT_POLICY", None)
-    else:
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+    set_wait_policy(omp_wait_policy)  # before torch or llama.cpp loads OpenMP
     from bench._f16_gguf import ensure_f16
     from bench.engine import CpuMeter
     from workers.builder import CPU_INITIAL_SEQ, DEFAULT_LLM_BATCH

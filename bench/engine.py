@@ -89,6 +89,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._omp import set_wait_policy  # noqa: E402
 from bench._pool import llm_definition  # noqa: E402
 
 # ----------------------------------------------------------------------------- workloads
@@ -171,14 +172,8 @@ def _run_pool(
     stop: Any,
 ) -> None:
     """Registry and worker in one process, as `natserve up` runs them."""
-    # Before torch loads OpenMP. By default as natserve's CLI does for its worker (natserve/cli.py):
-    # PASSIVE unless the environment says otherwise.
-    if omp_wait_policy is None:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    elif omp_wait_policy == "unset":
-        os.environ.pop("OMP_WAIT_POLICY", None)
-    else:
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+    # Before torch loads OpenMP; by default as natserve's CLI does for its worker (natserve/cli.py).
+    set_wait_policy(omp_wait_policy)
     if threads:
         import torch
 
