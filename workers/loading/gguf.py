@@ -67,8 +67,33 @@ def require_llama_cpp(what: str) -> Any:
         if not _backend_ready:
             _quiet_llama_log(llama_cpp)
             llama_cpp.llama_backend_init()
+            _warn_if_openmp_passive(llama_cpp)
             _backend_ready = True
     return llama_cpp
+
+
+def openmp_passive_warning(system_info: str, wait_policy: str | None) -> str | None:
+    """What to warn of when llama.cpp runs on OpenMP in a process whose OpenMP threads sleep.
+
+    ggml's barrier between two ops is an ``omp barrier`` when it is built with OpenMP (its
+    default), and ``natserve worker`` runs OpenMP passive for the torch engine: a GGUF model then
+    made 28 tokens/s at one stream through a pool, against 87 with ggml's own thread pool
+    (``-DGGML_OPENMP=OFF``; docs/benchmarks.md, "The real model"). ``system_info``: llama.cpp's
+    ``llama_print_system_info()``; ``wait_policy``: ``OMP_WAIT_POLICY``.
+    """
+    if "OPENMP = 1" not in system_info or (wait_policy or "").upper() != "PASSIVE":
+        return None
+    return (
+        "llama.cpp here is built with OpenMP and OMP_WAIT_POLICY=PASSIVE: GGUF models run about 3x "
+        'slower; build llama-cpp-python with CMAKE_ARGS="-DGGML_OPENMP=OFF" (see the README)'
+    )
+
+
+def _warn_if_openmp_passive(llama_cpp: Any) -> None:
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    warning = openmp_passive_warning(info, os.environ.get("OMP_WAIT_POLICY"))
+    if warning is not None:
+        logger.warning(warning)
 
 
 # llama.cpp prints every tensor and parameter on stderr as it loads; errors still go to our log.
