@@ -332,7 +332,7 @@ class AsyncModelHandle:
 
     def _send_checked(
         self,
-        operation: Literal["generate", "chat"],
+        operation: str,
         body: dict[str, Any],
         config: dict[str, Any] | None,
         timeout: float | None,
