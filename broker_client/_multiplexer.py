@@ -325,7 +325,13 @@ class Multiplexer(ABC):
                 loop = self._running_loop()
                 if self._sweep_timer is None:
                     self._sweep_timer = loop.call_later(_SWEEP, self._sweep)
-                item = await pending.get(None, loop)
+                # pending.get(None, loop), inlined: one coroutine less per request that waits.
+                pending.waiter = waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    pending.waiter = None
+                item = pending.items.popleft()
             if isinstance(item, _Failure):
                 raise item.make()
             return item
