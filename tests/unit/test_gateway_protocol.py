@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import uvicorn
-
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
