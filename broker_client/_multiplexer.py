@@ -325,13 +325,7 @@ class Multiplexer(ABC):
                 loop = self._running_loop()
                 if self._sweep_timer is None:
                     self._sweep_timer = loop.call_later(_SWEEP, self._sweep)
-                # pending.get(None, loop), inlined: one coroutine less per request that waits.
-                pending.waiter = waiter = loop.create_future()
-                try:
-                    await waiter
-                finally:
-                    pending.waiter = None
-                item = pending.items.popleft()
+                item = await pending.get(None, loop)
             if isinstance(item, _Failure):
                 raise item.make()
             return item
