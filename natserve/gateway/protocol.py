@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 __all__ = ["OneWriteHttpToolsProtocol"]
@@ -117,9 +118,15 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     """``uvicorn.Config(http=OneWriteHttpToolsProtocol)``: httptools, a response in one write."""
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        # The cycle uvicorn just made (started or queued behind a pipelined one); its task has
-        # not run yet, and looks ``send`` up on it when it does.
-        cycle = self.cycle
-        if type(cycle) is RequestResponseCycle:
-            cycle.__class__ = _OneWriteCycle
+        # uvicorn makes each request's cycle (started, or queued behind a pipelined one) as its
+        # module's ``RequestResponseCycle``: ours stands there for the call, so that the cycle is
+        # made as one. Turning uvicorn's cycle into ours afterwards (``__class__ =``) made every
+        # later attribute access on it miss CPython's per-class attribute caches: about 1.8 us
+        # more per request at uvicorn's ~80 accesses (timeit, Python 3.11). Another uvicorn
+        # server running in another thread meanwhile would get a one-write cycle too: the same
+        # behaviour, fewer writes.
+        httptools_impl.RequestResponseCycle = _OneWriteCycle  # type: ignore[misc]
+        try:
+            super().on_headers_complete()
+        finally:
+            httptools_impl.RequestResponseCycle = RequestResponseCycle  # type: ignore[misc]

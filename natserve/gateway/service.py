@@ -7,8 +7,11 @@ natserve's exceptions (and :class:`~natserve.gateway.errors.InvalidField` for a 
 
 The inference operations keep one model handle per uid (a handle holds only its subjects), so a
 request costs the translation of its body and the handle's own request, nothing more: no
-``describe`` per request. An unknown uid is a 404 from the handle itself ("model 'x' is not
-running"), and a model without the ability asked for is a 400 from its worker.
+``describe`` per request. The translation checks a body's ``generate_config`` as the handle
+would (``check_generate_config``, to name the HTTP field of a wrong value), so the request goes
+to the handle's ``_send_checked``, which does not check it again. An unknown uid is a 404 from
+the handle itself ("model 'x' is not running"), and a model without the ability asked for is a
+400 from its worker.
 
 The pool page shows the registry's whole ``workers.list`` reply (``AsyncClient.pool_report``:
 the workers and the launches that failed lately), as ``natserve status`` does.
@@ -89,7 +92,10 @@ class GatewayService:
         """``POST /v1/completions``."""
         uid, prompt, config, include_usage = completion_call(body)
         try:
-            reply = await self._llm(uid).generate(prompt, config or None, request_id=request_id)
+            # The config is checked already (completion_call): sent as it is, not checked again.
+            reply = await self._llm(uid)._send_checked(
+                "generate", {"prompt": prompt}, config or None, None, request_id
+            )
         except BadRequest as exc:
             named = name_the_field(exc, body)
             if named is None:
@@ -103,7 +109,9 @@ class GatewayService:
         """``POST /v1/chat/completions``."""
         uid, messages, config, include_usage = chat_call(body)
         try:
-            reply = await self._llm(uid).chat(messages, config or None, request_id=request_id)
+            reply = await self._llm(uid)._send_checked(
+                "chat", {"messages": messages}, config or None, None, request_id
+            )
         except BadRequest as exc:
             named = name_the_field(exc, body)
             if named is None:

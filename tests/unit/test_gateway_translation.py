@@ -259,6 +259,30 @@ def test_the_sampling_fields_are_natserves_generate_config_keys() -> None:
     assert set(SAMPLING_FIELDS.values()) <= set(GenerateConfig.model_fields)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_tokens": 16},
+        {"max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "seed": 3, "stream": True},
+        {"stop": "\n"},
+        {"stop": ["a", "b"], "stop_token_ids": [2], "n": 2, "min_p": 0.1, "logit_bias": {"1": 2.0}},
+        {"presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.2},
+        {"regex": "[0-9]+"},
+        {"choice": ["yes", "no"]},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+    ],
+)
+def test_the_config_the_gateway_sends_is_the_one_the_handle_would_send(fields: dict[str, Any]) -> None:
+    # The gateway hands its checked config to the handle's _send_checked, which does not check
+    # it again: checking it again must change nothing, for either kind of request.
+    from broker_client import check_generate_config
+
+    _, _, config, _ = completion_call({"model": "m", "prompt": "p", **fields})
+    assert config and check_generate_config(config, "completion") == config
+    _, _, config, _ = chat_call({"model": "m", "messages": [{"role": "user", "content": "q"}], **fields})
+    assert config and check_generate_config(config, "chat") == config
+
+
 def test_a_natserve_400_about_a_config_value_names_the_body_field() -> None:
     exc = BadRequest("invalid generate_config: generate_config.max_tokens: must be >= 1 (got 0)")
     named = name_the_field(exc, {"max_completion_tokens": 0})
