@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._http import HttpConnection, connect  # noqa: E402
+from bench._omp import set_wait_policy  # noqa: E402
 from bench._pool import llm_definition, run_pool  # noqa: E402
 from tests.support.nats_server import NatsServer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -48,6 +49,13 @@ ECHO_MODEL = llm_definition("echo-gateway-bench", "echo:")
 TARGET_RATIO_C256 = 0.5
 TARGET_P50_DELTA_C1_MS = 1.5
 TARGET_TINY_P50_DELTA_MS = 3.0
+
+
+def _pool(url: str, home: str, ready: object, stop: object) -> None:
+    """Registry and worker in this spawned process, as ``natserve up`` runs them: OpenMP passive
+    unless the environment says otherwise (natserve/cli.py), set before torch loads it."""
+    set_wait_policy(None)
+    run_pool(url, home, ready, stop, steady=True)
 
 
 def _start_gateway(nats_url: str, home: str, port: int) -> subprocess.Popen[str]:
@@ -262,7 +270,7 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     home = tempfile.mkdtemp(prefix="natserve-bench-")
-    pool = ctx.Process(target=run_pool, args=(server.url, home, ready, stop), kwargs={"steady": True})
+    pool = ctx.Process(target=_pool, args=(server.url, home, ready, stop))
     pool.start()
     gateway: subprocess.Popen[str] | None = None
     try:
