@@ -62,19 +62,25 @@ async def raw_request(nats_url: str, subject: str, body: dict[str, Any], timeout
     return json.loads(msg.data)
 
 
-async def test_scale_to_zero_first_request_starts_it_idle_stops_it_next_starts_it_again(
-    pool: tuple[AsyncClient, list[Worker]], nats_url: str
-) -> None:
-    client, [worker] = pool
-    await client.register_model("LLM", echo_definition("lazy", "echo:?load=0.3"))
+async def watch_events(nats_url: str, subject: str) -> tuple[Any, list[dict[str, Any]]]:
+    """A connection subscribed to ``subject`` and the decoded events it receives, in order."""
     events: list[dict[str, Any]] = []
     watcher = await nats.connect(nats_url)
 
     async def on_event(msg: Any) -> None:
         events.append(codec.decode(msg.data, codec.detect(msg.data, msg.headers)))
 
-    await watcher.subscribe(client.subjects.events("lazy"), cb=on_event)
+    await watcher.subscribe(subject, cb=on_event)
     await watcher.flush()
+    return watcher, events
+
+
+async def test_scale_to_zero_first_request_starts_it_idle_stops_it_next_starts_it_again(
+    pool: tuple[AsyncClient, list[Worker]], nats_url: str
+) -> None:
+    client, [worker] = pool
+    await client.register_model("LLM", echo_definition("lazy", "echo:?load=0.3"))
+    watcher, events = await watch_events(nats_url, client.subjects.events("lazy"))
     uid = await client.launch_model("lazy", min_replicas=0, idle_timeout=1.0, progress=False)
     # Launched, scaled to zero: nothing loaded anywhere.
     assert replicas(worker, uid) == []
@@ -173,14 +179,7 @@ async def test_a_start_that_fails_answers_the_held_requests_with_its_error_and_b
     pool: tuple[AsyncClient, list[Worker]], nats_url: str
 ) -> None:
     client, [worker] = pool
-    events: list[dict[str, Any]] = []
-    watcher = await nats.connect(nats_url)
-
-    async def on_event(msg: Any) -> None:
-        events.append(codec.decode(msg.data, codec.detect(msg.data, msg.headers)))
-
-    await watcher.subscribe(client.subjects.events("broken"), cb=on_event)
-    await watcher.flush()
+    watcher, events = await watch_events(nats_url, client.subjects.events("broken"))
 
     def starts() -> int:
         return sum(1 for e in events if (e["stage"], e.get("reason")) == ("starting", "on_demand"))
@@ -305,14 +304,7 @@ async def test_a_launch_that_does_not_fit_evicts_the_least_recently_used_idle_mo
     small_pool: tuple[AsyncClient, list[Worker]], nats_url: str
 ) -> None:
     client, [worker] = small_pool
-    events: list[dict[str, Any]] = []
-    watcher = await nats.connect(nats_url)
-
-    async def on_event(msg: Any) -> None:
-        events.append(codec.decode(msg.data, codec.detect(msg.data, msg.headers)))
-
-    await watcher.subscribe(client.subjects.events("*"), cb=on_event)
-    await watcher.flush()
+    watcher, events = await watch_events(nats_url, client.subjects.events("*"))
     for name in ("older", "newer", "big"):
         await client.register_model("LLM", echo_definition(name, "echo:?memory=4e8"))
     for name in ("older", "newer"):
