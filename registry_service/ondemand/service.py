@@ -106,14 +106,15 @@ class _Hold:
     abilities: tuple[str, ...]
     # (operation, message, request_id): the id a cancel names.
     queue: HoldQueue[tuple[str, Msg, str | None]]
+    # The failed starts in a row: none is tried within their window. A start that succeeds
+    # hands over and closes the hold, so the next one begins with none.
+    backoff: StartBackoff
     # "stopping" (its last replica is being stopped), "zero" (no replica, none starting),
     # "starting", "handing_over" (replicas are up: what arrives goes to them).
     state: str = "zero"
     subs: list[Subscription] = field(default_factory=list)
     start: asyncio.Task[None] | None = None
     expiry: asyncio.Task[None] | None = None
-    # The failed starts in a row: none is tried within their window.
-    backoff: StartBackoff | None = None
 
 
 class OnDemand:
@@ -184,7 +185,7 @@ class OnDemand:
             return None
         state = hold.state
         if state == "zero":
-            waiting = hold.backoff is not None and hold.backoff.waiting(time.monotonic())
+            waiting = hold.backoff.waiting(time.monotonic())
             state = "backing_off" if waiting else "scaled_to_zero"
         return state, len(hold.queue)
 
@@ -264,8 +265,8 @@ class OnDemand:
             uid,
             tuple(abilities),
             HoldQueue(uid, max_requests=self.max_requests, max_age=self.max_age),
+            StartBackoff(uid, first=self.backoff_first, longest=self.backoff_max),
             state=state,
-            backoff=StartBackoff(uid, first=self.backoff_first, longest=self.backoff_max),
         )
         self._holds[uid] = hold
         group = self.subjects.model_queue_group(uid)
@@ -297,7 +298,7 @@ class OnDemand:
             if hold.abilities and op not in hold.abilities:
                 raise BadRequest(f"model {uid!r} cannot {op}: its abilities are {', '.join(hold.abilities)}")
             now = time.monotonic()
-            if hold.state == "zero" and hold.backoff is not None and hold.backoff.waiting(now):
+            if hold.state == "zero" and hold.backoff.waiting(now):
                 # Its last start failed: no launch within the window, a 503 at once.
                 raise hold.backoff.refusal(now)
             hold.queue.add((op, msg, getattr(req, "request_id", None)), now)
@@ -454,15 +455,13 @@ class OnDemand:
             # The window first: a request that comes while the held ones are answered gets the
             # 503 at once, rather than being held with no start to wait for.
             hold.state = "zero"
-            window = hold.backoff.failed(error.message, time.monotonic()) if hold.backoff else 0.0
+            window = hold.backoff.failed(error.message, time.monotonic())
             await self._fail_held(hold, error)
             await self._backoff_event(hold, row, error, window)
             return
         await self._hand_over(hold)
 
     async def _backoff_event(self, hold: _Hold, row: ModelRow, error: NatserveError, window: float) -> None:
-        if hold.backoff is None:
-            return
         await self.events.model(
             hold.uid,
             "backoff",
