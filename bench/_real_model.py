@@ -234,10 +234,12 @@ def _alone_main(conn: Any, files: dict[str, str], policy: str, threads: int, con
 
 class AloneProcess:
     """llama.cpp alone in a process of its own, with its own OpenMP wait policy: the benchmark's
-    process runs ``PASSIVE`` for torch, and llama.cpp's threads spinning there would take the
-    cores from torch's, while ``PASSIVE`` costs llama.cpp itself 2.4-2.8x at C = 1 (measured,
-    docs/benchmarks.md). The rounds still take turns with the other paths; between them the
-    process waits on its pipe."""
+    process runs ``PASSIVE`` for torch, and an OpenMP build of llama.cpp spinning there would take
+    the cores from torch's, while ``PASSIVE`` costs such a build 2.4-2.8x at C = 1 (measured,
+    docs/benchmarks.md). The build ``.ci/run`` makes (``-DGGML_OPENMP=OFF``) has a thread pool
+    of its own that the policy does not touch; the process keeps the baseline apart all the
+    same. The rounds still take turns with the other paths; between them the process waits on
+    its pipe."""
 
     READY_S = 180.0
     ROUND_S = 1800.0
