@@ -22,6 +22,11 @@ prompts of ~100 tokens and 64 greedy tokens each go through the selected paths (
                      ``CPU_INITIAL_SEQ`` positions, 32 slots, the model's context), C requests at once
     hf-int8          the same with ``quantization: "8-bit"`` (``load_llm(..., quantization="8-bit")``:
                      torch's dynamic int8 linears, ``workers/loading/cpu_int8.py``)
+    hf-fp32-modules, hf-int8-modules
+                     only when named in ``--paths``: hf-fp32 and hf-int8 decoding through the
+                     model's own forward (``lean_step=False``) on torch's threads
+                     (``single_thread_buckets=0``), as the worker did before
+                     ``workers/engines/llama_step.py`` and ``threads.py``
     hf-padded        only when named in ``--paths``: :class:`~workers.engines.BatchingEngine`
                      (left-padded dynamic cache), fp32, which the worker builds only with
                      ``NATSERVE_CPU_KV=padded`` or for a model the slots do not fit (not SmolLM2)
@@ -317,7 +322,7 @@ async def _engine_round(engine: Any, name: str, batch_prompts: list[list[int]]) 
 
 # The paths --paths chooses from, in the order they take turns; hf-padded only when named.
 PATHS = ("llama.cpp-Q4_1", "llama.cpp-F16", "gguf-engine", "hf-fp32", "hf-int8")
-OPTIONAL_PATHS = ("hf-padded",)
+OPTIONAL_PATHS = ("hf-fp32-modules", "hf-int8-modules", "hf-padded")
 # (path, baseline) pairs whose tokens/s ratios the result reports, where both ran.
 RATIOS = (
     ("gguf-engine", "llama.cpp-Q4_1"),
@@ -325,6 +330,9 @@ RATIOS = (
     ("hf-fp32", "llama.cpp-Q4_1"),
     ("hf-int8", "llama.cpp-F16"),
     ("hf-int8", "llama.cpp-Q4_1"),
+    ("hf-int8", "hf-int8-modules"),
+    ("hf-fp32", "hf-fp32-modules"),
+    ("hf-int8-modules", "llama.cpp-Q4_1"),
     ("hf-padded", "llama.cpp-F16"),
     ("hf-padded", "llama.cpp-Q4_1"),
 )
@@ -414,14 +422,14 @@ def run(
         hf_paths = [p for p in paths if p.startswith("hf-")]
         if hf_paths and not (SMOLLM2_DIR / "model.safetensors").is_file():
             raise SystemExit(f"{SMOLLM2_DIR} is missing: build it with ../shared/models/make_smollm2.py")
-        if "hf-fp32" in paths or "hf-padded" in paths:
+        if {"hf-fp32", "hf-fp32-modules", "hf-padded"} & set(paths):
             loaded["fp32"] = load_llm(hf_source, device="cpu")
-        if "hf-int8" in paths:
+        if {"hf-int8", "hf-int8-modules"} & set(paths):
             loaded["int8"] = load_llm(hf_source, device="cpu", quantization="8-bit")
         dtypes = {k: str(v.dtype) for k, v in loaded.items() if k in ("fp32", "int8")}
         max_batch = max(DEFAULT_LLM_BATCH, *concurrency)
         for name in hf_paths:
-            llm = loaded["int8" if name == "hf-int8" else "fp32"]
+            llm = loaded["int8" if name.startswith("hf-int8") else "fp32"]
             started = time.perf_counter()
             if name == "hf-padded":
                 engines[name] = BatchingEngine(
@@ -432,7 +440,9 @@ def run(
                     eos_token_ids=(),
                 )
             else:
-                # workers.builder.cpu_engine's arguments (kv="slots"), end-of-generation off.
+                # workers.builder.cpu_engine's arguments (kv="slots"), end-of-generation off;
+                # the -modules paths as the worker decoded before the lean step.
+                before = {"lean_step": False, "single_thread_buckets": 0} if name.endswith("-modules") else {}
                 engines[name] = StaticBatchingEngine(
                     llm.model,
                     llm.tokenizer,
@@ -441,6 +451,7 @@ def run(
                     max_seq_len=llm.context_length,
                     initial_seq_len=CPU_INITIAL_SEQ,
                     eos_token_ids=(),
+                    **before,
                 )
             engines[name].start()
             info[f"{key(name)}_start_s"] = time.perf_counter() - started

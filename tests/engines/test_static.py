@@ -523,6 +523,18 @@ async def test_failing_decode_step_ends_the_batch_only(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", forward)
+    step = engine.decode_step
+    lean = step.lean
+    if lean is not None:  # the lean step decodes without the model's forward (llama_step.py)
+
+        def lean_step(*args: Any) -> Any:
+            nonlocal fail_next_decode
+            if fail_next_decode:
+                fail_next_decode = False
+                raise RuntimeError("decode blew up")
+            return lean(*args)
+
+        monkeypatch.setattr(step, "lean", lean_step)
     a = engine.generate(good[0], GREEDY(max_tokens=30))
     await next_delta(a, "request a")
     fail_next_decode = True

@@ -53,8 +53,10 @@ from .api import Engine
 from .core import DEFAULT_PREFILL_TOKEN_BUDGET, EngineCore
 from .kv_padded import PaddedPrefill
 from .kv_slots import SEQ_ALIGN, SlotCache, SlotKV, SlotLayer
+from .llama_step import LlamaDecode, lean_step_unsupported
 from .request import Request
 from .runner import BucketRunners, DecodeRunner, ModelRunner
+from .threads import StepThreads, int8_single_thread_buckets
 
 __all__ = [
     "SlotCache",
@@ -93,10 +95,19 @@ class SlotStep:
     """
 
     def __init__(
-        self, runner: ModelRunner, kv: SlotCache, *, slots: int, additive_mask: bool, windowed: bool = False
+        self,
+        runner: ModelRunner,
+        kv: SlotCache,
+        *,
+        slots: int,
+        additive_mask: bool,
+        windowed: bool = False,
+        lean: LlamaDecode | None = None,
     ) -> None:
         self._runner = runner
         self._kv = kv
+        # The model's decode forward without its modules (llama_step.py), or None: the model's own.
+        self.lean = lean
         # Eager attention adds the mask to the scores, so it needs an additive float mask;
         # SDPA takes the bool mask (True = attend) directly.
         self._additive_mask = additive_mask
@@ -148,6 +159,9 @@ class SlotStep:
         kv_index = self._kv_index if window is None else self._kv_index[..., :window]
         valid = kv_index <= positions.view(bucket, 1, 1, 1)  # [b, 1, 1, window or L]
         mask = torch.where(valid, self._mask_on, self._mask_off) if self._additive_mask else valid
+        if self.lean is not None:
+            logits = self.lean(ids, positions, mask, self._kv, window)
+            return logits, logits.argmax(dim=-1)
         self._kv.begin_step(positions, window)
         kwargs: dict[str, Any] = {
             "input_ids": ids,
@@ -177,6 +191,8 @@ class SlotExecutor:
         buckets: list[int],
         initial_seq: int | None = None,
         compile_step: bool = False,
+        lean: LlamaDecode | None = None,
+        single_thread_buckets: int | None = None,
     ) -> None:
         self._runner = runner
         self.buckets = buckets
@@ -191,9 +207,19 @@ class SlotExecutor:
         self.kv_cache = SlotCache.allocate(runner.probe_kv_shapes(), max_batch_size, cache_len)
         self._slots = SlotKV(self.kv_cache)
         self.step = SlotStep(
-            runner, self.kv_cache, slots=max_batch_size, additive_mask=additive_mask, windowed=not use_graphs
+            runner,
+            self.kv_cache,
+            slots=max_batch_size,
+            additive_mask=additive_mask,
+            windowed=not use_graphs,
+            lean=lean,
         )
         self.runners = BucketRunners(self.step, use_graphs=use_graphs, compile_step=compile_step)
+        # One OpenMP thread for an 8-bit model's small decode steps on the CPU (threads.py).
+        if single_thread_buckets is None:
+            on_cpu = runner.device.type == "cpu"
+            single_thread_buckets = int8_single_thread_buckets(runner.model) if on_cpu else 0
+        self.threads = StepThreads(single_thread_buckets)
         self.bucket_steps: Counter[int] = Counter()
         # Waiting on an event releases the GIL, unlike a blocking ``.tolist()``: the asyncio
         # loops can run while the GPU computes a step.
@@ -215,6 +241,7 @@ class SlotExecutor:
         self.runners.clear()
 
     def prefill(self, reqs: Sequence[Request]) -> PaddedPrefill:
+        self.threads.use_all()
         prefill = self._runner.prefill(
             [r.prompt for r in reqs], all_logits=any(r.params.prompt_logprobs is not None for r in reqs)
         )
@@ -231,6 +258,7 @@ class SlotExecutor:
         self._reserve(max(r.n_ctx for r in rows) + 1)
         bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
         self._runner.forward_passes += 1
+        self.threads.use(bucket)
         self.step.load(rows, bucket)
         logits, greedy = self.runners.get(bucket).run()
         self._wait_device()
@@ -278,6 +306,13 @@ class StaticBatchingEngine(EngineCore):
     * ``compile_step``: run the decode step through ``torch.compile`` (``compiled.py``) instead
       of eagerly or as CUDA graphs; each bucket compiles at its first step, or in ``start()``
       with ``capture_at_start``.
+    * ``lean_step``: decode through :class:`~workers.engines.llama_step.LlamaDecode` (the
+      model's forward written out, without its modules) instead of the model's own forward.
+      None (default): whenever the step runs eagerly and the model takes it
+      (``lean_step_unsupported``); True: a ValueError naming why a model does not; False: never.
+    * ``single_thread_buckets``: decode steps of buckets up to this run on one OpenMP thread
+      (``threads.py``). None (default): 4 for a model with torch's int8 linears on the CPU, else
+      0 (every step on torch's threads).
 
     The model must use full attention in every layer (no sliding window shorter than the cache)
     through ``sdpa`` or ``eager`` attention, the two that honour a ready 4-D mask.
@@ -298,6 +333,8 @@ class StaticBatchingEngine(EngineCore):
         buckets: Iterable[int] | None = None,
         initial_seq_len: int | None = None,
         compile_step: bool = False,
+        lean_step: bool | None = None,
+        single_thread_buckets: int | None = None,
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
@@ -323,16 +360,20 @@ class StaticBatchingEngine(EngineCore):
             raise ValueError(f"use_graphs=True needs a CUDA model; the model is on {runner.device}")
         if compile_step:
             use_graphs = False
+        graphs = on_cuda if use_graphs is None else bool(use_graphs)
+        lean = _lean_step(runner.model, lean_step, eager=not graphs and not compile_step)
         self._slot_exec = SlotExecutor(
             runner,
             max_batch_size=max_batch_size,
             max_seq=self.max_seq,
             additive_mask=attn == "eager",
-            use_graphs=on_cuda if use_graphs is None else bool(use_graphs),
+            use_graphs=graphs,
             capture_at_start=capture_at_start,
             buckets=_normalise_buckets(buckets, max_batch_size),
             initial_seq=initial_seq_len,
             compile_step=compile_step,
+            lean=lean,
+            single_thread_buckets=single_thread_buckets,
         )
         super().__init__(
             runner,
@@ -349,14 +390,27 @@ class StaticBatchingEngine(EngineCore):
             prefill_token_budget=prefill_token_budget,
         )
         logger.info(
-            "static KV cache: %d slots x %d positions, %.1f MiB; buckets %s; cuda graphs %s; compiled %s",
+            "static KV cache: %d slots x %d positions, %.1f MiB; buckets %s; cuda graphs %s; compiled %s; "
+            "lean decode step %s",
             max_batch_size,
             self.kv_cache.layers[0].keys.shape[2],
             self.kv_cache.nbytes() / 2**20,
             self.buckets,
             "on" if self._slot_exec.runners.use_graphs else "off",
             "on" if compile_step else "off",
+            "on" if lean is not None else "off",
         )
+
+    @property
+    def lean_step(self) -> bool:
+        """Whether decode runs :class:`~workers.engines.llama_step.LlamaDecode`."""
+        return self._slot_exec.step.lean is not None
+
+    @property
+    def single_thread_buckets(self) -> int:
+        """Buckets up to which a decode step runs on one thread (0: none, or nothing to switch)."""
+        threads = self._slot_exec.threads
+        return threads.single_up_to if threads.active else 0
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -381,6 +435,21 @@ class StaticBatchingEngine(EngineCore):
     def bucket_steps(self) -> Mapping[int, int]:
         """Decode steps run so far, by bucket."""
         return types.MappingProxyType(dict(self._slot_exec.bucket_steps))
+
+
+def _lean_step(model: Any, wanted: bool | None, *, eager: bool) -> LlamaDecode | None:
+    """The lean decode step ``wanted`` asks for (see ``StaticBatchingEngine``), or None."""
+    if wanted is False:
+        return None
+    reason = lean_step_unsupported(model)
+    if reason is None and not eager:
+        reason = "the decode step is captured as CUDA graphs or compiled"
+    if reason is not None:
+        if wanted:
+            raise ValueError(f"lean_step=True, but {reason}")
+        logger.debug("lean decode step off: %s", reason)
+        return None
+    return LlamaDecode(model)
 
 
 def _aligned(length: int) -> int:
