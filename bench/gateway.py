@@ -8,9 +8,19 @@
                 direct path's requests/s; at C = 1 its p50 is within 1.5 ms of the direct one.
     tiny        the tiny random Llama of ``bench/engine.py`` (100-token prompts, 32 new tokens,
                 greedy, EOS off): p50 at C = 1 of a completion through the gateway against plain
-                transformers ``model.generate`` in this process on the same weights, and against
-                the direct client on the same replica, one after the other per prompt. Target:
+                transformers ``model.generate`` on the same weights, and against the direct
+                client on the same replica, the three one after the other per prompt in an
+                order rotated prompt by prompt, so that none always follows another. Target:
                 within 3 ms of raw generate (Xinference's HTTP API added 80 ms).
+
+Raw ``generate`` runs in a spawned process of its own under the pool's OpenMP wait policy
+(``PASSIVE`` unless the environment says otherwise, as ``natserve up``), not in this process:
+here libgomp's default policy would give it two spinning threads (two full cores for one
+request, 87-90 ms of CPU per 36-42 ms request against 45-54 ms under ``PASSIVE``), whose spin
+outlives each call by 9-12 ms of CPU on one of the two cores, taken from whichever request
+runs next. With the baseline in this process and a fixed order (raw, direct, HTTP) the tiny
+point showed the pool 7-22 ms behind raw ``generate``; interleaved fairly the direct client
+was 4-10 ms ahead of it under the same policy (docs/benchmarks.md, 2026-12-04).
 
 The pool (registry and one worker) runs in a spawned process as ``natserve up`` runs them, the
 gateway as ``python -m natserve gateway`` in another, nats-server in its own; the HTTP load
@@ -34,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,20 +182,20 @@ async def _echo(
     return results
 
 
-async def _tiny(
-    url: str, http_port: int, home: str, requests: int, log: Callable[[str], None]
-) -> dict[str, float]:
+def _raw_generate(path: str, requests: int, conn: Any) -> None:
+    """Plain ``model.generate`` in this spawned process, under the pool's OpenMP wait policy (set
+    before torch loads libgomp, as ``_pool`` does): answers each prompt index from ``conn`` with
+    the seconds ``generate`` took, after sending ``("ready", policy, torch threads)``."""
+    set_wait_policy(None)
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from bench.engine import CPU, build_model, load_model, make_prompts
-    from broker_client import AsyncClient
+    from bench.engine import CPU, load_model, make_prompts
 
-    path = build_model("tiny", Path(home) / "tiny", CPU)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = make_prompts(tokenizer, requests, CPU.prompt_len, seed=7)
+    model = load_model(Path(path), CPU)
     n = CPU.new_tokens
-    model = load_model(path, CPU)
     gen = GenerationConfig(
         max_new_tokens=n,
         min_new_tokens=n,
@@ -192,24 +203,81 @@ async def _tiny(
         eos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
     )
-
-    def raw(prompt: str) -> float:
-        x = torch.tensor([tokenizer(prompt)["input_ids"]])
+    conn.send(("ready", os.environ.get("OMP_WAIT_POLICY"), torch.get_num_threads()))
+    while (i := conn.recv()) is not None:
+        x = torch.tensor([tokenizer(prompts[i])["input_ids"]])
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gen)
         elapsed = time.perf_counter() - t0
-        assert out.shape[1] - x.shape[1] == n
+        if out.shape[1] - x.shape[1] != n:
+            raise RuntimeError(f"raw generate made {out.shape[1] - x.shape[1]} tokens, not {n}")
+        conn.send(elapsed)
+
+
+class _RawProcess:
+    """The spawned process of :func:`_raw_generate`; ``call(i)`` times prompt ``i``."""
+
+    def __init__(self, path: Path, requests: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_raw_generate, args=(str(path), requests, child), daemon=True)
+        self.proc.start()
+        child.close()
+        if not self.conn.poll(120):
+            self.close()
+            raise RuntimeError("the raw generate process was not ready within 120 s")
+        _, self.policy, self.threads = self.conn.recv()
+
+    def call(self, i: int) -> float:
+        self.conn.send(i)
+        if not self.conn.poll(60):
+            raise RuntimeError(f"raw generate of prompt {i} did not answer within 60 s")
+        elapsed: float = self.conn.recv()
         return elapsed
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+async def _tiny(
+    url: str, http_port: int, home: str, requests: int, log: Callable[[str], None]
+) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    from bench.engine import CPU, build_model, make_prompts
+    from broker_client import AsyncClient
+
+    path = build_model("tiny", Path(home) / "tiny", CPU)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = make_prompts(tokenizer, requests, CPU.prompt_len, seed=7)
+    n = CPU.new_tokens
+    raw_proc = _RawProcess(path, requests)
+    log(
+        f"raw generate in process {raw_proc.proc.pid}: OMP_WAIT_POLICY={raw_proc.policy}, "
+        f"{raw_proc.threads} torch threads"
+    )
 
     async with AsyncClient(url) as client:
         await client.register_model(model_type="LLM", model=llm_definition("tiny-gateway-bench", str(path)))
         uid = await client.launch_model(model_name="tiny-gateway-bench", progress=False)
         conn = await connect("127.0.0.1", http_port)
-        log(f"tiny model launched as {uid}; {requests} prompts, raw generate then the gateway")
+        log(f"tiny model launched as {uid}; {requests} prompts, raw generate, direct and the gateway")
 
-        async def http(prompt: str) -> float:
-            body = json.dumps({"model": uid, "prompt": prompt, "max_tokens": n, "temperature": 0}).encode()
+        async def raw(i: int) -> float:
+            return raw_proc.call(i)
+
+        async def http(i: int) -> float:
+            body = json.dumps(
+                {"model": uid, "prompt": prompts[i], "max_tokens": n, "temperature": 0}
+            ).encode()
             t0 = time.perf_counter()
             reply = await conn.post_json("/v1/completions", body)
             elapsed = time.perf_counter() - t0
@@ -219,32 +287,43 @@ async def _tiny(
         handle = await client.get_model(model_uid=uid)
         config = {"max_tokens": n, "temperature": 0}
 
-        async def direct(prompt: str) -> float:
+        async def direct(i: int) -> float:
             t0 = time.perf_counter()
-            reply = await handle.generate(prompt, config)  # type: ignore[union-attr]
+            reply = await handle.generate(prompts[i], config)  # type: ignore[union-attr]
             elapsed = time.perf_counter() - t0
             assert isinstance(reply, dict)
             assert reply["usage"]["completion_tokens"] == n, reply["usage"]
             return elapsed
 
-        raw(prompts[0]), await direct(prompts[0]), await http(prompts[0])  # warm-up of each
-        raw_times, direct_times, http_times = [], [], []
-        for prompt in prompts:
-            raw_times.append(raw(prompt))
-            direct_times.append(await direct(prompt))
-            http_times.append(await http(prompt))
-        conn.close()
+        paths = {"raw": raw, "direct": direct, "http": http}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        try:
+            for call in paths.values():  # warm-up of each
+                await call(0)
+            for i in range(len(prompts)):
+                # Rotated: no path always runs right after another one.
+                names = list(paths)
+                for name in names[i % 3 :] + names[: i % 3]:
+                    times[name].append(await paths[name](i))
+        finally:
+            raw_proc.close()
+            conn.close()
         await client.terminate_model(model_uid=uid)
-    raw_p50, http_p50 = statistics.median(raw_times) * 1000, statistics.median(http_times) * 1000
-    direct_p50 = statistics.median(direct_times) * 1000
-    # The gateway's own share: each prompt through HTTP against the same prompt through the client.
-    added = statistics.median(h - d for h, d in zip(http_times, direct_times, strict=True)) * 1000
+    raw_p50, http_p50 = statistics.median(times["raw"]) * 1000, statistics.median(times["http"]) * 1000
+    direct_p50 = statistics.median(times["direct"]) * 1000
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x - y for x, y in zip(times[a], times[b], strict=True)) * 1000
+
     return {
         "tiny_raw_p50_ms": raw_p50,
         "tiny_direct_p50_ms": direct_p50,
         "tiny_http_p50_ms": http_p50,
         "tiny_p50_delta_ms": http_p50 - raw_p50,
-        "tiny_http_minus_direct_ms": added,
+        # The gateway's own share: each prompt through HTTP against the same prompt through the client.
+        "tiny_http_minus_direct_ms": paired("http", "direct"),
+        # The pool's: each prompt through the client against the same prompt's raw generate.
+        "tiny_direct_minus_raw_ms": paired("direct", "raw"),
     }
 
 
@@ -324,8 +403,9 @@ def main() -> int:
         _check(
             f"tiny model C = 1 p50: gateway {results['tiny_http_p50_ms']:.1f} ms, raw generate "
             f"{results['tiny_raw_p50_ms']:.1f} ms, direct client {results['tiny_direct_p50_ms']:.1f} ms; "
-            f"gateway - raw {tiny:.2f} ms (gateway - direct, per prompt: "
-            f"{results['tiny_http_minus_direct_ms']:.2f} ms)",
+            f"gateway - raw {tiny:.2f} ms (per prompt: gateway - direct "
+            f"{results['tiny_http_minus_direct_ms']:.2f} ms, direct - raw "
+            f"{results['tiny_direct_minus_raw_ms']:.2f} ms)",
             tiny <= TARGET_TINY_P50_DELTA_MS,
             f"<= {TARGET_TINY_P50_DELTA_MS} ms",
         )

@@ -26,8 +26,10 @@ reaches it; a launch cancelled that way ends with a 503 and leaves nothing loade
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -111,6 +113,45 @@ class PendingLaunch:
             raise Unavailable(
                 f"launch of replica {launch.replica_index} of {launch.model_uid!r}: {self.cancelled}"
             )
+
+
+def on_own_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    """``asyncio.to_thread`` on a thread started for the call, which ends with it.
+
+    For the torch work of a launch (loading, the engine's probe forward). Each thread that runs
+    an OpenMP parallel region keeps a team of its own (one more OpenMP thread per core) for as
+    long as it lives, and once a process's OpenMP threads outnumber its cores libgomp spins only
+    its "throttled" count (100 turns, 0 under ``PASSIVE``) instead of ``GOMP_SPINCOUNT`` or the
+    policy's. On the long-lived threads of the default executor one launch left a second team
+    beside the engine thread's: 3 OpenMP threads on 2 cores, and an operator's
+    ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` no longer reached the engine (its OpenMP thread
+    slept ~100 times a request under either; measured on the tiny model, 2026-12-04). A thread
+    that ends frees its team. The context is copied, as ``to_thread`` does.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():  # the awaiting task was cancelled meanwhile
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome = (True, context.run(fn, *args, **kwargs))
+        except BaseException as exc:
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for the result any more
+            pass
+
+    threading.Thread(target=run, name=f"natserve-{getattr(fn, '__name__', 'load')}", daemon=True).start()
+    return future
 
 
 async def build_replica(
@@ -308,7 +349,7 @@ async def _loaded_replica(
     loaded: Any = None
     try:
         if isinstance(definition, LLMDefinition):
-            loaded = await asyncio.to_thread(
+            loaded = await on_own_thread(
                 loading.load_llm,
                 source,
                 quantization=launch.quantization,
@@ -318,8 +359,8 @@ async def _loaded_replica(
                 dtype=settings.cpu_dtype if device == "cpu" else None,
             )
             # Building the engine probes the model (a forward): on a thread.
-            return await asyncio.to_thread(_llm_replica, launch, definition, loaded, common, settings)
-        loaded = await asyncio.to_thread(loading.load_embedding, source, device=device)
+            return await on_own_thread(_llm_replica, launch, definition, loaded, common, settings)
+        loaded = await on_own_thread(loading.load_embedding, source, device=device)
         from .engines import EmbeddingEngine
 
         embedder = EmbeddingEngine(loaded, max_batch_size=launch.max_batch_size or DEFAULT_EMBEDDING_BATCH)
