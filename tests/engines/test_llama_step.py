@@ -41,7 +41,8 @@ def _both_steps(engine: StaticBatchingEngine, bucket: int, rows: int, window: bo
     step = engine.decode_step
     lean = step.lean
     assert lean is not None
-    step.load([types.SimpleNamespace(last_token=3 + 5 * i, n_ctx=9 + 4 * i) for i in range(rows)], bucket)
+    fake: Any = [types.SimpleNamespace(last_token=3 + 5 * i, n_ctx=9 + 4 * i) for i in range(rows)]
+    step.load(fake, bucket)  # load reads each row's last token and position only
     outs = []
     for which in (None, lean):
         generator = torch.Generator().manual_seed(11)
@@ -166,3 +167,46 @@ def test_int8_models_take_one_thread_for_small_buckets(
 
     assert int8_single_thread_buckets(tiny_int8[0]) == INT8_SINGLE_UP_TO
     assert int8_single_thread_buckets(tiny[0]) == 0
+
+
+def _tiny_other(model_type: str, tokenizer: Any) -> Any:
+    """A tiny random model of another architecture the lean step names (Qwen2 has biases on q, k
+    and v, which the merge stacks too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.5,
+        sliding_window=None,
+        use_sliding_window=False,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_other_llama_shaped_models(tiny: tuple[Any, Any], model_type: str, quantized: bool) -> None:
+    from workers.loading.cpu_int8 import quantize_cpu_int8
+
+    _, tokenizer = tiny
+    model = _tiny_other(model_type, tokenizer)
+    if model_type == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    if quantized:
+        model = quantize_cpu_int8(model)
+    engine = _engine(model, tokenizer)
+    assert engine.lean_step, lean_step_unsupported(model)
+    (ref_logits, _, ref_kv), (logits, _, kv) = _both_steps(engine, 4, 3, window=True)
+    assert torch.equal(logits, ref_logits), (logits - ref_logits).abs().max().item()
+    assert all(torch.equal(a, b) for a, b in zip(kv, ref_kv, strict=True))
