@@ -121,5 +121,8 @@ def test_cpu_engine_by_layout(tiny_llama_dir: Path) -> None:
     slots = cpu_engine(model, tokenizer, max_batch_size=2, context=512, kv="slots")
     assert isinstance(slots, StaticBatchingEngine) and slots.context_length == 512
     assert slots.kv_cache.length == CPU_INITIAL_SEQ
+    # A Llama on the CPU decodes through the lean step (workers/engines/llama_step.py); fp32
+    # keeps torch's threads at every bucket.
+    assert slots.lean_step and slots.single_thread_buckets == 0
     padded = cpu_engine(model, tokenizer, max_batch_size=2, context=512, kv="padded")
     assert isinstance(padded, BatchingEngine)
