@@ -160,14 +160,16 @@ async def _echo(
         keys = ("rps", "p50_us", "p99_us", "foreign_cpu_pct", *(f"cpu_us_{name}" for name in cpu.pids))
         try:
             for c in (1, 256):
-                conns[:] = [await connect("127.0.0.1", http_port) for _ in range(c)]
                 rounds = []
                 for _ in range(rounds_per_point):
-                    rounds.append(
-                        (await _measure(direct, c, seconds, cpu), await _measure(http, c, seconds, cpu))
-                    )
-                for conn in conns:
-                    conn.close()
+                    d = await _measure(direct, c, seconds, cpu)
+                    # Connected for each HTTP round: idle through a direct round longer than
+                    # uvicorn's keep-alive timeout (5 s), a connection is closed by the gateway
+                    # (`--seconds 6` failed with "connection closed by the server").
+                    conns[:] = [await connect("127.0.0.1", http_port) for _ in range(c)]
+                    rounds.append((d, await _measure(http, c, seconds, cpu)))
+                    for conn in conns:
+                        conn.close()
                 for key in keys:
                     results[f"direct_{key}_c{c}"] = statistics.median(d[key] for d, _ in rounds)
                     results[f"http_{key}_c{c}"] = statistics.median(h[key] for _, h in rounds)
