@@ -85,10 +85,9 @@ def lean_step_unsupported(model: Any) -> str | None:
                 why = "it is missing" if module is None else _linear_unsupported(module)
                 if why is not None:
                     return f"layer {index}'s {name}: {why}"
-        names = ("q_proj", "k_proj", "v_proj")
         if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
             return f"layer {index} normalises q and k (not a Llama layer)"
-        qkv = [getattr(attn, n) for n in names[:3]]
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         if len({_has_bias(m) for m in qkv}) > 1 or _has_bias(attn.o_proj):
             return f"layer {index}: q/k/v biases differ, or o_proj has one"
         if any(_has_bias(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")):
@@ -134,8 +133,9 @@ def _reduce_range(module: Any) -> bool:
 
 
 def _is_full_range(module: Any) -> bool:
-    cls = type(module)
-    return cls.__name__ == "FullRangeLinear" and cls.__module__ == "workers.loading.cpu_int8"
+    from ..loading.cpu_int8 import full_range_class
+
+    return type(module) is full_range_class()
 
 
 def _linear_unsupported(module: Any) -> str | None:

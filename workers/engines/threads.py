@@ -73,15 +73,18 @@ class StepThreads:
     thread anyway, no bucket below the limit, or no libgomp to call.
     """
 
-    def __init__(self, single_up_to: int, threads: int | None = None) -> None:
-        self.threads = int(threads if threads is not None else torch.get_num_threads())
+    def __init__(self, single_up_to: int) -> None:
+        self.threads = torch.get_num_threads()
         self.single_up_to = int(single_up_to)
         self._set = _omp_setter() if self.threads > 1 and self.single_up_to > 0 else None
         if self.threads > 1 and self.single_up_to > 0 and self._set is None:
             logger.debug("no omp_set_num_threads in the process: decode steps keep %d threads", self.threads)
-        self.active = self._set is not None
         # None until the first call: the generation thread's count is torch's until then.
         self._now: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._set is not None
 
     def use(self, bucket: int) -> None:
         self._apply(1 if bucket <= self.single_up_to else self.threads)

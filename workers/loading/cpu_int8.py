@@ -26,10 +26,11 @@ a deprecation note once); see docs/benchmarks.md for torchao on this CPU.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
-__all__ = ["int8_linear_bytes", "quantize_cpu_int8"]
+__all__ = ["full_range_class", "int8_linear_bytes", "quantize_cpu_int8"]
 
 # Per output row of a per-channel quantized weight: a float64 scale and an int64 zero point
 # (torch keeps both at 8 bytes), and fbgemm's packed copy keeps an int32 column offset.
@@ -50,7 +51,10 @@ def _has_vnni() -> bool:
     return False
 
 
-def _full_range_class() -> type:
+@functools.cache
+def full_range_class() -> type:
+    """torch's dynamic int8 linear with the full 8-bit input range (see ``_has_vnni``): one
+    class for the process, so that other code can tell its instances by type."""
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
@@ -105,7 +109,7 @@ def quantize_cpu_int8(model: Any) -> Any:
     if _has_vnni():
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-        full_range = _full_range_class()
+        full_range = full_range_class()
         for module in model.modules():
             if type(module) is DynamicLinear:
                 module.__class__ = full_range
