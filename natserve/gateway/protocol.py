@@ -173,10 +173,9 @@ class HotCycle:
             if self.expected < 0:
                 raise RuntimeError("Response content longer than Content-Length")
             data = body
-        head = self.head
-        if head is not None:
+        if self.head is not None:
+            data = self.head + data
             self.head = None
-            data = head + data
         if data:
             self.transport.write(data)
         if not more_body:
@@ -202,11 +201,11 @@ class HotCycle:
                 self.keep_alive = False
                 close = True
             content += (name, b": ", value, b"\r\n")
-        if length is None and status not in (204, 304):
+        if length is not None:
+            self.expected = length
+        elif status not in (204, 304):
             self.chunked = True
             content.append(b"transfer-encoding: chunked\r\n")
-        else:
-            self.expected = length
         if not self.keep_alive and not close:
             content.append(b"connection: close\r\n")
         content.append(b"\r\n")
@@ -259,7 +258,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         else:
             self._idle_since = self.loop.time()
             if self.timeout_keep_alive_task is None:
-                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_due)
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self._keep_alive_due
+                )
 
     def _keep_alive_due(self) -> None:
         self.timeout_keep_alive_task = None

@@ -5,7 +5,8 @@ that a taken port is a clear error before anything else starts, and then run
 :func:`run_gateway` as one of their services: it connects its ``AsyncClient``, serves the app
 with uvicorn (httptools; the inference routes on :mod:`.protocol`'s lean cycle) on that socket
 until ``stop`` is set, and stops in order: no new connections, requests in flight finish (at
-most ``drain_timeout``), then the NATS connection closes. Signals stay natserve's: uvicorn's own handlers are not installed.
+most ``drain_timeout``), then the NATS connection closes. Signals stay natserve's: uvicorn's own
+handlers are not installed.
 """
 
 from __future__ import annotations
