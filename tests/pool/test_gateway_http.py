@@ -421,6 +421,22 @@ async def test_a_chunked_body_growing_past_the_limit_is_refused(gateway: Gateway
         check_error(reply, "HTTP/1.1 400 Bad Request", expected, code="payload_too_large")
 
 
+@pytest.mark.parametrize("last", [True, False], ids=["whole", "last-chunk-held-back"])
+async def test_a_chunked_body_past_the_limit_in_one_read_is_refused(gateway: Gateway, last: bool) -> None:
+    # The whole body in one write, so that the server gets it as one message: that message alone
+    # is past the limit. Without its last chunk the refusal must not wait for more.
+    expected = (
+        f"the request body is above the gateway's limit of {MAX_BODY} bytes (NATSERVE_HTTP_MAX_BODY_BYTES)"
+    )
+    data = b'{"model": "x", "prompt": "' + b"p" * (MAX_BODY + 100) + b'"}'
+    async with connect(gateway.port) as conn:
+        await conn.send(
+            post("/v1/completions", b"", headers=CHUNKED) + chunk(data) + (chunk(b"") if last else b"")
+        )
+        reply = await conn.reply("the refusal of a chunked body past the limit in one read")
+        check_error(reply, "HTTP/1.1 400 Bad Request", expected, code="payload_too_large")
+
+
 # ---------------------------------------------------------------------------- 6. closing requests
 
 
