@@ -93,7 +93,9 @@ class HotCycle:
         self.keep_alive = keep_alive
         self.waiting_for_100_continue = protocol.expect_100_continue
         self.disconnected = False
-        self.body = bytearray()
+        # Bytes, not uvicorn's bytearray: uvicorn's on_body adds each part (``+=``), and a body
+        # in one part is then the parser's own bytes object, handed on without a copy.
+        self.body = b""
         self.more_body = True
         self.response_started = False
         self.response_complete = False
@@ -139,8 +141,8 @@ class HotCycle:
             event.clear()
         if self.disconnected or self.response_complete:
             return {"type": "http.disconnect"}
-        message = {"type": "http.request", "body": bytes(self.body), "more_body": self.more_body}
-        self.body = bytearray()
+        message = {"type": "http.request", "body": self.body, "more_body": self.more_body}
+        self.body = b""
         return message
 
     async def send(self, message: Mapping[str, Any]) -> None:
@@ -193,8 +195,8 @@ class HotCycle:
         content = [STATUS_LINE[status]]
         close = False
         length = None
+        # Lower-case names, as ASGI asks and the hot endpoints send; uvicorn's default ones are too.
         for name, value in (*self.default_headers, *headers):
-            name = name.lower()
             if name == b"content-length" and length is None:
                 length = int(value)
             elif name == b"connection" and b"close" in value.lower():
