@@ -8,21 +8,21 @@ of times a second, becomes a :class:`HotCycle` instead: the same ASGI endpoint
 (``app._Inference``) over a lean ``receive`` and ``send``.
 
 What the lean cycle leaves out, per request: uvicorn's cycle and its ``run_asgi`` wrapper, the URL
-parse, the header checks of each response (two regular expressions a header: the gateway's own
-endpoints make every header it sends, and the one value from a caller, ``X-Request-Id``, is
-checked before it is echoed), and the second ``write`` (a head with a ``Content-Length`` waits for
-its body and goes out with it). On the AMD machine of 2026-12-04 (``bench/gateway.py``, C = 256)
-uvicorn's cycle cost the gateway process about 15 us of its 86 a request, the most of any one part
-(docs/benchmarks.md: "The lean cycle").
+parse, and the header checks of each response (two regular expressions a header: the gateway's
+own endpoints make every header it sends, and the one value from a caller, ``X-Request-Id``, is
+checked before it is echoed). A head with a ``Content-Length`` waits for its body and goes out
+with it, in one ``write``. On the AMD machine of 2026-12-04 (``bench/gateway.py``, C = 256, main
+and this alternating) the gateway process cost 10-16 us less a request, 15-20 % of its CPU
+(docs/benchmarks.md, "Issue 14: the lean cycle").
 
 What stays uvicorn's: everything outside one request's ``receive`` and ``send``. The cycle has the
 attributes uvicorn's protocol reads and writes of a cycle (``body``, ``more_body``,
 ``message_event``, ``response_complete``, ``disconnected``, ``keep_alive``), so uvicorn's own
 ``on_body``, ``on_message_complete``, ``connection_lost``, ``shutdown`` and pipelining drive it
-unchanged, and a finished response calls uvicorn's ``on_response_complete`` (keep-alive timer,
-the next pipelined request). A request the lean cycle does not take goes to uvicorn as it is: any
-other method or path, a request pipelined behind one still answering, an upgrade, a server with a
-``root_path`` or a concurrency limit.
+unchanged, and a finished response calls the protocol's ``on_response_complete`` (the next
+pipelined request, or the keep-alive below). A request the lean cycle does not take goes to
+uvicorn as it is: any other method or path, a request pipelined behind one still answering, an
+upgrade, a server with a ``root_path`` or a concurrency limit.
 """
 
 from __future__ import annotations
