@@ -1235,7 +1235,8 @@ def main() -> int:
     parser.add_argument(
         "--paths",
         help="with --real, a comma list of the paths to run (default all but hf-padded): "
-        "llama.cpp-Q4_1, llama.cpp-F16, gguf-engine, hf-fp32, hf-int8, hf-fp32-modules, hf-int8-modules, hf-padded",
+        "llama.cpp-Q4_1, llama.cpp-F16, gguf-engine, hf-fp32, hf-int8, hf-fp32-modules, "
+        "hf-int8-modules, hf-padded",
     )
     parser.add_argument(
         "--omp-wait-policy",

@@ -101,21 +101,24 @@ def _check_length(length: bytes, limit: int) -> None:
         )
 
 
-async def _rest_of_body(receive: Receive, first: bytes, limit: int) -> bytes:
-    """The body that came in more than one message, refused past ``limit`` bytes."""
-    parts, size, more = [first], len(first), True
-    while more:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
+async def _rest_of_body(receive: Receive, first: bytes, more: bool, limit: int) -> bytes:
+    """The body whose first message was ``first`` (``more``: more follow), refused past
+    ``limit`` bytes: a chunked body has no Content-Length to refuse it by, and its first
+    message alone (one socket read) may already be past the limit."""
+    parts, size = [first], len(first)
+    while True:
         if size > limit:
             raise PayloadTooLarge(
                 f"the request body is above the gateway's limit of {limit} bytes "
                 "(NATSERVE_HTTP_MAX_BODY_BYTES)"
             )
+        if not more:
+            return b"".join(parts)
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
         parts.append(chunk)
         more = message.get("more_body", False)
-    return b"".join(parts)
 
 
 def _decode(data: bytes) -> Any:
@@ -132,9 +135,9 @@ async def _json_body(receive: Receive, length: bytes | None, limit: int) -> Any:
     if length is not None:
         _check_length(length, limit)
     message = await receive()
-    data = message.get("body", b"")
-    if message.get("more_body"):
-        data = await _rest_of_body(receive, data, limit)
+    data, more = message.get("body", b""), message.get("more_body", False)
+    if more or len(data) > limit:
+        data = await _rest_of_body(receive, data, more, limit)
     return _decode(data)
 
 
@@ -172,9 +175,9 @@ class _Inference:
             if length is not None:
                 _check_length(length, gate.max_body_bytes)
             message = await receive()
-            data = message.get("body", b"")
-            if message.get("more_body"):
-                data = await _rest_of_body(receive, data, gate.max_body_bytes)
+            data, more = message.get("body", b""), message.get("more_body", False)
+            if more or len(data) > gate.max_body_bytes:
+                data = await _rest_of_body(receive, data, more, gate.max_body_bytes)
             body = _decode(data)
             reply = await self.operation(body, rid)
         except Exception as exc:
@@ -365,7 +368,10 @@ class GatewayApp:
 
     Starlette's middleware stack and router cost a request about as much as the rest of the
     gateway's own work (``bench/gateway.py``); its routes still answer every other method on
-    these paths (a 405) and everything else.
+    these paths (a 405) and everything else. ``hot`` (path to endpoint) is also what the
+    gateway's uvicorn protocol serves on its lean cycle (:mod:`natserve.gateway.protocol`);
+    this dispatch serves those paths under any other ASGI server, and the requests the lean
+    cycle leaves to uvicorn (a pipelined one).
     """
 
     __slots__ = ("app", "hot")

@@ -3,9 +3,10 @@
 ``natserve gateway`` and ``natserve up`` both bind the socket first (:func:`bind_listener`), so
 that a taken port is a clear error before anything else starts, and then run
 :func:`run_gateway` as one of their services: it connects its ``AsyncClient``, serves the app
-with uvicorn (httptools, :mod:`.protocol`) on that socket until ``stop`` is set, and stops in order: no new
-connections, requests in flight finish (at most ``drain_timeout``), then the NATS connection
-closes. Signals stay natserve's: uvicorn's own handlers are not installed.
+with uvicorn (httptools; the inference routes on :mod:`.protocol`'s lean cycle) on that socket
+until ``stop`` is set, and stops in order: no new connections, requests in flight finish (at
+most ``drain_timeout``), then the NATS connection closes. Signals stay natserve's: uvicorn's own
+handlers are not installed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from broker_client import AsyncClient, NatsAuth, connect_options
 from .app import DEFAULT_MAX_BODY_BYTES, create_app
 from .auth import ApiKeys
 from .metrics import GatewayMetrics
-from .protocol import OneWriteHttpToolsProtocol
+from .protocol import GatewayHttpProtocol
 from .service import GatewayService
 
 __all__ = ["DEFAULT_HTTP_PORT", "HttpListener", "bind_listener", "is_loopback", "run_gateway"]
@@ -139,8 +140,8 @@ async def run_gateway(
         )
         config = uvicorn.Config(
             app,
-            # httptools, a response with a Content-Length in one write rather than two (protocol.py).
-            http=OneWriteHttpToolsProtocol,
+            # httptools; a POST to an inference route on a lean cycle of its own (protocol.py).
+            http=GatewayHttpProtocol,
             lifespan="off",
             access_log=False,
             # natserve's logging is already set up: uvicorn's loggers go through its handler.
