@@ -28,7 +28,7 @@ import contextlib
 import email.utils
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,6 +287,15 @@ def check_chat(reply: Reply, text: str, *, model: str = ECHO, close: bool = Fals
     assert body["usage"] == {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}, body
 
 
+def both_routes(text: str) -> list[tuple[str, dict[str, Any], Callable[..., None]]]:
+    """``/v1/completions`` and ``/v1/chat/completions``, each with a body asking for ``text``
+    and the check of its reply."""
+    return [
+        ("/v1/completions", completion(text), check_completion),
+        ("/v1/chat/completions", chat(text), check_chat),
+    ]
+
+
 def check_error(
     reply: Reply,
     status: str,
@@ -352,10 +361,7 @@ async def test_pipelined_requests_come_back_whole_and_in_order(gateway: Gateway)
 
 async def test_expect_100_continue_is_answered_before_the_body_is_sent(gateway: Gateway) -> None:
     async with connect(gateway.port) as conn:
-        for path, body, check in (
-            ("/v1/completions", completion("expected"), check_completion),
-            ("/v1/chat/completions", chat("expected"), check_chat),
-        ):
+        for path, body, check in both_routes("expected"):
             data = json.dumps(body).encode()
             head = request("POST", path, data, headers=[("Expect", "100-continue")])[: -len(data)]
             await conn.send(head)
@@ -370,10 +376,7 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(gateway: 
 
 async def test_a_chunked_request_body_is_read_whole(gateway: Gateway) -> None:
     async with connect(gateway.port) as conn:
-        for path, body, check in (
-            ("/v1/completions", completion("in three chunks"), check_completion),
-            ("/v1/chat/completions", chat("in three chunks"), check_chat),
-        ):
+        for path, body, check in both_routes("in three chunks"):
             data = json.dumps(body).encode()
             await conn.send(post(path, b"", headers=CHUNKED))
             third = len(data) // 3
@@ -442,10 +445,7 @@ async def test_a_chunked_body_past_the_limit_in_one_read_is_refused(gateway: Gat
 
 async def test_http_1_0_and_connection_close_are_answered_and_closed(gateway: Gateway) -> None:
     for version, headers in (("1.0", []), ("1.1", [("Connection", "close")])):
-        for path, body, check in (
-            ("/v1/completions", completion(f"closing {version}"), check_completion),
-            ("/v1/chat/completions", chat(f"closing {version}"), check_chat),
-        ):
+        for path, body, check in both_routes(f"closing {version}"):
             async with connect(gateway.port) as conn:
                 reply = await conn.ask(
                     post(path, body, headers=headers, version=version), f"{path} {version}"
@@ -554,10 +554,7 @@ async def test_a_client_that_leaves_mid_stream_stops_the_generation(gateway: Gat
 
 async def test_the_request_id_comes_back_as_given_or_is_made(gateway: Gateway) -> None:
     async with connect(gateway.port) as conn:
-        for path, body, check in (
-            ("/v1/completions", completion("ids"), check_completion),
-            ("/v1/chat/completions", chat("ids"), check_chat),
-        ):
+        for path, body, check in both_routes("ids"):
             reply = await conn.ask(post(path, body, headers=[("X-Request-Id", "abc-1")]))
             check(reply, "ids")
             assert reply.header("x-request-id") == "abc-1"

@@ -237,7 +237,8 @@ def tiny_llama(
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     heads = max(1, hidden_size // 16)
-    extra = {} if initializer_range is None else {"initializer_range": initializer_range}
+    # Any: LlamaConfig's keyword arguments are typed one by one, and a dict of floats matches none.
+    extra: dict[str, Any] = {} if initializer_range is None else {"initializer_range": initializer_range}
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
