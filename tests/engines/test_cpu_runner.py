@@ -181,7 +181,8 @@ async def test_smollm2_matches_transformers(smollm2_dir: Path, dtype: str, batch
         smollm2_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
     ).eval()
     topics = ["the tides", "a steam engine", "why leaves fall"]
-    prompts = [
+    # Token ids: a list, or with newer transformers a BatchEncoding holding them.
+    templated: list[Any] = [
         tokenizer.apply_chat_template(
             [
                 {
@@ -193,7 +194,7 @@ async def test_smollm2_matches_transformers(smollm2_dir: Path, dtype: str, batch
         )
         for t in topics
     ]
-    prompts = [list(p.input_ids) if hasattr(p, "input_ids") else list(p) for p in prompts]
+    prompts = [list(p.input_ids) if hasattr(p, "input_ids") else list(p) for p in templated]
     assert all(90 <= len(p) <= 140 for p in prompts), [len(p) for p in prompts]
     engine = StaticBatchingEngine(
         model, tokenizer, max_batch_size=4, max_seq_len=2048, initial_seq_len=128, eos_token_ids=()

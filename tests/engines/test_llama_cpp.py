@@ -86,6 +86,7 @@ async def test_greedy_text_equals_llama_cpps_own(engine: LlamaCppEngine, smollm2
         theirs = llm.create_completion(PROMPT, max_tokens=24, temperature=0.0)
     finally:
         llm.close()
+    assert isinstance(theirs, dict)
     assert ours.text == theirs["choices"][0]["text"]
     assert ours.last.completion_tokens == theirs["usage"]["completion_tokens"]
     assert ours.last.prompt_tokens == theirs["usage"]["prompt_tokens"] == len(ids)

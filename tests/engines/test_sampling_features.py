@@ -152,7 +152,8 @@ def penalised_reference(
     bias: Sequence[tuple[int, float]] = (),
 ) -> list[int]:
     """Greedy decoding with the penalties written out plainly, one token at a time."""
-    ids, out = list(prompt), []
+    ids = list(prompt)
+    out: list[int] = []
     for _ in range(steps):
         logits = logits_of(model, ids)[-1].tolist()
         for token, b in bias:

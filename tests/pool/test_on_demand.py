@@ -25,6 +25,7 @@ from broker_client import (
     Unavailable,
     codec,
 )
+from tests.support.handles import chatting, completed, generating
 from tests.support.pool import echo_definition
 from tests.support.system import running_registry_and_workers
 from tests.support.waits import eventually, within
@@ -108,14 +109,16 @@ async def test_scale_to_zero_first_request_starts_it_idle_stops_it_next_starts_i
     await eventually(gone, "the idle replica to stop", timeout=20)
 
     # The next request, through the natserve client, starts it again.
-    model = await client.get_model(uid)
-    out = await within(model.generate("x y", {"max_tokens": 2}), "the request that starts it again")
+    model = generating(await client.get_model(uid))
+    out = completed(
+        await within(model.generate("x y", {"max_tokens": 2}), "the request that starts it again")
+    )
     assert out["choices"][0]["text"].split() == ["x", "y"]
     assert replicas(worker, uid) == [0]
 
     # Each start and stop said why.
     async def reasons() -> list[str]:
-        said = [e.get("reason") for e in events if e.get("reason")]
+        said = [e["reason"] for e in events if e.get("reason")]
         return said if said.count("on_demand") >= 4 and "idle_timeout" in said else []
 
     await eventually(reasons, "the events of two starts and one idle stop", timeout=10)
@@ -152,7 +155,7 @@ async def test_held_requests_past_the_bound_get_429_and_past_the_age_504(
     # Loads in 0.6 s, within the hold's age: the two held requests are answered.
     await client.register_model("LLM", echo_definition("slowish", "echo:?load=0.6"))
     uid = await client.launch_model("slowish", min_replicas=0, idle_timeout=60, progress=False)
-    model = await client.get_model(uid)
+    model = generating(await client.get_model(uid))
     first = [asyncio.ensure_future(model.generate(f"p{i}", {"max_tokens": 1})) for i in range(2)]
 
     async def both_held() -> bool:
@@ -163,13 +166,13 @@ async def test_held_requests_past_the_bound_get_429_and_past_the_age_504(
     with pytest.raises(Overloaded, match=r"holds 2 requests.*max_requests=2"):
         await model.generate("one too many", {"max_tokens": 1})
     done = await within(asyncio.gather(*first), "the two held requests")
-    assert [d["choices"][0]["text"] for d in done] == ["p0", "p1"]
+    assert [completed(d)["choices"][0]["text"] for d in done] == ["p0", "p1"]
     assert replicas(worker, uid) == [0]
 
     # Loads in 5 s, past the hold's age of 1.5 s: a 504 naming the wait, never silence.
     await client.register_model("LLM", echo_definition("slow", "echo:?load=5"))
     uid = await client.launch_model("slow", min_replicas=0, idle_timeout=60, progress=False)
-    model = await client.get_model(uid)
+    model = generating(await client.get_model(uid))
     with pytest.raises(ServerTimeout, match=r"did not start within 1.5 s"):
         await within(model.generate("late", {"max_tokens": 1}), "the request held too long")
     await client.terminate_model(uid)
@@ -187,7 +190,7 @@ async def test_a_start_that_fails_answers_the_held_requests_with_its_error_and_b
     # The registry takes the URI; the worker refuses its unknown option when it loads it.
     await client.register_model("LLM", echo_definition("broken", "echo:?bogus=1"))
     uid = await client.launch_model("broken", min_replicas=0, progress=False)
-    model = await client.get_model(uid)
+    model = chatting(await client.get_model(uid))
     with pytest.raises(BadRequest, match="unknown echo option 'bogus'"):
         await within(model.generate("hi"), "the held request of a failed start")
     # Nothing is left running; the model is still there, backing off, for a later try.
@@ -309,7 +312,7 @@ async def test_a_launch_that_does_not_fit_evicts_the_least_recently_used_idle_mo
         await client.register_model("LLM", echo_definition(name, "echo:?memory=4e8"))
     for name in ("older", "newer"):
         await client.launch_model(name, min_replicas=0, idle_timeout=600, progress=False)
-        model = await client.get_model(name)
+        model = generating(await client.get_model(name))
         await within(model.generate(f"use {name}", {"max_tokens": 1}), f"the request that starts {name}")
     assert replicas(worker, "older") == [0] and replicas(worker, "newer") == [0]
 
@@ -337,8 +340,10 @@ async def test_a_launch_that_does_not_fit_evicts_the_least_recently_used_idle_mo
     assert replicas(worker, "newer") == [0], "a launch that cannot fit even so evicts nothing"
     # The evicted model starts again on its next request, evicting nothing that is busy.
     await client.terminate_model(uid)
-    model = await client.get_model("older")
-    out = await within(model.generate("back", {"max_tokens": 1}), "the evicted model's next request")
+    model = generating(await client.get_model("older"))
+    out = completed(
+        await within(model.generate("back", {"max_tokens": 1}), "the evicted model's next request")
+    )
     assert out["choices"][0]["text"] == "back"
     await watcher.close()
 
@@ -379,7 +384,12 @@ async def test_a_restarted_registry_keeps_the_options_and_starts_and_stops_the_m
     from workers import WorkerSettings
 
     prefix = f"or{unique}"
-    options = {"nats_url": nats_url, "db_url": sqlite_url, "prefix": prefix, "heartbeat_dead_after": 2.0}
+    options: dict[str, Any] = {
+        "nats_url": nats_url,
+        "db_url": sqlite_url,
+        "prefix": prefix,
+        "heartbeat_dead_after": 2.0,
+    }
     worker = Worker(
         WorkerSettings(nats_url, prefix=prefix, device="cpu", worker_id=f"w-{unique}", heartbeat_interval=0.5)
     )
@@ -397,8 +407,10 @@ async def test_a_restarted_registry_keeps_the_options_and_starts_and_stops_the_m
         await second.start()
         try:
             # The new registry answers the model's subjects and starts it from its stored row.
-            model = await client.get_model(uid)
-            out = await within(model.generate("after restart", {"max_tokens": 2}), "the first request")
+            model = generating(await client.get_model(uid))
+            out = completed(
+                await within(model.generate("after restart", {"max_tokens": 2}), "the first request")
+            )
             assert out["choices"][0]["text"] == "after restart"
             assert replicas(worker, uid) == [0]
             d = await client.describe_model(uid)
@@ -424,8 +436,10 @@ async def test_a_real_model_starts_on_its_first_request_and_gives_its_memory_bac
     await client.register_model("LLM", definition)
     uid = await client.launch_model("tiny", min_replicas=0, idle_timeout=1.0, progress=False)
     assert replicas(worker, uid) == []
-    model = await client.get_model(uid)
-    out = await within(model.generate("hello", {"max_tokens": 3, "temperature": 0}), "the first request", 120)
+    model = generating(await client.get_model(uid))
+    out = completed(
+        await within(model.generate("hello", {"max_tokens": 3, "temperature": 0}), "the first request", 120)
+    )
     assert out["usage"]["completion_tokens"] == 3
     [replica] = (await client.describe_model(uid))["replicas"]
     assert replica["memory_bytes"] > 0
@@ -444,7 +458,7 @@ async def test_a_model_whose_replicas_all_failed_scales_to_zero_and_starts_where
     client, [worker] = pool
     await client.register_model("LLM", echo_definition("phoenix"))
     uid = await client.launch_model("phoenix", min_replicas=0, idle_timeout=600, progress=False)
-    model = await client.get_model(uid)
+    model = generating(await client.get_model(uid))
     await within(model.generate("one", {"max_tokens": 1}), "the first start")
     # Its only worker goes: the replica has nowhere to go, so the model goes back to zero.
     await worker.stop(drain_timeout=1)
@@ -470,7 +484,7 @@ async def test_a_model_whose_replicas_all_failed_scales_to_zero_and_starts_where
             return any(w["worker_id"] == other.worker_id and w["alive"] for w in await client.list_workers())
 
         await eventually(seen, "the new worker")
-        out = await within(model.generate("two", {"max_tokens": 1}), "the start on the new worker")
+        out = completed(await within(model.generate("two", {"max_tokens": 1}), "the start on the new worker"))
         assert out["choices"][0]["text"] == "two"
         assert replicas(other, uid) == [0]
     finally:
@@ -483,7 +497,7 @@ async def test_terminating_a_model_while_it_starts_answers_its_held_requests(
     client, [worker] = pool
     await client.register_model("LLM", echo_definition("brief", "echo:?load=5"))
     uid = await client.launch_model("brief", min_replicas=0, progress=False)
-    model = await client.get_model(uid)
+    model = generating(await client.get_model(uid))
     held = asyncio.ensure_future(model.generate("never", {"max_tokens": 1}))
 
     async def starting() -> bool:
@@ -503,7 +517,7 @@ async def test_a_cancel_takes_a_held_request_out_and_answers_it_as_a_worker_woul
     # Loads in 5 s: both requests are cancelled while the model starts.
     await client.register_model("LLM", echo_definition("patient", "echo:?load=5"))
     uid = await client.launch_model("patient", min_replicas=0, idle_timeout=600, progress=False)
-    model = await client.get_model(uid)
+    model = generating(await client.get_model(uid))
     nc = await nats.connect(nats_url)
     try:
         # One through the natserve client, one over raw NATS with a request id of its own.
@@ -553,7 +567,7 @@ async def test_a_cancel_takes_a_held_request_out_and_answers_it_as_a_worker_woul
     await eventually(up, "the model to start", timeout=30)
     [replica] = worker.models[uid].replicas.values()
     assert replica.requests == 0
-    out = await within(model.generate("now", {"max_tokens": 1}), "a request once it is up")
+    out = completed(await within(model.generate("now", {"max_tokens": 1}), "a request once it is up"))
     assert out["choices"][0]["text"] == "now" and replica.requests == 1
 
 
@@ -591,9 +605,9 @@ async def test_a_start_on_demand_places_on_the_worker_its_launch_pinned(
                 min_replicas=0,
                 progress=False,
             )
-            model = await client.get_model(uid)
-            out = await within(
-                model.generate("here", {"max_tokens": 1}), f"the start pinned to {w.worker_id}"
+            model = generating(await client.get_model(uid))
+            out = completed(
+                await within(model.generate("here", {"max_tokens": 1}), f"the start pinned to {w.worker_id}")
             )
             assert out["choices"][0]["text"] == "here"
             assert [replicas(x, uid) for x in workers] == [[0] if x is w else [] for x in workers]

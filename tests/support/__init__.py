@@ -11,6 +11,8 @@ within``), never from a ``conftest`` and never from another test module.
     names         ``unique``, ``prefix``, ``subjects``
     waits         bounded waits: ``within``, ``eventually``, ``eventually_despite_errors``,
                   ``eventually_blocking``
+    handles       narrowing the client's unions where a test knows the kind: ``generating``,
+                  ``chatting`` (model handles), ``completed``, ``streamed`` (replies)
     models        the one tiny-Llama builder (on disk and in memory), the Hugging Face cache
                   layout, all-MiniLM-L6-v2, SmolLM2; ``tiny_llama_dir``, ``hf_cache``,
                   ``smollm2_dir``

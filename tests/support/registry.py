@@ -159,6 +159,7 @@ class FakeWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def _on_launch(self, msg: Msg) -> None:
+        assert self.nc is not None
         resp = Responder(msg, self.nc)
         command = resp.parse(WorkerLaunch)
         self.launches.append(command)
@@ -187,6 +188,7 @@ class FakeWorker:
         )
 
     async def _on_terminate(self, msg: Msg) -> None:
+        assert self.nc is not None
         resp = Responder(msg, self.nc)
         command = resp.parse(WorkerTerminate)
         self.terminates.append(command)

@@ -273,7 +273,7 @@ def _pip_supports_python_option() -> bool:
         [sys.executable, "-m", "pip", "--version"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT
     )
     match = re.match(r"pip (\d+)\.(\d+)", result.stdout)
-    return bool(match) and (int(match.group(1)), int(match.group(2))) >= (22, 3)
+    return match is not None and (int(match.group(1)), int(match.group(2))) >= (22, 3)
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,7 @@ def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             cwd=root,
         )
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"pip install of the base distribution took more than {PIP_TIMEOUT:g} s: {exc.stderr}")
+        pytest.fail(f"pip install of the base distribution took more than {PIP_TIMEOUT:g} s: {exc.stderr!r}")
     print(f"base install in {time.monotonic() - started:.1f} s")
     if result.returncode != 0:
         if OFFLINE.search(result.stderr) and not os.environ.get("CI"):

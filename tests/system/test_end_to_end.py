@@ -24,7 +24,9 @@ from broker_client import (
     NatserveError,
     NotFound,
 )
+from broker_client.runtime import NatsTransport
 from tests.support.cli import Running, cli_env
+from tests.support.handles import completed, generating, streamed
 from tests.support.models import NSQL_REPO_ID
 from tests.support.ports import free_port
 from tests.support.waits import eventually, within
@@ -83,7 +85,7 @@ def test_persist_survives_restarting_up_and_ephemeral_does_not(
                     registration = client.get_model_registration(model_type="LLM", model_name="kept")
                     assert registration["model_specs"][0]["model_uri"] == "echo:"
                     uid = client.launch_model(model_name="kept", progress=False)
-                    reply = client.get_model(model_uid=uid).generate(prompt="still here")
+                    reply = generating(client.get_model(model_uid=uid)).generate(prompt="still here")
                     assert isinstance(reply, dict) and reply["choices"][0]["text"]
             up.proc.send_signal(signal.SIGINT)
             assert up.proc.wait(timeout=40) == 0, "".join(up.stderr[-30:])
@@ -102,8 +104,10 @@ async def test_seed_by_model_uri_through_the_system(
         model_type="LLM", model=json.dumps(_seed(name, model_uri=f"file://{tiny_llama_dir}")), persist=False
     )
     uid = await system.launch_model(model_name=name, progress=False)
-    model = await system.get_model(model_uid=uid)
-    completion = await model.generate(prompt="SELECT", generate_config={"max_tokens": 5, "seed": 1})
+    model = generating(await system.get_model(model_uid=uid))
+    completion = completed(
+        await model.generate(prompt="SELECT", generate_config={"max_tokens": 5, "seed": 1})
+    )
     assert completion["object"] == "text_completion"
     usage = completion["usage"]
     assert usage["prompt_tokens"] > 0 and 1 <= usage["completion_tokens"] <= 5
@@ -126,7 +130,7 @@ async def test_bad_inputs_get_4xx_naming_the_problem_and_the_system_keeps_servin
         model_type="LLM", model=llm_definition(name, f"file://{tiny_llama_dir}"), persist=False
     )
     uid = await system.launch_model(model_name=name, progress=False)
-    model = await system.get_model(model_uid=uid)
+    model = generating(await system.get_model(model_uid=uid))
 
     # Raw requests, as another service or `nats req` would send them.
     nc = await nats.connect(nats_url)
@@ -153,7 +157,7 @@ async def test_bad_inputs_get_4xx_naming_the_problem_and_the_system_keeps_servin
     finally:
         await nc.close()
 
-    bad_definitions = {
+    bad_definitions: dict[str, tuple[dict[str, Any], str]] = {
         "a name with a space": ({"model_name": "my model"}, "model_name"),
         "a name with a dot": ({"model_name": "my.model"}, "model_name"),
         "an unknown ability": ({"model_ability": ["generate", "fly"]}, "fly"),
@@ -202,18 +206,19 @@ async def test_bad_inputs_get_4xx_naming_the_problem_and_the_system_keeps_servin
         model_type="LLM", model=json.dumps(_seed(seeded, model_id=NSQL_REPO_ID)), persist=False
     )
     seeded_uid = await system.launch_model(model_name=seeded, progress=False)
-    seeded_model = await system.get_model(model_uid=seeded_uid)
-    assert (await seeded_model.generate(prompt="SELECT", generate_config={"max_tokens": 3}))["usage"]
+    seeded_model = generating(await system.get_model(model_uid=seeded_uid))
+    assert completed(await seeded_model.generate(prompt="SELECT", generate_config={"max_tokens": 3}))["usage"]
 
     # Through all of it the first model kept serving.
-    reply = await within(
-        model.generate(prompt="still fine", generate_config={"max_tokens": 3}), "generate", 60
+    served = completed(
+        await within(model.generate(prompt="still fine", generate_config={"max_tokens": 3}), "generate", 60)
     )
-    assert reply["usage"]["completion_tokens"] >= 1
+    assert served["usage"]["completion_tokens"] >= 1
 
 
 async def _raw_register(client: AsyncClient, definition: dict[str, Any]) -> tuple[str, str]:
     transport = await client._get_transport()
+    assert isinstance(transport, NatsTransport)
     msg = await transport.nc.request(
         f"{client.prefix}.registry.register",
         json.dumps({"model_type": "LLM", "model": definition}).encode(),
@@ -259,10 +264,10 @@ async def test_a_client_that_walks_away_frees_the_slot(
         model_type="LLM", model=llm_definition(name, f"file://{tiny_llama_dir}"), persist=False
     )
     uid = await system.launch_model(model_name=name, progress=False)
-    model = await system.get_model(model_uid=uid)
+    model = generating(await system.get_model(model_uid=uid))
     long = {"max_tokens": 1500, "temperature": 0}
 
-    stream = await model.generate(prompt="SELECT", generate_config={**long, "stream": True})
+    stream = streamed(await model.generate(prompt="SELECT", generate_config={**long, "stream": True}))
     async for _chunk in stream:
         break
     await stream.aclose()
@@ -282,5 +287,7 @@ async def test_a_client_that_walks_away_frees_the_slot(
 
     await eventually(cancelled_twice, "the timed-out request is cancelled and its slot freed", interval=0.05)
     # Others are served at once afterwards.
-    reply = await within(model.generate(prompt="x", generate_config={"max_tokens": 2}), "generate", 30)
+    reply = completed(
+        await within(model.generate(prompt="x", generate_config={"max_tokens": 2}), "generate", 30)
+    )
     assert reply["usage"]["completion_tokens"] >= 1

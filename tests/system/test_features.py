@@ -31,6 +31,7 @@ import pytest
 
 from broker_client import BadRequest, Client
 from tests.support.cli import Running, assert_one_error_line, natserve
+from tests.support.handles import chatting, completed, streamed
 from tests.support.ports import free_port
 
 T = TypeVar("T")
@@ -56,7 +57,7 @@ PROMPTS = [
     "Make up a robot that loves gardening.",
     "Write a JSON profile of your best friend.",
 ]
-WEATHER = {
+WEATHER: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -72,7 +73,7 @@ WEATHER = {
         },
     },
 }
-ADD = {
+ADD: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "add",
@@ -172,7 +173,7 @@ def _at_once(calls: list[Callable[[], T]]) -> list[T]:
 
 
 def test_json_schema_output_parses_and_validates_for_every_prompt(pool: Pool, client: Client) -> None:
-    model = client.get_model(model_uid=pool.uid)
+    model = chatting(client.get_model(model_uid=pool.uid))
     started = time.monotonic()
 
     def ask(i: int, prompt: str) -> Callable[[], Any]:
@@ -221,19 +222,19 @@ def test_json_schema_and_json_object_over_http(pool: Pool) -> None:
 
 
 def test_regex_and_choice(pool: Pool, client: Client) -> None:
-    model = client.get_model(model_uid=pool.uid)
-    date = model.generate(
-        "The date today is", {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", "max_tokens": 16}
+    model = chatting(client.get_model(model_uid=pool.uid))
+    date = completed(
+        model.generate("The date today is", {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", "max_tokens": 16})
     )
     text = date["choices"][0]["text"]
     assert len(text) == 10 and text[:2] == "20" and text[4] == "-", text
     chat = [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]
-    picked = model.chat(chat, {"choice": ["yes", "no"], "temperature": 1.0, "seed": 5})
+    picked = completed(model.chat(chat, {"choice": ["yes", "no"], "temperature": 1.0, "seed": 5}))
     assert picked["choices"][0]["message"]["content"] in ("yes", "no")
 
 
 def test_an_uncompilable_schema_is_a_400_that_says_why(pool: Pool, client: Client) -> None:
-    model = client.get_model(model_uid=pool.uid)
+    model = chatting(client.get_model(model_uid=pool.uid))
     bad = {"type": "object", "properties": {"x": {"type": "integr"}}}
     with pytest.raises(BadRequest) as caught:
         model.chat(WEATHER_CHAT, {"response_format": _schema_format(bad)})
@@ -248,7 +249,10 @@ def test_an_uncompilable_schema_is_a_400_that_says_why(pool: Pool, client: Clien
         )
     assert "integr" in str(http.value)
     # The model keeps answering.
-    assert model.chat(WEATHER_CHAT, {"max_tokens": 2})["choices"][0]["finish_reason"] in ("stop", "length")
+    assert completed(model.chat(WEATHER_CHAT, {"max_tokens": 2}))["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )
 
 
 # ---------------------------------------------------------------------------- tools
@@ -263,7 +267,7 @@ def _check_call(call: dict[str, Any], name: str | None = None) -> None:
 
 
 def test_a_forced_tool_call_has_arguments_that_parse(pool: Pool, client: Client) -> None:
-    model = client.get_model(model_uid=pool.uid)
+    model = chatting(client.get_model(model_uid=pool.uid))
     named = {"type": "function", "function": {"name": "get_weather"}}
     started = time.monotonic()
 
@@ -295,9 +299,11 @@ def test_a_forced_tool_call_has_arguments_that_parse(pool: Pool, client: Client)
 
     # Streamed: the call comes as a tool_calls delta, then the finish reason.
     chunks = list(
-        model.chat(
-            WEATHER_CHAT,
-            {"tools": [WEATHER], "tool_choice": named, "stream": True, "max_tokens": 64},
+        streamed(
+            model.chat(
+                WEATHER_CHAT,
+                {"tools": [WEATHER], "tool_choice": named, "stream": True, "max_tokens": 64},
+            )
         )
     )
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
@@ -354,8 +360,10 @@ def test_tools_through_openai_and_a_history_with_tool_results(pool: Pool) -> Non
 
 
 def test_chat_logprobs_over_nats_and_http(pool: Pool, client: Client) -> None:
-    model = client.get_model(model_uid=pool.uid)
-    reply = model.chat(WEATHER_CHAT, {"logprobs": True, "top_logprobs": 3, "max_tokens": 8, "temperature": 0})
+    model = chatting(client.get_model(model_uid=pool.uid))
+    reply = completed(
+        model.chat(WEATHER_CHAT, {"logprobs": True, "top_logprobs": 3, "max_tokens": 8, "temperature": 0})
+    )
     content = reply["choices"][0]["logprobs"]["content"]
     assert len(content) == reply["usage"]["completion_tokens"]
     for entry in content:
@@ -405,10 +413,10 @@ def test_completion_logprobs_with_the_echo_over_http(pool: Pool) -> None:
 
 
 def test_n_choices_reproducible_with_a_seed_and_usage_counting_all(pool: Pool, client: Client) -> None:
-    model = client.get_model(model_uid=pool.uid)
+    model = chatting(client.get_model(model_uid=pool.uid))
     config = {"n": 3, "seed": 11, "temperature": 1.0, "max_tokens": 12}
-    first = model.chat(WEATHER_CHAT, config)
-    again = model.chat(WEATHER_CHAT, config)
+    first = completed(model.chat(WEATHER_CHAT, config))
+    again = completed(model.chat(WEATHER_CHAT, config))
     assert [c["index"] for c in first["choices"]] == [0, 1, 2]
     assert [c["message"]["content"] for c in first["choices"]] == [
         c["message"]["content"] for c in again["choices"]
@@ -426,11 +434,13 @@ def test_n_choices_reproducible_with_a_seed_and_usage_counting_all(pool: Pool, c
 
 
 def test_include_usage_on_a_nats_stream(pool: Pool, client: Client) -> None:
-    model = client.get_model(model_uid=pool.uid)
+    model = chatting(client.get_model(model_uid=pool.uid))
     chunks = list(
-        model.chat(
-            WEATHER_CHAT,
-            {"stream": True, "stream_options": {"include_usage": True}, "max_tokens": 6, "n": 2},
+        streamed(
+            model.chat(
+                WEATHER_CHAT,
+                {"stream": True, "stream_options": {"include_usage": True}, "max_tokens": 6, "n": 2},
+            )
         )
     )
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 2
@@ -490,13 +500,15 @@ def test_the_cli_takes_a_json_schema_file_logprobs_and_n(pool: Pool, tmp_path: P
 def test_langchain_structured_output_and_bound_tools(pool: Pool) -> None:
     from langchain_core.tools import tool as tool_def
     from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, Field, SecretStr
 
     class City(BaseModel):
         name: str = Field(max_length=24)
         country: str = Field(max_length=24)
 
-    llm = ChatOpenAI(base_url=pool.v1, api_key="unused", model=pool.uid, max_tokens=64, temperature=0)
+    llm = ChatOpenAI(
+        base_url=pool.v1, api_key=SecretStr("unused"), model=pool.uid, max_completion_tokens=64, temperature=0
+    )
     # with_structured_output sends response_format json_schema (strict), as LangChain does by default.
     city = llm.with_structured_output(City, method="json_schema").invoke("Name a big city in Europe.")
     assert isinstance(city, City) and city.name

@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import pytest
@@ -38,12 +38,15 @@ from tests.support.models import NSQL_REPO_ID, SMOLLM2_DIR, install_in_hf_cache,
 from tests.support.ports import free_port
 from tests.support.waits import eventually_blocking
 
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux")]
 
 T = TypeVar("T")
 
 MAX_TOKENS_LIMIT = 64
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 
 # The README seed's definition, as written.
 NSQL_2B = {
@@ -313,8 +316,15 @@ def test_openai_embeddings_float_and_base64(pool: Pool) -> None:
 
 def test_langchain_chat_openai(pool: Pool) -> None:
     from langchain_openai import ChatOpenAI
+    from pydantic import SecretStr
 
-    llm = ChatOpenAI(base_url=pool.v1, api_key="unused", model=pool.chat_uid, max_tokens=16, temperature=0)
+    llm = ChatOpenAI(
+        base_url=pool.v1,
+        api_key=SecretStr("unused"),
+        model=pool.chat_uid,
+        max_completion_tokens=16,
+        temperature=0,
+    )
     assert "Paris" in str(llm.invoke("What is the capital of France?").content)
     pieces = [str(chunk.content) for chunk in llm.stream("What is the capital of France?")]
     assert len(pieces) > 1 and "Paris" in "".join(pieces)
@@ -446,6 +456,7 @@ def test_a_client_leaving_mid_stream_stops_the_generation(pool: Pool) -> None:
         ),
         "the replica to count a cancelled request",
     )
+    assert isinstance(after, str)
     assert _metric(after, "natserve_gateway_requests_total", route="chat_completions", code="499") == left + 1
     assert _metric(after, "natserve_gateway_streams", route="chat_completions") == 0
 
@@ -471,20 +482,20 @@ def test_api_keys_on_a_gateway_of_its_own(pool: Pool, tmp_path: Path) -> None:
         ready = gateway.wait_ready(timeout=60)
         base = f"http://127.0.0.1:{port}"
         assert f"natserve gateway ready on {base}" in ready and pool.nats_url in ready
-        messages = [{"role": "user", "content": "hi"}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
         missing = httpx.post(
             f"{base}/v1/chat/completions", json={"model": pool.chat_uid, "messages": messages}
         )
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
         client = OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(AuthenticationError) as caught:
-            client.chat.completions.create(model=pool.chat_uid, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+            client.chat.completions.create(model=pool.chat_uid, messages=messages, max_tokens=2)
         assert caught.value.status_code == 401
         for key in ("k-env", "k-file"):
             client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
             assert client.chat.completions.create(
                 model=pool.chat_uid, messages=messages, max_tokens=2
-            ).choices  # type: ignore[arg-type]
+            ).choices
         assert httpx.get(f"{base}/v1/cluster/auth").json() == {"auth": True}
         assert pool.chat_uid in RESTfulClient(base, api_key="k-env").list_models()
         page = httpx.get(f"{base}/")

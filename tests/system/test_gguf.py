@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from broker_client import AsyncClient, BadRequest, NotFound, Unavailable
+from broker_client import AsyncClient, AsyncStream, BadRequest, NotFound, Unavailable
+from tests.support.handles import chatting, completed, generating
 from tests.support.models import install_in_hf_cache
 
 TEMPLATE = "SmolLM2-135M-Instruct.{quantization}.gguf"
@@ -52,33 +53,38 @@ async def test_a_ggufv2_model_launches_and_chats_over_nats(
     uid = await launch(system, gguf_definition(f"smol-{unique}", model_uri=f"file://{smollm2_gguf.parent}"))
     described = await system.describe_model(model_uid=uid)
     assert described["model_format"] == "ggufv2" and described["quantization"] == "Q4_1"
-    model = await system.get_model(model_uid=uid)
+    model = chatting(await system.get_model(model_uid=uid))
     # The template's default system prompt makes the Q4_1 weights ramble; this one does not.
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "What is the capital of France?"},
     ]
-    reply = await model.chat(messages=messages, generate_config={"max_tokens": 48, "temperature": 0})
+    reply = completed(
+        await model.chat(messages=messages, generate_config={"max_tokens": 48, "temperature": 0})
+    )
     choice = reply["choices"][0]
     assert "Paris" in choice["message"]["content"] and choice["finish_reason"] == "stop"
     assert "<|im_end|>" not in choice["message"]["content"]
-    chunks = [
-        c
-        async for c in await model.chat(
-            messages=messages, generate_config={"max_tokens": 48, "temperature": 0, "stream": True}
-        )
-    ]
+    stream = await model.chat(
+        messages=messages, generate_config={"max_tokens": 48, "temperature": 0, "stream": True}
+    )
+    assert isinstance(stream, AsyncStream)
+    chunks = [c async for c in stream]
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert streamed == choice["message"]["content"] and len(chunks) > 3
-    completion = await model.generate(
-        prompt="The capital of France is", generate_config={"max_tokens": 8, "stop": ["."]}
+    completion = completed(
+        await model.generate(
+            prompt="The capital of France is", generate_config={"max_tokens": 8, "stop": ["."]}
+        )
     )
     assert completion["usage"]["completion_tokens"] <= 8
     # What this engine cannot serve is a 400 naming it (the wire's own check, or the engine's
     # where the wire takes the field); the model keeps answering.
     with pytest.raises(BadRequest, match=r"generate_config\.n\b|n=2 is not supported"):
         await model.generate(prompt="hi", generate_config={"max_tokens": 4, "n": 2})
-    again = await model.chat(messages=messages, generate_config={"max_tokens": 48, "temperature": 0})
+    again = completed(
+        await model.chat(messages=messages, generate_config={"max_tokens": 48, "temperature": 0})
+    )
     assert again["choices"][0]["message"]["content"] == choice["message"]["content"]
     await system.terminate_model(model_uid=uid)
 
@@ -90,8 +96,10 @@ async def test_the_file_itself_or_from_the_hugging_face_cache(
     uid = await launch(
         system, gguf_definition(f"file-{unique}", model_uri=str(smollm2_gguf), model_file_name_template=None)
     )
-    model = await system.get_model(model_uid=uid)
-    by_file = await model.generate(prompt="1, 2, 3,", generate_config={"max_tokens": 6, "temperature": 0})
+    model = generating(await system.get_model(model_uid=uid))
+    by_file = completed(
+        await model.generate(prompt="1, 2, 3,", generate_config={"max_tokens": 6, "temperature": 0})
+    )
     await system.terminate_model(model_uid=uid)
 
     repo = tmp_path / "repo"
@@ -104,8 +112,10 @@ async def test_the_file_itself_or_from_the_hugging_face_cache(
     uid = await launch(
         system, gguf_definition(f"hub-{unique}", model_id="HuggingFaceTB/SmolLM2-135M-Instruct-GGUF")
     )
-    model = await system.get_model(model_uid=uid)
-    by_id = await model.generate(prompt="1, 2, 3,", generate_config={"max_tokens": 6, "temperature": 0})
+    model = generating(await system.get_model(model_uid=uid))
+    by_id = completed(
+        await model.generate(prompt="1, 2, 3,", generate_config={"max_tokens": 6, "temperature": 0})
+    )
     assert by_id["choices"][0]["text"] == by_file["choices"][0]["text"]
     await system.terminate_model(model_uid=uid)
     # A quantization whose file is not there: 404 naming the file.

@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -102,7 +102,7 @@ async def test_the_client_asks_for_it_and_acknowledges_what_it_hands_over() -> N
     assert len({a["reply"] for a in acks}) == 1
 
     # Turned off, streams do not ask.
-    async def plain(request: MemoryRequest) -> Iterator[dict[str, Any]]:
+    async def plain(request: MemoryRequest) -> AsyncIterator[dict[str, Any]]:
         assert "keepalive" not in request.body
         yield chunk("a")
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker_client import AsyncClient, BadRequest, NotFound, logcontext
 from broker_client.codec import decode, detect
 from broker_client.logcontext import ContextFilter
-from broker_client.runtime import REQUEST_ID_HEADER
+from broker_client.runtime import REQUEST_ID_HEADER, NatsTransport
 from natserve.observability import JsonFormatter, MetricsServer, configure_logging, new_metrics_registry
 from registry_service.app import Registry
 from tests.support.cli import Running, cli_env
@@ -392,6 +392,7 @@ async def test_client_request_id_travels_to_the_worker_logs(
     # A plain subscriber (no queue group) sees a copy of every request, headers included.
     seen: asyncio.Queue[Any] = asyncio.Queue()
     transport = await client._get_transport()
+    assert isinstance(transport, NatsTransport)
     spy = await transport.nc.subscribe(subject, cb=seen.put)
     await transport.nc.flush()
     try:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from broker_client import AsyncClient, NotFound
+from broker_client.runtime import NatsTransport
 from natserve.cli import main
 from tests.support.system import running_system
 from tests.support.waits import within
@@ -41,6 +42,7 @@ async def _until_heartbeat_shows(client: AsyncClient, what: str, check: Any) -> 
     """workers.list until ``check(reply)``; each retry waits for the next heartbeat, so the wait
     is event-driven, and bounded by ``within``."""
     transport = await client._get_transport()
+    assert isinstance(transport, NatsTransport)
     beats: asyncio.Queue[Any] = asyncio.Queue()
     sub = await transport.nc.subscribe(client.subjects.workers_heartbeats, cb=beats.put)
     try:

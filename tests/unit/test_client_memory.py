@@ -146,7 +146,7 @@ ERRORS = [BadRequest, NotFound, Conflict, Overloaded, InternalError, Unavailable
 
 
 @pytest.mark.parametrize("cls", ERRORS)
-async def test_errors_arrive_as_their_types(memory: Memory, cls: type) -> None:
+async def test_errors_arrive_as_their_types(memory: Memory, cls: type[ServiceError]) -> None:
     client, transport = memory
     message = f"{cls.__name__} for model_uid 'm1'"
 

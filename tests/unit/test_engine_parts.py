@@ -139,7 +139,8 @@ async def test_a_request_of_n_choices_is_admitted_as_n_rows_at_once() -> None:
 
 async def test_a_request_for_prompt_logprobs_is_prefilled_alone() -> None:
     scheduler = _scheduler(max_batch_size=4, budget=100)
-    for rid, extra in [("a", {}), ("b", {"prompt_logprobs": 1}), ("c", {})]:
+    requests: list[tuple[str, dict[str, Any]]] = [("a", {}), ("b", {"prompt_logprobs": 1}), ("c", {})]
+    for rid, extra in requests:
         scheduler.submit(_request(rid, **extra))
     assert scheduler.wait_for_work()
     assert sorted([r.id for r in chunk] for chunk in scheduler.schedule()) == [["a", "c"], ["b"]]

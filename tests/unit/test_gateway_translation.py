@@ -80,7 +80,7 @@ def test_stream_options_need_a_stream() -> None:
 
 
 def test_nulls_and_neutral_values_ask_for_nothing() -> None:
-    body = {
+    body: dict[str, Any] = {
         "model": "m",
         "prompt": ["one prompt"],
         "max_tokens": None,

@@ -48,7 +48,7 @@ DEFINITION = LLMDefinition.model_validate(
         "model_specs": [SPEC],
     }
 )
-TOOLS = [
+TOOLS: list[dict[str, Any]] = [
     {
         "type": "function",
         "function": {
@@ -343,7 +343,7 @@ async def test_history_with_tool_calls_and_tool_results_reaches_the_prompt() -> 
         definition=DEFINITION.model_copy(update={"context_length": 512}),
         device="cpu",
     )
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "add one"},
         {
             "role": "assistant",

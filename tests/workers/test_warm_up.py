@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ asyncio.run(main())
 """
 
 
-def probe() -> dict[str, object]:
+def probe() -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, timeout=300, check=True
     )
