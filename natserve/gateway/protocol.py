@@ -11,9 +11,9 @@ What the lean cycle leaves out, per request: uvicorn's cycle and its ``run_asgi`
 parse, and the header checks of each response (two regular expressions a header: the gateway's
 own endpoints make every header it sends, and the one value from a caller, ``X-Request-Id``, is
 checked before it is echoed). A head with a ``Content-Length`` waits for its body and goes out
-with it, in one ``write``. On the AMD machine of 2026-12-04 (``bench/gateway.py``, C = 256, main
-and this alternating) the gateway process cost 10-16 us less a request, 15-20 % of its CPU
-(docs/benchmarks.md, "Issue 14: the lean cycle").
+with it, in one ``write``. On the AMD machine of 2026-12-04 (``bench/gateway.py``, C = 256, the
+code before and after it alternating) the gateway process cost 10-16 us less a request, 15-20 %
+of its CPU (docs/benchmarks.md, "Issue 14: the lean cycle").
 
 What stays uvicorn's: everything outside one request's ``receive`` and ``send``. The cycle has the
 attributes uvicorn's protocol reads and writes of a cycle (``body``, ``more_body``,
